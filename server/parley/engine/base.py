@@ -1,0 +1,99 @@
+"""The engine port: one small async interface that every engine implements.
+
+An engine turns chat messages into prompt tokens (its own chat template and tokenizer) and
+streams generated text for a token prompt. The service never sees engine internals; heavy
+engines are imported lazily by the registry, so the CPU path never imports TensorRT-LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | developer | user | assistant
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """What the output must be, engine-neutral; each engine compiles it (GBNF, xgrammar, ...).
+
+    kind "tools": a call of one of `tools` [(name, JSON schema of the arguments)] in the tool
+    format of the engine's family; mode "required" (a call is guaranteed), "auto" (text or
+    calls) or "none" (text that can never contain a call); `parallel` allows several calls.
+    kind "json_schema": JSON valid against `schema`. kind "json_object": some JSON object.
+    """
+
+    kind: str
+    schema: dict | None = None
+    tools: tuple[tuple[str, dict | None], ...] = ()
+    mode: str = "auto"
+    parallel: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    constraint: Constraint | None = None
+    top_logprobs: int | None = None  # None: no logprobs; 0..20: the sampled token plus that many alternatives
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDelta:
+    """New text; `tokens` is how many generated tokens it covers (0 while bytes are pending)."""
+
+    text: str
+    tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens newly written to a reusable prefix cache
+
+
+# A step is one TextDelta, several that were ready together (a list), or the final Finished.
+EngineEvent = TextDelta | list[TextDelta] | Finished
+
+
+class Engine(Protocol):
+    model_id: str
+    context_window: int
+    tool_format: str       # family of the tool-call text format: "hermes" (generic), "llama3_json", "mistral"
+    reasoning_format: str  # "none", or "think" for <think>...</think> families
+
+    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """Apply the model's chat template (with the generation prompt) and tokenize.
+
+        Tool definitions and tool calls arrive already rendered as messages in the engine's
+        `tool_format` (service/tools.py), so templates without tool support work too."""
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[EngineEvent]:
+        """Stream TextDelta events (a list when several tokens are ready at once), then one Finished.
+
+        Closing the iterator early (aclose, or a cancelled consumer) must stop generation in the
+        engine within a token or two; that is how client disconnects reach the model.
+        """
+
+    async def close(self) -> None: ...

@@ -1,0 +1,66 @@
+"""API errors: one class, one table from kind to HTTP status and gRPC code.
+
+Everything below the transport raises ApiError; the transport's single error boundary turns it
+into a gRPC status (typed API) or an OpenAI error body (REST), and anything else into a
+generic `server_error` without internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class ErrorKind(enum.Enum):
+    # value: (http status, OpenAI error type, grpc.StatusCode name)
+    INVALID_REQUEST = (400, "invalid_request_error", "INVALID_ARGUMENT")
+    NOT_FOUND = (404, "invalid_request_error", "NOT_FOUND")
+    CONFLICT = (409, "invalid_request_error", "ABORTED")
+    RATE_LIMITED = (429, "rate_limit_error", "RESOURCE_EXHAUSTED")
+    SERVER_ERROR = (500, "server_error", "INTERNAL")
+    UNAVAILABLE = (503, "server_error", "UNAVAILABLE")
+
+    @property
+    def http_status(self) -> int:
+        return self.value[0]
+
+    @property
+    def error_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def grpc_code_name(self) -> str:
+        return self.value[2]
+
+
+@dataclasses.dataclass
+class ApiError(Exception):
+    kind: ErrorKind
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_openai(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(ErrorKind.INVALID_REQUEST, message, param, code)
+
+
+def not_found(message: str, param: str | None = None) -> ApiError:
+    return ApiError(ErrorKind.NOT_FOUND, message, param, None)
+
+
+def server_error(message: str = "The server had an error while processing your request.") -> ApiError:
+    return ApiError(ErrorKind.SERVER_ERROR, message, None, "server_error")

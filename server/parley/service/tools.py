@@ -1,0 +1,209 @@
+"""Function tools, tool_choice and text.format: validation, and the Constraint they imply.
+
+Strict mode follows the JSON-schema subset OpenAI documents for Structured Outputs: the root is
+an object, every object sets additionalProperties: false and requires all its properties, and
+only the listed keywords are allowed. Anything else is a 400 naming the keyword and its path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from parley.engine.base import Constraint
+from parley.errors import ApiError, invalid
+
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+STRICT_KEYWORDS = {
+    "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+    "$defs", "definitions", "$ref", "description", "title", "pattern", "format", "multipleOf", "maximum",
+    "exclusiveMaximum", "minimum", "exclusiveMinimum", "minItems", "maxItems",
+}
+STRICT_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
+STRICT_MAX_DEPTH = 10
+
+
+def _check_strict(schema: Any, param: str, depth: int = 0) -> None:
+    if not isinstance(schema, dict):
+        raise invalid(f"Invalid schema for '{param}': expected an object.", param, "invalid_schema")
+    if depth > STRICT_MAX_DEPTH:
+        raise invalid(f"Invalid schema for '{param}': strict schemas may nest at most {STRICT_MAX_DEPTH} levels.",
+                      param, "invalid_schema")
+    for keyword in schema:
+        if keyword not in STRICT_KEYWORDS:
+            raise invalid(f"Invalid schema for '{param}': '{keyword}' is not supported in strict mode.",
+                          f"{param}.{keyword}", "unsupported_schema_keyword")
+    types = schema.get("type")
+    for name in ([types] if isinstance(types, str) else types or []):
+        if name not in STRICT_TYPES:
+            raise invalid(f"Invalid schema for '{param}': type '{name}' is not supported.", f"{param}.type",
+                          "invalid_schema")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types) or "properties" in schema
+    if is_object:
+        if schema.get("additionalProperties") is not False:
+            raise invalid(f"Invalid schema for '{param}': 'additionalProperties' must be false for every object "
+                          "in strict mode.", f"{param}.additionalProperties", "invalid_schema")
+        properties = schema.get("properties", {})
+        missing = sorted(set(properties) - set(schema.get("required", [])))
+        if missing:
+            raise invalid(f"Invalid schema for '{param}': in strict mode every property must be required; "
+                          f"missing {missing}.", f"{param}.required", "invalid_schema")
+        for key, child in properties.items():
+            _check_strict(child, f"{param}.properties.{key}", depth + 1)
+    if "items" in schema:
+        _check_strict(schema["items"], f"{param}.items", depth + 1)
+    for index, option in enumerate(schema.get("anyOf", [])):
+        _check_strict(option, f"{param}.anyOf[{index}]", depth + 1)
+    for key in ("$defs", "definitions"):
+        for name, child in schema.get(key, {}).items():
+            _check_strict(child, f"{param}.{key}.{name}", depth + 1)
+
+
+def check_root_schema(schema: Any, param: str, strict: bool) -> dict:
+    if not isinstance(schema, dict):
+        raise invalid(f"Invalid schema for '{param}': expected a JSON schema object.", param, "invalid_schema")
+    if schema.get("type") != "object":
+        raise invalid(f"Invalid schema for '{param}': the root must have type 'object', got "
+                      f"{schema.get('type')!r}.", f"{param}.type", "invalid_schema")
+    if strict:
+        _check_strict(schema, param)
+    return schema
+
+
+def validate_tools(tools: Any) -> list[dict]:
+    """Normalized function tools; any other tool type is a clear 400."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise invalid("Invalid type for 'tools': expected an array.", "tools", "invalid_type")
+    normalized, names = [], set()
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise invalid(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
+        if tool.get("type") != "function":
+            raise invalid(f"Tools of type {tool.get('type')!r} are not supported by this server; only 'function' "
+                          "tools are.", f"{where}.type", "unsupported_tool_type")
+        name = tool.get("name")
+        if name is None:
+            raise invalid(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise invalid(f"Invalid '{where}.name': {name!r}. Names are 1-64 characters of a-z, A-Z, 0-9, '_' "
+                          "and '-'.", f"{where}.name", "invalid_value")
+        if name in names:
+            raise invalid(f"Duplicate function name {name!r} in tools.", f"{where}.name", "invalid_value")
+        names.add(name)
+        strict = tool.get("strict")
+        if strict is None:
+            strict = True  # OpenAI's default for function tools
+        if not isinstance(strict, bool):
+            raise invalid(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict", "invalid_type")
+        parameters = tool.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+        check_root_schema(parameters, f"{where}.parameters", strict)
+        description = tool.get("description")
+        if description is not None and not isinstance(description, str):
+            raise invalid(f"Invalid type for '{where}.description': expected a string.", f"{where}.description",
+                          "invalid_type")
+        normalized.append({"type": "function", "name": name, "description": description, "parameters": parameters,
+                           "strict": strict})
+    return normalized
+
+
+def resolve_tool_choice(choice: Any, tools: list[dict]) -> tuple[Any, str, list[dict]]:
+    """(echo value, mode none|auto|required, the tools the model may call)."""
+    names = {tool["name"] for tool in tools}
+    if choice is None:
+        return "auto", "auto", tools
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise invalid(f"Invalid value: {choice!r}. Supported values are: 'none', 'auto', and 'required'.",
+                          "tool_choice", "invalid_value")
+        if choice == "required" and not tools:
+            raise invalid("tool_choice 'required' needs at least one tool in 'tools'.", "tool_choice", "invalid_value")
+        return choice, choice, tools
+    if not isinstance(choice, dict):
+        raise invalid("Invalid type for 'tool_choice': expected a string or an object.", "tool_choice", "invalid_type")
+    kind = choice.get("type")
+    if kind == "function":
+        name = choice.get("name")
+        if name not in names:
+            raise invalid(f"tool_choice names function {name!r}, which is not in 'tools'.", "tool_choice.name",
+                          "invalid_value")
+        return {"type": "function", "name": name}, "required", [t for t in tools if t["name"] == name]
+    if kind == "allowed_tools":
+        mode = choice.get("mode")
+        if mode not in ("auto", "required"):
+            raise invalid(f"Invalid value: {mode!r}. Supported values are: 'auto' and 'required'.",
+                          "tool_choice.mode", "invalid_value")
+        allowed = choice.get("tools")
+        if not isinstance(allowed, list) or not allowed:
+            raise invalid("tool_choice.tools must be a non-empty array.", "tool_choice.tools", "invalid_value")
+        chosen = []
+        for index, entry in enumerate(allowed):
+            if not isinstance(entry, dict) or entry.get("type") != "function" or entry.get("name") not in names:
+                raise invalid(f"tool_choice.tools[{index}] must name a function in 'tools'.",
+                              f"tool_choice.tools[{index}]", "invalid_value")
+            chosen.append(entry["name"])
+        return ({"type": "allowed_tools", "mode": mode, "tools": allowed}, mode,
+                [t for t in tools if t["name"] in chosen])
+    raise invalid(f"tool_choice of type {kind!r} is not supported by this server.", "tool_choice.type",
+                  "unsupported_value")
+
+
+def validate_text_format(fmt: Any) -> dict:
+    if fmt is None:
+        return {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise invalid("Invalid type for 'text.format': expected an object.", "text.format", "invalid_type")
+    kind = fmt.get("type")
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind != "json_schema":
+        raise invalid(f"Invalid value: {kind!r}. Supported values are: 'text', 'json_schema', and 'json_object'.",
+                      "text.format.type", "invalid_value")
+    name = fmt.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise invalid(f"Invalid 'text.format.name': {name!r}. Names are 1-64 characters of a-z, A-Z, 0-9, '_' "
+                      "and '-'.", "text.format.name", "invalid_value")
+    strict = fmt.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid("Invalid type for 'text.format.strict': expected a boolean.", "text.format.strict",
+                      "invalid_type")
+    if "schema" not in fmt:
+        raise invalid("Missing required parameter: 'text.format.schema'.", "text.format.schema",
+                      "missing_required_parameter")
+    check_root_schema(fmt["schema"], "text.format.schema", bool(strict))
+    normalized = {"type": "json_schema", "name": name, "schema": fmt["schema"], "strict": bool(strict)}
+    if fmt.get("description") is not None:
+        normalized["description"] = fmt["description"]
+    return normalized
+
+
+def build_constraint(mode: str, callable_tools: list[dict], parallel: bool, fmt: dict) -> Constraint | None:
+    """With `none`, the tools are neither shown nor parsed (no call can exist), so only the
+    answer format constrains the output."""
+    answer = fmt.get("schema") if fmt["type"] == "json_schema" else ({"type": "object"} if fmt["type"] == "json_object"
+                                                                     else None)
+    if callable_tools and mode != "none":
+        return Constraint("tools", schema=answer, mode=mode, parallel=parallel,
+                          tools=tuple((t["name"], t["parameters"]) for t in callable_tools))
+    if fmt["type"] == "json_schema":
+        return Constraint("json_schema", schema=fmt["schema"])
+    if fmt["type"] == "json_object":
+        return Constraint("json_object")
+    return None
+
+
+def unknown_call_outputs(items: list[dict]) -> ApiError | None:
+    """A function_call_output must answer a function_call earlier in the conversation."""
+    calls: set[str] = set()
+    for item in items:
+        if item["type"] == "function_call":
+            calls.add(item["call_id"])
+        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+            return invalid(f"No tool call found for function call output with call_id '{item['call_id']}'.",
+                           "input", "invalid_call_id")
+    return None

@@ -1,0 +1,370 @@
+"""Validation of a create request (OpenAI JSON, already decoded) into CreateParams.
+
+Every rejection is an ApiError whose `param` names the offending field the way OpenAI does
+(`input[2].content[0].type`, `metadata`, `tools[0].type`). Fields whose behaviour Parley does
+not implement yet are rejected with a 400 that says so; none is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from parley.errors import ApiError, ErrorKind, invalid
+from parley.ids import new_id
+from parley.service.tools import resolve_tool_choice, validate_text_format, validate_tools
+
+INCLUDE_VALUES = frozenset({
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+})
+
+KNOWN_FIELDS = frozenset({
+    "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "top_logprobs",
+    "metadata", "store", "stream", "stream_options", "background", "previous_response_id", "tools",
+    "tool_choice", "text", "reasoning", "include", "parallel_tool_calls", "truncation", "user",
+    "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
+    "max_tool_calls", "prompt", "conversation", "prompt_cache_options", "context_management",
+    "moderation",
+})
+NOT_YET = {
+    "conversation": "The Conversations API is not implemented in this Parley release; use previous_response_id.",
+    "prompt": "Prompt templates are not implemented in this Parley release.",
+    "context_management": "Context management (compaction) is not implemented in this Parley release.",
+    "moderation": "Moderation is not available in this Parley release.",
+    "prompt_cache_options": "prompt_cache_options is not implemented in this Parley release.",
+}
+ROLES = ("user", "assistant", "system", "developer")
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateParams:
+    model: str
+    input_items: list[dict]  # normalized to stored item form, each with an id
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float
+    top_p: float
+    top_logprobs: int | None
+    metadata: dict[str, str]
+    store: bool
+    stream: bool
+    background: bool
+    previous_response_id: str | None
+    include: list[str]
+    parallel_tool_calls: bool
+    truncation: str
+    tools: list[dict]
+    tool_choice: Any
+    tool_mode: str              # none | auto | required
+    callable_tools: list[dict]  # the tools the model may call under tool_choice
+    text: dict
+    reasoning: dict | None
+    echo: dict  # fields echoed verbatim into the Response (user, service_tier, ...)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_error(param: str, expected: str, value: Any) -> ApiError:
+    got = "null" if value is None else type(value).__name__
+    got = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+           "list": "an array", "dict": "an object"}.get(got, got)
+    return invalid(f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
+                   param, "invalid_type")
+
+
+def _optional(body: dict, key: str, check, expected: str):
+    value = body.get(key)
+    if value is None:
+        return None
+    if not check(value):
+        raise _type_error(key, expected, value)
+    return value
+
+
+def _range(param: str, value, low, high) -> None:
+    if value is not None and not (low <= value <= high):
+        raise invalid(f"Invalid '{param}': {value} is out of range; expected a value between {low} and {high}.",
+                      param, "invalid_value" if param != "top_logprobs" else "integer_out_of_range")
+
+
+def _validate_metadata(metadata: Any) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _type_error("metadata", "an object", metadata)
+    if len(metadata) > 16:
+        raise invalid(f"Invalid 'metadata': too many properties. Expected at most 16, got {len(metadata)}.",
+                      "metadata", "object_above_max_properties")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise invalid(f"Invalid 'metadata': key '{key[:20]}...' is longer than 64 characters.",
+                          "metadata", "invalid_value")
+        if not isinstance(value, str):
+            raise _type_error(f"metadata.{key}", "a string", value)
+        if len(value) > 512:
+            raise invalid(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters, "
+                          f"got {len(value)}.", f"metadata.{key}", "string_above_max_length")
+    return dict(metadata)
+
+
+def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
+    output_role = role == "assistant"
+    text_type = "output_text" if output_role else "input_text"
+    if isinstance(content, str):
+        return [_text_part(text_type, content)]
+    if not isinstance(content, list):
+        raise _type_error(param, "a string or an array of content parts", content)
+    parts = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise _type_error(where, "an object", part)
+        kind = part.get("type")
+        if kind in ("input_text", "output_text"):
+            if not isinstance(part.get("text"), str):
+                raise _type_error(f"{where}.text", "a string", part.get("text"))
+            if output_role != (kind == "output_text"):
+                allowed = "'output_text' and 'refusal'" if output_role else "'input_text', 'input_image' and 'input_file'"
+                raise invalid(f"Invalid value: '{kind}'. Supported values for role '{role}' are: {allowed}.",
+                              f"{where}.type", "invalid_value")
+            parts.append(_text_part(kind, part["text"]))
+        elif kind == "refusal" and output_role:
+            if not isinstance(part.get("refusal"), str):
+                raise _type_error(f"{where}.refusal", "a string", part.get("refusal"))
+            parts.append({"type": "refusal", "refusal": part["refusal"]})
+        elif kind in ("input_image", "input_file"):
+            raise invalid(f"The served model accepts text only; '{kind}' content is not supported.",
+                          f"{where}.type", "unsupported_content")
+        else:
+            raise invalid(f"Invalid value: {kind!r}. Supported content part types are 'input_text' and "
+                          "'output_text'.", f"{where}.type", "invalid_value")
+    return parts
+
+
+def _text_part(kind: str, text: str) -> dict:
+    if kind == "output_text":
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "input_text", "text": text}
+
+
+def _normalize_item(item: Any, index: int) -> dict:
+    param = f"input[{index}]"
+    if not isinstance(item, dict):
+        raise _type_error(param, "an object", item)
+    kind = item.get("type", "message")  # EasyInputMessage may omit `type`
+    if kind == "message":
+        role = item.get("role")
+        if role not in ROLES:
+            raise invalid(f"Invalid value: {role!r}. Supported values are: 'user', 'assistant', 'system', "
+                          "and 'developer'.", f"{param}.role", "invalid_value")
+        if "content" not in item:
+            raise invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content",
+                          "missing_required_parameter")
+        content = _normalize_content(item["content"], role, f"{param}.content")
+        prefix = "msg"
+        normalized = {"type": "message", "id": item.get("id") or new_id(prefix), "role": role,
+                      "content": content, "status": item.get("status") or "completed"}
+        return normalized
+    if kind == "function_call":
+        for key in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(key), str):
+                raise _type_error(f"{param}.{key}", "a string", item.get(key))
+        return {"type": "function_call", "id": item.get("id") or new_id("fc"), "call_id": item["call_id"],
+                "name": item["name"], "arguments": item["arguments"], "status": item.get("status") or "completed"}
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise _type_error(f"{param}.call_id", "a string", item.get("call_id"))
+        output = item.get("output")
+        if isinstance(output, list):
+            output = _normalize_content(output, "user", f"{param}.output")
+        elif not isinstance(output, str):
+            raise _type_error(f"{param}.output", "a string or an array of content parts", output)
+        return {"type": "function_call_output", "id": item.get("id") or new_id("fco"),
+                "call_id": item["call_id"], "output": output, "status": item.get("status") or "completed"}
+    if kind == "reasoning":
+        if not isinstance(item.get("summary", []), list):
+            raise _type_error(f"{param}.summary", "an array", item.get("summary"))
+        normalized = {"type": "reasoning", "id": item.get("id") or new_id("rs"), "summary": item.get("summary", [])}
+        if item.get("content") is not None:
+            normalized["content"] = item["content"]
+        encrypted = item.get("encrypted_content")
+        if encrypted is not None:
+            if not isinstance(encrypted, str):
+                raise _type_error(f"{param}.encrypted_content", "a string", encrypted)
+            normalized["encrypted_content"] = encrypted
+        return normalized
+    if not isinstance(kind, str):
+        raise _type_error(f"{param}.type", "a string", kind)
+    raise invalid(f"Input items of type '{kind}' are not supported by this server. Supported types: "
+                  + ", ".join(f"'{t}'" for t in SUPPORTED_ITEM_TYPES) + ".", f"{param}.type", "unsupported_item_type")
+
+
+def _normalize_input(value: Any) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "id": new_id("msg"), "role": "user",
+                 "content": [_text_part("input_text", value)], "status": "completed"}]
+    if not isinstance(value, list):
+        raise _type_error("input", "a string or an array of input items", value)
+    return [_normalize_item(item, index) for index, item in enumerate(value)]
+
+
+def _validate_text(text: Any) -> dict:
+    if text is None:
+        return {"format": {"type": "text"}, "verbosity": "medium"}
+    if not isinstance(text, dict):
+        raise _type_error("text", "an object", text)
+    verbosity = text.get("verbosity") or "medium"
+    if verbosity not in ("low", "medium", "high"):
+        raise invalid(f"Invalid value: {verbosity!r}. Supported values are: 'low', 'medium', and 'high'.",
+                      "text.verbosity", "invalid_value")
+    return {"format": validate_text_format(text.get("format")), "verbosity": verbosity}
+
+
+def _validate_reasoning(reasoning: Any) -> dict | None:
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise _type_error("reasoning", "an object", reasoning)
+    effort = reasoning.get("effort")
+    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+        raise invalid(f"Invalid value: {effort!r}. Supported values are: 'none', 'minimal', 'low', 'medium', "
+                      "'high', and 'xhigh'.", "reasoning.effort", "invalid_value")
+    summary = reasoning.get("summary")
+    if summary is not None and summary not in ("auto", "concise", "detailed"):
+        raise invalid(f"Invalid value: {summary!r}. Supported values are: 'auto', 'concise', and 'detailed'.",
+                      "reasoning.summary", "invalid_value")
+    # The served model produces no reasoning, so no summary is ever generated: echo null.
+    return {"effort": effort, "summary": None}
+
+
+def validate_create(body: Any, served_models: list[str]) -> CreateParams:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, "invalid_body")
+    for key in body:
+        if key not in KNOWN_FIELDS:
+            raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+    for key, message in NOT_YET.items():
+        if body.get(key):
+            raise invalid(message, key, "unsupported_parameter")
+
+    model = body.get("model")
+    if model is None:
+        raise invalid("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if model not in served_models:
+        raise ApiError(ErrorKind.NOT_FOUND, f"The model '{model}' does not exist. Served models: "
+                       + ", ".join(served_models) + ".", "model", "model_not_found")
+
+    temperature = _optional(body, "temperature", _is_number, "a number")
+    _range("temperature", temperature, 0, 2)
+    top_p = _optional(body, "top_p", _is_number, "a number")
+    _range("top_p", top_p, 0, 1)
+    max_output_tokens = _optional(body, "max_output_tokens", _is_int, "an integer")
+    if max_output_tokens is not None and max_output_tokens < 16:
+        raise invalid(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, "
+                      f"but got {max_output_tokens} instead.", "max_output_tokens", "integer_below_min_value")
+    top_logprobs = _optional(body, "top_logprobs", _is_int, "an integer")
+    _range("top_logprobs", top_logprobs, 0, 20)
+
+    include = _optional(body, "include", lambda v: isinstance(v, list), "an array") or []
+    for index, value in enumerate(include):
+        if value not in INCLUDE_VALUES:
+            raise invalid(f"Invalid value: {value!r}. Supported values are: "
+                          + ", ".join(f"'{v}'" for v in sorted(INCLUDE_VALUES)) + ".",
+                          f"include[{index}]", "invalid_value")
+
+    booleans = {}
+    for key, default in (("store", True), ("stream", False), ("parallel_tool_calls", True), ("background", False)):
+        value = _optional(body, key, lambda v: isinstance(v, bool), "a boolean")
+        booleans[key] = default if value is None else value
+
+    if booleans["background"] and not booleans["store"]:
+        raise invalid("Background responses must be stored: background=true requires store=true.", "store",
+                      "invalid_value")
+
+    truncation = _optional(body, "truncation", lambda v: isinstance(v, str), "a string") or "disabled"
+    if truncation not in ("auto", "disabled"):
+        raise invalid(f"Invalid value: {truncation!r}. Supported values are: 'auto' and 'disabled'.",
+                      "truncation", "invalid_value")
+
+    instructions = _optional(body, "instructions", lambda v: isinstance(v, str), "a string")
+    previous = _optional(body, "previous_response_id", lambda v: isinstance(v, str), "a string")
+    if previous is not None and not previous.startswith("resp_"):
+        raise invalid(f"Invalid 'previous_response_id': '{previous}'. Expected an ID that begins with 'resp'.",
+                      "previous_response_id", "invalid_value")
+
+    echo = {}
+    for key in ("user", "prompt_cache_key"):
+        echo[key] = _optional(body, key, lambda v: isinstance(v, str), "a string")
+    safety = _optional(body, "safety_identifier", lambda v: isinstance(v, str), "a string")
+    if safety is not None and len(safety) > 64:
+        raise invalid("Invalid 'safety_identifier': string too long. Expected at most 64 characters.",
+                      "safety_identifier", "string_above_max_length")
+    echo["safety_identifier"] = safety
+    retention = _optional(body, "prompt_cache_retention", lambda v: isinstance(v, str), "a string")
+    if retention is not None and retention not in ("in_memory", "24h"):
+        raise invalid(f"Invalid value: {retention!r}. Supported values are: 'in_memory' and '24h'.",
+                      "prompt_cache_retention", "invalid_value")
+    echo["prompt_cache_retention"] = retention
+    tier = _optional(body, "service_tier", lambda v: isinstance(v, str), "a string")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise invalid(f"Invalid value: {tier!r}. Supported values are: "
+                      + ", ".join(f"'{t}'" for t in SERVICE_TIERS) + ".", "service_tier", "invalid_value")
+    echo["service_tier"] = tier or "default"
+    max_tool_calls = _optional(body, "max_tool_calls", _is_int, "an integer")
+    if max_tool_calls is not None and max_tool_calls < 1:
+        raise invalid("Invalid 'max_tool_calls': expected a value >= 1.", "max_tool_calls", "invalid_value")
+    echo["max_tool_calls"] = max_tool_calls
+    options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
+    if options is not None and not booleans["stream"]:
+        raise invalid("stream_options is only allowed when 'stream' is true.", "stream_options", "invalid_value")
+
+    tools = validate_tools(body.get("tools"))
+    tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
+    input_items = _normalize_input(body.get("input"))
+    if not input_items and previous is None:
+        raise invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+
+    return CreateParams(
+        model=model,
+        input_items=input_items,
+        instructions=instructions,
+        max_output_tokens=max_output_tokens,
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_logprobs=top_logprobs,
+        metadata=_validate_metadata(body.get("metadata")),
+        store=booleans["store"],
+        stream=booleans["stream"],
+        background=booleans["background"],
+        previous_response_id=previous,
+        include=list(include),
+        parallel_tool_calls=booleans["parallel_tool_calls"],
+        truncation=truncation,
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_mode=tool_mode,
+        callable_tools=callable_tools,
+        text=_validate_text(body.get("text")),
+        reasoning=_validate_reasoning(body.get("reasoning")),
+        echo=echo,
+    )

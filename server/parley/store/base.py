@@ -1,0 +1,132 @@
+"""The store port: stored responses, their input items and their stream events.
+
+Both implementations (SQLite, PostgreSQL) pass the same test suite. Documents are OpenAI JSON
+(dicts). A running response has an owner (the replica generating it) and a lease that the owner
+renews; a response whose lease ran out is failed by whichever replica notices first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+import orjson
+
+ACTIVE = ("queued", "in_progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemPage:
+    items: list[dict]
+    has_more: bool
+
+
+# Given the stored document and the next sequence number, return (new document, final event).
+Recovery = Callable[[dict, int], tuple[dict, dict]]
+
+# An event as stored and sent: its sequence number and its JSON bytes (encoded once, shared
+# by the SSE frame and the store).
+EncodedEvent = tuple[int, bytes]
+
+
+def encode_events(events: list[dict]) -> list[EncodedEvent]:
+    return [(event["sequence_number"], orjson.dumps(event)) for event in events]
+
+
+def pack(events: list[EncodedEvent]) -> tuple[int, int, bytes]:
+    """One stored row per batch: (first sequence number, last, the events as JSON lines)."""
+    return events[0][0], events[-1][0], b"\n".join(blob for _, blob in events)
+
+
+def unpack(rows, starting_after: int) -> list[dict]:
+    events = []
+    for (blob,) in rows:
+        data = blob.encode() if isinstance(blob, str) else bytes(blob)  # rows migrated from v2 are TEXT
+        for line in data.split(b"\n"):
+            event = orjson.loads(line)
+            if event["sequence_number"] > starting_after:
+                events.append(event)
+    return events
+
+
+class ResponseStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
+                     lease_until: float | None = None) -> None:
+        """Persist a new response with its input items, atomically."""
+
+    async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
+        """Replace the document if the stored status is in `expected`; False otherwise."""
+
+    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+        """Store a batch of consecutive events (one row, however many events)."""
+
+    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]]) -> None:
+        """Several responses' batches in one transaction (the event sink's write)."""
+
+    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+        """Append events and replace the document if the stored status is in `expected`."""
+
+    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+        """Mark an active response cancelled. Returns (document, changed)."""
+
+    async def get(self, response_id: str) -> dict | None: ...
+
+    async def input_items(self, response_id: str) -> list[dict] | None:
+        """All input items in order, or None when the response does not exist."""
+
+    async def list_input_items(self, response_id: str, *, limit: int, order: str,
+                               after: str | None, before: str | None) -> ItemPage | None: ...
+
+    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]: ...
+
+    async def delete(self, response_id: str) -> bool:
+        """Remove the response, its items and its events; False when it did not exist."""
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        """Extend the lease of every active response this owner runs."""
+
+    async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:
+        """Finish every active response whose lease ended before `now`; return their ids."""
+
+    async def delete_finished_before(self, cutoff: float) -> int:
+        """Retention: delete finished responses created before `cutoff` (unix seconds)."""
+
+
+def cancel_transition(stored: bytes | None) -> tuple[dict | None, bool]:
+    """The cancel rule on a stored document: (document, changed). A changed one must be written."""
+    if stored is None:
+        return None, False
+    document = orjson.loads(stored)
+    if document["status"] not in ACTIVE:
+        return document, False
+    document["status"] = "cancelled"
+    return document, True
+
+
+class InputItemPaging:
+    """`list_input_items` for any store that can return all of a response's input items."""
+
+    async def list_input_items(self, response_id: str, *, limit: int, order: str,
+                               after: str | None, before: str | None) -> ItemPage | None:
+        items = await self.input_items(response_id)
+        if items is None:
+            return None
+        return paginate(items, limit=limit, order=order, after=after, before=before)
+
+
+def paginate(items: list[dict], *, limit: int, order: str, after: str | None, before: str | None) -> ItemPage:
+    """Cursor pagination over items in `order`; `after`/`before` are item ids (exclusive)."""
+    ordered = items if order == "asc" else list(reversed(items))
+    ids = [item["id"] for item in ordered]
+    start, end = 0, len(ordered)
+    if after is not None:
+        start = ids.index(after) + 1 if after in ids else len(ids)
+    if before is not None:
+        end = ids.index(before) if before in ids else 0
+    window = ordered[start:end]
+    return ItemPage(window[:limit], len(window) > limit)

@@ -1,0 +1,223 @@
+"""PostgreSQL store (psycopg 3): shared state for several replicas.
+
+Documents are stored as bytea holding the exact JSON bytes (jsonb would reorder keys).
+Migrations run under an advisory lock, so replicas starting together apply each one once.
+Row locks (FOR UPDATE) make cancel and lease recovery atomic across replicas.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from parley.log import get_logger
+from parley.store.base import (
+    ACTIVE,
+    EncodedEvent,
+    InputItemPaging,
+    Recovery,
+    cancel_transition,
+    encode_events,
+    pack,
+    unpack,
+)
+
+log = get_logger(__name__)
+
+MIGRATION_LOCK = 0x7061726C  # "parl"
+MIGRATIONS = {
+    1: """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            created_at BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            document BYTEA NOT NULL,
+            owner TEXT,
+            lease_until DOUBLE PRECISION
+        );
+        CREATE INDEX responses_active ON responses (status, lease_until);
+        CREATE INDEX responses_created ON responses (created_at);
+        CREATE TABLE input_items (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            item_id TEXT NOT NULL,
+            document BYTEA NOT NULL,
+            PRIMARY KEY (response_id, position)
+        );
+        CREATE TABLE events (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            sequence_number INTEGER NOT NULL,
+            document BYTEA NOT NULL,
+            PRIMARY KEY (response_id, sequence_number)
+        );
+    """,
+    2: """
+        CREATE TABLE event_batches (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            events BYTEA NOT NULL,
+            PRIMARY KEY (response_id, first_seq)
+        );
+        INSERT INTO event_batches (response_id, first_seq, last_seq, events)
+            SELECT response_id, sequence_number, sequence_number, document FROM events;
+        DROP TABLE events;
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+_UPSERT_BATCH = ("INSERT INTO event_batches (response_id, first_seq, last_seq, events) VALUES (%s, %s, %s, %s) "
+                 "ON CONFLICT (response_id, first_seq) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
+                 "events = EXCLUDED.events")
+
+
+class PostgresStore(InputItemPaging):
+    def __init__(self, dsn: str, max_connections: int = 10):
+        self.dsn = dsn
+        self.max_connections = max_connections
+        self._pool = None
+
+    async def open(self) -> None:
+        from psycopg_pool import AsyncConnectionPool  # only when PostgreSQL is configured
+
+        self._pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=self.max_connections, open=False,
+                                         kwargs={"autocommit": True})
+        await self._pool.open(wait=True, timeout=30)
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await conn.execute("CREATE TABLE IF NOT EXISTS parley_schema (version INTEGER NOT NULL)")
+            row = await (await conn.execute("SELECT max(version) FROM parley_schema")).fetchone()
+            version = row[0] or 0
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute("INSERT INTO parley_schema (version) VALUES (%s)", (target,))
+                log.info("store.migrated", backend="postgres", version=target)
+        log.info("store.open", backend="postgres")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _fetchone(self, sql: str, params=()):
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(sql, params)).fetchone()
+
+    async def _fetchall(self, sql: str, params=()):
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(sql, params)).fetchall()
+
+    @staticmethod
+    async def _replace(conn, response: dict, expected: tuple[str, ...]) -> bool:
+        cursor = await conn.execute(
+            "UPDATE responses SET status = %s, document = %s WHERE id = %s AND status = ANY(%s)",
+            (response["status"], orjson.dumps(response), response["id"], list(expected)))
+        return cursor.rowcount > 0
+
+    @staticmethod
+    async def _append(conn, response_id: str, events: list[EncodedEvent]) -> None:
+        if events:
+            await conn.execute(_UPSERT_BATCH, (response_id, *pack(events)))
+
+    async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
+                     lease_until: float | None = None) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await self._insert(conn, response, input_items, owner, lease_until)
+
+    @staticmethod
+    async def _insert(conn, response: dict, input_items: list[dict], owner, lease_until) -> None:
+        await conn.execute(
+            "INSERT INTO responses (id, created_at, status, document, owner, lease_until) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (response["id"], response["created_at"], response["status"], orjson.dumps(response), owner,
+             lease_until))
+        if input_items:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO input_items (response_id, position, item_id, document) VALUES (%s, %s, %s, %s)",
+                    [(response["id"], i, item["id"], orjson.dumps(item)) for i, item in enumerate(input_items)])
+
+    async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
+        async with self._pool.connection() as conn:
+            return await self._replace(conn, response, expected)
+
+    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+        await self.append_event_batches([(response_id, events)])
+
+    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]],
+                                   creates: list[tuple] = ()) -> None:
+        rows = [(response_id, *pack(events)) for response_id, events in batches if events]
+        if rows or creates:
+            async with self._pool.connection() as conn, conn.transaction():
+                for create in creates:
+                    await self._insert(conn, *create)
+                if rows:
+                    async with conn.cursor() as cursor:
+                        await cursor.executemany(_UPSERT_BATCH, rows)
+
+    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+        async with self._pool.connection() as conn, conn.transaction():
+            if not await self._replace(conn, response, expected):
+                return False
+            await self._append(conn, response["id"], events)
+            return True
+
+    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+        async with self._pool.connection() as conn, conn.transaction():
+            row = await (await conn.execute("SELECT document FROM responses WHERE id = %s FOR UPDATE",
+                                            (response_id,))).fetchone()
+            document, changed = cancel_transition(row[0] if row else None)
+            if changed:
+                await self._replace(conn, document, ACTIVE)
+            return document, changed
+
+    async def get(self, response_id: str) -> dict | None:
+        row = await self._fetchone("SELECT document FROM responses WHERE id = %s", (response_id,))
+        return orjson.loads(row[0]) if row else None
+
+    async def input_items(self, response_id: str) -> list[dict] | None:
+        async with self._pool.connection() as conn:
+            if not await (await conn.execute("SELECT 1 FROM responses WHERE id = %s", (response_id,))).fetchone():
+                return None
+            rows = await (await conn.execute(
+                "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]:
+        rows = await self._fetchall(
+            "SELECT events FROM event_batches WHERE response_id = %s AND last_seq > %s ORDER BY first_seq",
+            (response_id, starting_after))
+        return unpack(rows, starting_after)
+
+    async def delete(self, response_id: str) -> bool:
+        async with self._pool.connection() as conn:
+            return (await conn.execute("DELETE FROM responses WHERE id = %s", (response_id,))).rowcount > 0
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE responses SET lease_until = %s WHERE owner = %s AND status = ANY(%s)",
+                (lease_until, owner, list(ACTIVE)))
+            return cursor.rowcount
+
+    async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:
+        recovered = []
+        async with self._pool.connection() as conn, conn.transaction():
+            rows = await (await conn.execute(
+                "SELECT id, document FROM responses WHERE status = ANY(%s) AND lease_until < %s "
+                "FOR UPDATE SKIP LOCKED", (list(ACTIVE), now))).fetchall()
+            for response_id, blob in rows:
+                last = (await (await conn.execute("SELECT max(last_seq) FROM event_batches WHERE response_id = %s",
+                                                  (response_id,))).fetchone())[0]
+                document, event = recovery(orjson.loads(blob), 0 if last is None else last + 1)
+                if await self._replace(conn, document, ACTIVE):
+                    await self._append(conn, response_id, encode_events([event]))
+                    recovered.append(response_id)
+        return recovered
+
+    async def delete_finished_before(self, cutoff: float) -> int:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute("DELETE FROM responses WHERE created_at < %s AND NOT (status = ANY(%s))",
+                                        (cutoff, list(ACTIVE)))
+            return cursor.rowcount

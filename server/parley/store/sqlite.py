@@ -1,0 +1,241 @@
+"""SQLite store: one file, WAL journal, durable across restarts; the single-node default.
+
+sqlite3 calls run on one dedicated thread with one connection, so writes are serialized and
+the event loop never blocks on disk. Several processes must not share one file: use
+PostgreSQL for several replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+
+from parley.log import get_logger
+from parley.store.base import (
+    ACTIVE,
+    EncodedEvent,
+    InputItemPaging,
+    Recovery,
+    cancel_transition,
+    encode_events,
+    pack,
+    unpack,
+)
+
+log = get_logger(__name__)
+
+MIGRATIONS = {
+    1: """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            created_at INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            document BLOB NOT NULL
+        );
+        CREATE TABLE input_items (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            item_id TEXT NOT NULL,
+            document BLOB NOT NULL,
+            PRIMARY KEY (response_id, position)
+        );
+        CREATE TABLE events (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            sequence_number INTEGER NOT NULL,
+            document BLOB NOT NULL,
+            PRIMARY KEY (response_id, sequence_number)
+        );
+    """,
+    2: """
+        ALTER TABLE responses ADD COLUMN owner TEXT;
+        ALTER TABLE responses ADD COLUMN lease_until REAL;
+        CREATE INDEX responses_active ON responses (status, lease_until);
+        CREATE INDEX responses_created ON responses (created_at);
+    """,
+    3: """
+        CREATE TABLE event_batches (
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            events BLOB NOT NULL,
+            PRIMARY KEY (response_id, first_seq)
+        );
+        INSERT INTO event_batches (response_id, first_seq, last_seq, events)
+            SELECT response_id, sequence_number, sequence_number, document FROM events;
+        DROP TABLE events;
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def _in(statuses: tuple[str, ...]) -> str:
+    return "(" + ",".join("?" * len(statuses)) + ")"
+
+
+class SqliteStore(InputItemPaging):
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _transact(self, work):
+        return await self._call(self._transaction, work)
+
+    def _transaction(self, work):
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def open(self) -> None:
+        await self._call(self._open)
+        log.info("store.open", backend="sqlite", path=str(self.path))
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            def migrate(db, target=target):
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={target}")
+            self._transaction(migrate)
+            log.info("store.migrated", backend="sqlite", version=target)
+
+    async def close(self) -> None:
+        def _close():
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        await self._call(_close)
+        self._executor.shutdown(wait=True)
+
+    async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
+                     lease_until: float | None = None) -> None:
+        await self._transact(lambda db: self._insert(db, response, input_items, owner, lease_until))
+
+    @staticmethod
+    def _insert(db, response: dict, input_items: list[dict], owner, lease_until) -> None:
+        db.execute("INSERT INTO responses (id, created_at, status, document, owner, lease_until) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (response["id"], response["created_at"], response["status"], orjson.dumps(response),
+                    owner, lease_until))
+        db.executemany(
+            "INSERT INTO input_items (response_id, position, item_id, document) VALUES (?, ?, ?, ?)",
+            [(response["id"], i, item["id"], orjson.dumps(item)) for i, item in enumerate(input_items)])
+
+    @staticmethod
+    def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
+        cursor = db.execute(f"UPDATE responses SET status = ?, document = ? WHERE id = ? AND status IN {_in(expected)}",
+                            (response["status"], orjson.dumps(response), response["id"], *expected))
+        return cursor.rowcount > 0
+
+    @staticmethod
+    def _append(db, response_id: str, events: list[EncodedEvent]) -> None:
+        if events:
+            db.execute("INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events) "
+                       "VALUES (?, ?, ?, ?)", (response_id, *pack(events)))
+
+    async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
+        return await self._transact(lambda db: self._replace(db, response, expected))
+
+    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+        await self.append_event_batches([(response_id, events)])
+
+    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]],
+                                   creates: list[tuple] = ()) -> None:
+        def _append_all(db):
+            for create in creates:
+                self._insert(db, *create)
+            for response_id, events in batches:
+                self._append(db, response_id, events)
+        if batches or creates:
+            await self._transact(_append_all)
+
+    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+        def _finish(db):
+            if not self._replace(db, response, expected):
+                return False
+            self._append(db, response["id"], events)
+            return True
+        return await self._transact(_finish)
+
+    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+        def _cancel(db):
+            row = db.execute("SELECT document FROM responses WHERE id = ?", (response_id,)).fetchone()
+            document, changed = cancel_transition(row[0] if row else None)
+            if changed:
+                self._replace(db, document, ACTIVE)
+            return document, changed
+        return await self._transact(_cancel)
+
+    async def get(self, response_id: str) -> dict | None:
+        def _get():
+            row = self._db.execute("SELECT document FROM responses WHERE id = ?", (response_id,)).fetchone()
+            return orjson.loads(row[0]) if row else None
+        return await self._call(_get)
+
+    async def input_items(self, response_id: str) -> list[dict] | None:
+        def _items():
+            if not self._db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
+                return None
+            rows = self._db.execute("SELECT document FROM input_items WHERE response_id = ? ORDER BY position",
+                                    (response_id,)).fetchall()
+            return [orjson.loads(r[0]) for r in rows]
+        return await self._call(_items)
+
+    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]:
+        def _events():
+            rows = self._db.execute(
+                "SELECT events FROM event_batches WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
+                (response_id, starting_after)).fetchall()
+            return unpack(rows, starting_after)
+        return await self._call(_events)
+
+    async def delete(self, response_id: str) -> bool:
+        return await self._transact(
+            lambda db: db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0)
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        return await self._transact(lambda db: db.execute(
+            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {_in(ACTIVE)}",
+            (lease_until, owner, *ACTIVE)).rowcount)
+
+    async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:
+        def _recover(db):
+            rows = db.execute(f"SELECT id, document FROM responses WHERE status IN {_in(ACTIVE)} "
+                              "AND lease_until IS NOT NULL AND lease_until < ?", (*ACTIVE, now)).fetchall()
+            recovered = []
+            for response_id, blob in rows:
+                last = db.execute("SELECT MAX(last_seq) FROM event_batches WHERE response_id = ?",
+                                  (response_id,)).fetchone()[0]
+                document, event = recovery(orjson.loads(blob), 0 if last is None else last + 1)
+                if self._replace(db, document, ACTIVE):
+                    self._append(db, response_id, encode_events([event]))
+                    recovered.append(response_id)
+            return recovered
+        return await self._transact(_recover)
+
+    async def delete_finished_before(self, cutoff: float) -> int:
+        return await self._transact(lambda db: db.execute(
+            f"DELETE FROM responses WHERE created_at < ? AND status NOT IN {_in(ACTIVE)}",
+            (cutoff, *ACTIVE)).rowcount)

@@ -1,0 +1,114 @@
+"""The one error boundary of every RPC, and the per-RPC request id.
+
+ApiError becomes a gRPC status with `google.rpc.Status` details (ErrorInfo) for gRPC clients
+and trailer `x-openai-error` (the OpenAI error JSON) that Envoy's Lua filter turns into the REST
+body. Any other exception
+is logged with its traceback and answered with a generic server_error: no internals leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+
+import grpc
+import orjson
+import structlog
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from parley.errors import ApiError, server_error
+from parley.log import get_logger
+
+log = get_logger(__name__)
+
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value
+    return "req_" + uuid.uuid4().hex
+
+
+def _trailers(error: ApiError) -> tuple:
+    code = getattr(code_pb2, error.kind.grpc_code_name)
+    info = error_details_pb2.ErrorInfo(reason=error.code or error.kind.error_type, domain="parley.dev",
+                                       metadata={"type": error.kind.error_type, "param": error.param or ""})
+    status = status_pb2.Status(code=code, message=error.message)
+    status.details.add().Pack(info)
+    trailers = [
+        ("grpc-status-details-bin", status.SerializeToString()),
+        ("x-openai-error", orjson.dumps(error.to_openai()).decode("ascii", "replace")),
+    ]
+    if error.kind.http_status == 429:
+        trailers.append(("x-should-retry", "true"))
+    elif error.kind.http_status == 409:  # the SDK retries 409 by default; a finished response stays finished
+        trailers.append(("x-should-retry", "false"))
+    return tuple(trailers)
+
+
+def _log_safely(method, event: str, **fields) -> None:
+    try:
+        method(event, **fields)
+    except Exception:  # the client must get its answer even if logging itself fails
+        pass
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
+    _log_safely(log.info, "request.rejected", status=error.kind.http_status, param=error.param,
+                code=error.code, message=error.message)
+    await context.abort(getattr(grpc.StatusCode, error.kind.grpc_code_name), error.message,
+                        trailing_metadata=_ascii_safe(_trailers(error)))
+
+
+def _ascii_safe(trailers: tuple) -> tuple:
+    # Non -bin metadata must be printable ASCII; orjson emits UTF-8, so escape it.
+    out = []
+    for key, value in trailers:
+        if isinstance(value, str) and not value.isascii():
+            value = value.encode("ascii", "backslashreplace").decode()
+        out.append((key, value))
+    return tuple(out)
+
+
+async def _fail(context: grpc.aio.ServicerContext, failure: Exception) -> None:
+    if isinstance(failure, ApiError):
+        await _abort(context, failure)
+        return
+    _log_safely(log.error, "request.crashed", exc_info=failure)
+    await _abort(context, server_error())
+
+
+_PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)
+
+
+def unary(handler):
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        structlog.contextvars.bind_contextvars(request_id=_request_id(context), rpc=handler.__name__)
+        try:
+            return await handler(self, request, context)
+        except _PASS_THROUGH:
+            raise
+        except Exception as failure:
+            await _fail(context, failure)
+        finally:
+            structlog.contextvars.clear_contextvars()
+    return wrapper
+
+
+def streaming(handler):
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        structlog.contextvars.bind_contextvars(request_id=_request_id(context), rpc=handler.__name__)
+        try:
+            async for message in handler(self, request, context):
+                yield message
+        except _PASS_THROUGH:
+            raise
+        except Exception as failure:
+            await _fail(context, failure)
+        finally:
+            structlog.contextvars.clear_contextvars()
+    return wrapper

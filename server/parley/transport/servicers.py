@@ -1,0 +1,208 @@
+"""Thin servicers: decode, call the service pipeline, encode. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from google.api import httpbody_pb2
+
+from parley.codec import rest, typed
+from parley.service.responses import EventBatch, ResponsesService
+from parley.transport.boundary import streaming, unary
+from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
+
+
+def _json_body(document) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(content_type=rest.JSON, data=rest.encode_json(document))
+
+
+def _sse_body(events: list[dict]) -> httpbody_pb2.HttpBody:
+    """Events ready together travel as one message; each stays its own SSE frame."""
+    encoded = getattr(events, "encoded", None) or [None] * len(events)
+    return httpbody_pb2.HttpBody(content_type=rest.SSE,
+                                 data=b"".join(map(rest.encode_sse, events, encoded)))
+
+
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
+async def _coalesced(batches):
+    """Batches that become ready while the previous message is being written leave together.
+
+    A producer task drains the pipeline into a queue; the writer takes everything queued at
+    once. Idle streams pay nothing; a stream whose client or Envoy is slower than the model
+    sends fewer, larger messages instead of falling behind one message per step.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def produce():
+        try:
+            async for batch in batches:
+                queue.put_nowait(batch)
+        finally:
+            queue.put_nowait(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            batch = await queue.get()
+            if batch is None:
+                break
+            if not queue.empty():
+                merged = EventBatch(batch)
+                merged.encoded = list(batch.encoded)
+                ended = False
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    merged.extend(more)
+                    merged.encoded.extend(more.encoded)
+                yield merged
+                if ended:
+                    break
+                continue
+            yield batch
+        await producer  # re-raises what the pipeline raised
+    finally:
+        if not producer.done():
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+        await batches.aclose()
+
+
+async def _sse_messages(batches):
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            yield _sse_body(batch)
+
+
+async def _typed_events(batches):
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for event in batch:
+                yield typed.from_json(event, events_pb2.ResponseStreamEvent())
+
+
+async def _started_events(service: ResponsesService, prepared):
+    """The event batches of a just-prepared create: background ones are followed via the store."""
+    if prepared.params.background:
+        document = await service.start_background(prepared)
+        return service.follow(document["id"])
+    return service.run(prepared)
+
+
+class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
+    """The REST face (through Envoy): OpenAI's JSON and SSE bytes in HttpBody messages."""
+
+    def __init__(self, service: ResponsesService):
+        self.service = service
+
+    @streaming
+    async def HttpCreateResponse(self, request, context):
+        prepared = await self.service.prepare(rest.decode_body(request.data))
+        if not prepared.params.stream:
+            yield _json_body(await self.service.create_prepared(prepared))
+            return
+        # aclosing: a client that goes away must stop the engine now, not when the GC runs.
+        async with contextlib.aclosing(_sse_messages(_coalesced(await _started_events(self.service, prepared)))) \
+                as messages:
+            async for message in messages:
+                yield message
+
+    @streaming
+    async def HttpGetResponse(self, request, context):
+        document = await self.service.get(request.response_id)
+        if not request.stream:
+            yield _json_body(document)
+            return
+        starting_after = _optional(request, "starting_after")
+        batches = self.service.follow(request.response_id, -1 if starting_after is None else starting_after)
+        async with contextlib.aclosing(_sse_messages(batches)) as messages:
+            async for message in messages:
+                yield message
+
+    @unary
+    async def HttpDeleteResponse(self, request, context):
+        return _json_body(await self.service.delete(request.response_id))
+
+    @unary
+    async def HttpCancelResponse(self, request, context):
+        return _json_body(await self.service.cancel(request.response_id))
+
+    @unary
+    async def HttpListInputItems(self, request, context):
+        return _json_body(await self.service.list_input_items(
+            request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            after=_optional(request, "after"), before=_optional(request, "before"), include=list(request.include)))
+
+    @unary
+    async def HttpListModels(self, request, context):
+        return _json_body({"object": "list", "data": self.service.models})
+
+
+class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
+    """The typed face: parley.v1 messages in and out, the same pipeline underneath."""
+
+    def __init__(self, service: ResponsesService):
+        self.service = service
+
+    @unary
+    async def CreateResponse(self, request, context):
+        document = await self.service.create(typed.to_json(request))
+        return typed.from_json(document, responses_pb2.Response())
+
+    @streaming
+    async def StreamResponse(self, request, context):
+        body = {**typed.to_json(request), "stream": True}  # the RPC, not a field, chooses streaming
+        batches = await _started_events(self.service, await self.service.prepare(body))
+        async with contextlib.aclosing(_typed_events(batches)) as events:
+            async for event in events:
+                yield event
+
+    @unary
+    async def GetResponse(self, request, context):
+        return typed.from_json(await self.service.get(request.response_id), responses_pb2.Response())
+
+    @unary
+    async def DeleteResponse(self, request, context):
+        return typed.from_json(await self.service.delete(request.response_id), service_pb2.DeleteResponseResponse())
+
+    @unary
+    async def ListInputItems(self, request, context):
+        page = await self.service.list_input_items(
+            request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            after=_optional(request, "after"), before=_optional(request, "before"), include=list(request.include))
+        return typed.from_json(page, service_pb2.ListInputItemsResponse())
+
+    @unary
+    async def ListModels(self, request, context):
+        return typed.from_json({"object": "list", "data": self.service.models}, service_pb2.ListModelsResponse())
+
+    @unary
+    async def CancelResponse(self, request, context):
+        return typed.from_json(await self.service.cancel(request.response_id), responses_pb2.Response())
+
+    @streaming
+    async def FollowResponse(self, request, context):
+        await self.service.get(request.response_id)
+        starting_after = _optional(request, "starting_after")
+        batches = self.service.follow(request.response_id, -1 if starting_after is None else starting_after)
+        async with contextlib.aclosing(_typed_events(batches)) as events:
+            async for event in events:
+                yield event
+
+
+TYPED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Responses"].full_name
+HTTP_SERVICE = service_pb2.DESCRIPTOR.services_by_name["ResponsesHttp"].full_name
+
+
+def add_servicers(server, service: ResponsesService) -> list[str]:
+    """Register both faces on `server`; return their full service names."""
+    service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service), server)
+    service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service), server)
+    return [TYPED_SERVICE, HTTP_SERVICE]

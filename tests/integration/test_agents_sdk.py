@@ -1,0 +1,35 @@
+"""The OpenAI Agents SDK running a one-tool agent against Parley (real model, through Envoy)."""
+
+import pytest
+from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+from tests.integration.conftest import MODEL
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+async def test_one_tool_agent_end_to_end(client):
+    set_tracing_disabled(True)  # tracing would upload to OpenAI; nothing leaves this machine
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        cities.append(city)
+        return f"It is sunny and 21 degrees Celsius in {city}."
+
+    agent = Agent(
+        name="Weather assistant",
+        instructions="You answer questions about the weather. Use the get_weather tool.",
+        tools=[get_weather],
+        model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+        # The first turn must call the tool; the SDK then resets tool_choice to auto for the answer.
+        model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=128),
+    )
+    result = await Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+    assert cities, "the agent never called its tool"
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"]
+    assert kinds[-1] == "message_output_item"
+    assert isinstance(result.final_output, str) and result.final_output.strip()
+    assert all(response.response_id and response.response_id.startswith("resp_") for response in result.raw_responses)

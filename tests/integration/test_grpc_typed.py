@@ -1,0 +1,86 @@
+"""The typed gRPC API with a generated stub, on the real model (no Envoy in between)."""
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from parley.codec import typed
+from parley.v1 import responses_pb2, service_pb2, service_pb2_grpc
+
+from tests.integration.conftest import MODEL
+from tests.support.streams import check_stream, event_types, text_message_sequence
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+@pytest.fixture(scope="module")
+async def stub(stack):
+    async with stack.channel() as channel:
+        yield service_pb2_grpc.ResponsesStub(channel)
+
+
+def request(**fields) -> responses_pb2.CreateResponseRequest:
+    return typed.from_json({"model": MODEL, "max_output_tokens": 24, "temperature": 0, **fields},
+                           responses_pb2.CreateResponseRequest())
+
+
+async def test_create_get_list_delete(stub):
+    response = await stub.CreateResponse(request(input="Hello there", metadata={"via": "grpc"},
+                                                 instructions="Be brief."))
+    assert response.id.startswith("resp_") and response.status in ("completed", "incomplete")
+    assert response.output[0].message.content.output_parts.items[0].output_text.text
+    assert response.metadata["via"] == "grpc" and response.instructions.text == "Be brief."
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    fetched = await stub.GetResponse(service_pb2.GetResponseRequest(response_id=response.id))
+    assert fetched == response
+    items = await stub.ListInputItems(service_pb2.ListInputItemsRequest(response_id=response.id))
+    assert items.data[0].message.content.parts.items[0].input_text.text == "Hello there"
+    deleted = await stub.DeleteResponse(service_pb2.DeleteResponseRequest(response_id=response.id))
+    assert deleted.deleted and deleted.id == response.id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetResponse(service_pb2.GetResponseRequest(response_id=response.id))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_stream_typed_events(stub):
+    events = [typed.to_json(event) async for event in stub.StreamResponse(request(input="Count to three."))]
+    deltas = sum(e["type"] == "response.output_text.delta" for e in events)
+    assert event_types(events) == text_message_sequence(deltas, events[-1]["type"])
+    check_stream(events)
+
+
+async def test_list_models(stub):
+    models = await stub.ListModels(service_pb2.ListModelsRequest())
+    assert [m.id for m in models.data] == [MODEL]
+
+
+@pytest.mark.parametrize("fields,code,param", [
+    ({"model": "nope", "input": "x"}, grpc.StatusCode.NOT_FOUND, "model"),
+    ({"input": "x", "temperature": 3}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"input": "x", "top_logprobs": 21}, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+    ({"input": "x", "previous_response_id": "resp_gone"}, grpc.StatusCode.NOT_FOUND, "previous_response_id"),
+])
+async def test_errors_are_canonical_codes_with_rich_details(stub, fields, code, param):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateResponse(request(**fields))
+    error = info.value
+    assert error.code() == code
+    trailers = dict(error.trailing_metadata())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    detail = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(detail)
+    assert detail.domain == "parley.dev" and detail.metadata["param"] == param
+    assert '"param":"%s"' % param in trailers["x-openai-error"]
+
+
+async def test_health_and_reflection(stack):
+    async with stack.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "parley.v1.Responses"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name async for reply in replies for s in reply.list_services_response.service}
+        assert {"parley.v1.Responses", "parley.v1.ResponsesHttp", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,62 @@
+"""Process-level behaviour: `parley run` from the CLI, and state that survives a restart."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.integration.conftest import MODEL
+from tests.support.stack import free_port, running_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+async def test_responses_survive_a_restart(tmp_path):
+    path = tmp_path / "durable.sqlite3"
+    async with running_stack(path) as stack:
+        async with AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0) as client:
+            created = await client.responses.create(model=MODEL, input="Remember me.", max_output_tokens=16,
+                                                    temperature=0)
+    async with running_stack(path) as stack:
+        async with AsyncOpenAI(base_url=stack.base_url, api_key="x", max_retries=0) as client:
+            fetched = await client.responses.retrieve(created.id)
+            assert fetched.model_dump() == created.model_dump()
+            follow_up = await client.responses.create(model=MODEL, input="Again.", previous_response_id=created.id,
+                                                      max_output_tokens=16)
+            assert follow_up.previous_response_id == created.id
+
+
+def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path):
+    http_port = free_port()
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0",
+           "PARLEY_ENVOY_ADMIN_PORT": str(free_port()), "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"),
+           "PARLEY_LOG_FORMAT": "json"}
+    process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline and "serving" not in line:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, process.stderr.read()
+        expected = f"http://127.0.0.1:{http_port}/v1"
+        assert expected in line
+        client = OpenAI(base_url=expected, api_key="x", max_retries=0)
+        assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=16).output_text is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert '"event": "server.stopped"' in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_bad_configuration_stops_start_up_with_a_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "parley", "serve"], capture_output=True, text=True,
+                            env={**os.environ, "PARLEY_ENGINE": "quantum"}, timeout=60)
+    assert result.returncode == 2
+    assert "engine must be 'llamacpp', 'scripted' or 'synthetic'" in result.stderr

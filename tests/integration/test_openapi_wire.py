@@ -1,0 +1,42 @@
+"""The raw bytes Envoy returns, validated against the official OpenAPI spec (skipped without it)."""
+
+import httpx
+import orjson
+import pytest
+
+from tests.integration.conftest import MODEL
+from tests.support import openapi
+from tests.unit.codec.test_openapi_conformance import EVENT_SCHEMAS
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+
+@pytest.fixture
+async def http(stack):
+    openapi.require_spec()
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+        yield client
+
+
+async def test_wire_documents_match_the_spec(http):
+    created = await http.post("/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 16,
+                                                   "metadata": {"k": "v"}, "temperature": 0})
+    document = created.json()
+    openapi.validate("Response", document)
+    openapi.validate("Response", (await http.get(f"/responses/{document['id']}")).json())
+    openapi.validate("ResponseItemList", (await http.get(f"/responses/{document['id']}/input_items")).json())
+    openapi.validate("ListModelsResponse", (await http.get("/models")).json())
+    openapi.validate("ErrorResponse", (await http.post("/responses", json={"model": "x", "input": "y"})).json())
+    openapi.validate("ErrorResponse", (await http.get("/responses/resp_missing")).json())
+    deleted = (await http.delete(f"/responses/{document['id']}")).json()
+    assert deleted == {"id": document["id"], "object": "response", "deleted": True}  # the spec gives no schema
+
+
+async def test_wire_events_match_the_spec(http):
+    async with http.stream("POST", "/responses", json={"model": MODEL, "input": "Hi", "stream": True,
+                                                        "max_output_tokens": 16, "temperature": 0}) as reply:
+        lines = [line async for line in reply.aiter_lines() if line.startswith("data: ")]
+    events = [orjson.loads(line[6:]) for line in lines]
+    for event in events:
+        openapi.validate(EVENT_SCHEMAS[event["type"]], event)
+    assert {e["type"] for e in events} >= {"response.created", "response.output_text.delta"}

@@ -1,0 +1,106 @@
+"""Streaming tool-call and reasoning parsers, on model outputs of three families.
+
+The samples follow each family's documented output format (Hermes/Qwen2.5, Llama 3.1 JSON,
+Mistral) and the <think> convention of Qwen3/DeepSeek-R1. They were written from those formats,
+not recorded from the models (this machine cannot run them); SmolLM2's own outputs are
+exercised end to end in tests/integration.
+"""
+
+import json
+
+import pytest
+from parley.engine.formats import OutputParser, ThinkParser
+
+SAMPLES = {
+    "hermes": [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
+         [("get_weather", {"city": "Paris", "unit": "c"})], ""),
+        ('I will check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris", "note": "a \\"quoted\\" }"}}\n'
+         '</tool_call>', [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris", "note": 'a "quoted" }'})],
+         "I will check both.\n"),
+        ("The answer is 4, no tools needed.", [], "The answer is 4, no tools needed."),
+        ('Use < and > freely: a<b, <tool> is not a call.', [], 'Use < and > freely: a<b, <tool> is not a call.'),
+    ],
+    "llama3_json": [
+        ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [("get_weather", {"city": "Paris"})], ""),
+        ('<|python_tag|>{"name": "search", "parameters": {"query": "llama {3}"}}; '
+         '{"name": "get_time", "parameters": {}}', [("search", {"query": "llama {3}"}), ("get_time", {})], ""),
+        ("Paris is the capital of France.", [], "Paris is the capital of France."),
+    ],
+    "mistral": [
+        ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+         '{"name": "get_weather", "arguments": {"city": "Rome", "days": [1, 2]}}]',
+         [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome", "days": [1, 2]})], ""),
+        ("Bonjour !", [], "Bonjour !"),
+    ],
+}
+
+
+def run(parser, pieces):
+    segments = []
+    for piece in pieces:
+        segments.extend(parser.feed(piece))
+    segments.extend(parser.finish())
+    return segments
+
+
+def summarize(segments):
+    text, reasoning, calls = "", "", []
+    for kind, value in segments:
+        if kind == "text":
+            text += value
+        elif kind == "reasoning":
+            reasoning += value
+        elif kind == "call":
+            calls.append([value, ""])
+        elif kind == "args":
+            calls[-1][1] += value
+    return text, reasoning, [(name, json.loads(arguments)) for name, arguments in calls], calls
+
+
+def splits(sample):
+    yield [sample]
+    yield list(sample)  # one character at a time
+    for cut in range(1, len(sample)):
+        yield [sample[:cut], sample[cut:]]
+
+
+@pytest.mark.parametrize("family,sample,calls,text",
+                         [(f, *s) for f, samples in SAMPLES.items() for s in samples])
+def test_every_split_gives_the_same_calls(family, sample, calls, text):
+    for pieces in splits(sample):
+        got_text, _, got_calls, raw = summarize(run(OutputParser(family, "none", tools=True), pieces))
+        assert got_calls == calls, pieces
+        assert got_text == text, pieces
+        for _, arguments in raw:  # the arguments string is exactly the JSON text the model wrote
+            assert arguments in sample
+
+
+def test_reasoning_then_tool_call():
+    sample = "<think>\nThe user wants weather. I should call the tool.\n</think>\n" \
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    for pieces in splits(sample):
+        text, reasoning, calls, _ = summarize(run(OutputParser("hermes", "think", tools=True), pieces))
+        assert reasoning == "\nThe user wants weather. I should call the tool.\n"
+        assert calls == [("get_weather", {"city": "Oslo"})] and text == ""
+
+
+def test_reasoning_then_answer_and_no_reasoning():
+    for pieces in splits("<think>2+2 is 4</think>\nIt is 4."):
+        text, reasoning, _, _ = summarize(run(OutputParser("hermes", "think", tools=False), pieces))
+        assert (reasoning, text) == ("2+2 is 4", "It is 4.")
+    text, reasoning, _, _ = summarize(run(OutputParser("hermes", "think", tools=False), ["Just 4."]))
+    assert (reasoning, text) == ("", "Just 4.")
+
+
+def test_template_opened_think_block():
+    parser = ThinkParser(starts_inside=True)
+    segments = run(parser, ["weighing ", "options</th", "ink>Done."])
+    assert summarize(segments)[:2] == ("Done.", "weighing options")
+
+
+def test_cut_off_call_ends_with_partial_arguments():
+    segments = run(OutputParser("hermes", "none", tools=True),
+                   ['<tool_call>\n{"name": "f", "arguments": {"a": "unfinish'])
+    assert [kind for kind, _ in segments] == ["call", "args", "end"]

@@ -1,0 +1,147 @@
+"""Tool calls, reasoning, structured outputs and logprobs through the pipeline (scripted engine)."""
+
+import base64
+import json
+
+import pytest
+from parley.engine.base import Constraint
+from parley.engine.scripted import ScriptedEngine
+from parley.errors import ApiError
+from parley.service.sealing import Sealer
+
+from tests.support.golden import assert_golden
+from tests.support.pipeline import service_on, stream
+from tests.support.streams import check_stream, event_types
+
+MODEL = "scripted"
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}}
+CALL = ['<tool_call>\n{"name": "get_weather", "arguments": ', '{"city": ', '"Paris"}', "}\n</tool_call>"]
+
+
+@pytest.fixture
+async def service(tmp_path):
+    async with service_on(tmp_path / "t.sqlite3", ScriptedEngine(model_id=MODEL, script=CALL),
+                          sealer=Sealer(b"k" * 32)) as service:
+        yield service
+
+
+async def test_a_tool_call_streams_in_order_and_matches_the_final_item(service):
+    events = await stream(service, input="weather?", tools=[WEATHER], tool_choice="required")
+    assert event_types(events) == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    response = check_stream(events)
+    [call] = response["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["status"] == "completed"
+    assert call["id"].startswith("fc_") and call["call_id"].startswith("call_")
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    assert deltas == call["arguments"] == '{"city": "Paris"}'
+    assert response["tools"] == [{**WEATHER, "strict": True}] and response["tool_choice"] == "required"
+    assert_golden("stream_tool_call", events)
+
+
+async def test_the_engine_gets_the_constraint_the_request_implies(service):
+    await stream(service, input="x", tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
+                 parallel_tool_calls=False)
+    constraint = service.engine.last_params.constraint
+    assert constraint == Constraint("tools", tools=(("get_weather", WEATHER["parameters"]),), mode="required",
+                                    parallel=False)
+    service.engine.script = CALL  # under `none` even call-shaped text is only text
+    events = await stream(service, input="x", tools=[WEATHER], tool_choice="none")
+    assert service.engine.last_params.constraint is None
+    assert all("<tools>" not in message.content for message in service.engine.prompts[-1])
+    assert [item["type"] for item in check_stream(events)["output"]] == ["message"]
+    await stream(service, input="x", text={"format": {"type": "json_object"}})
+    assert service.engine.last_params.constraint == Constraint("json_object")
+    await stream(service, input="x")
+    assert service.engine.last_params.constraint is None
+
+
+async def test_parallel_calls_become_separate_items(service):
+    second = ['\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>']
+    service.engine.script = CALL + second
+    events = await stream(service, input="x", tools=[WEATHER], tool_choice="required")
+    response = check_stream(events)
+    assert [json.loads(i["arguments"])["city"] for i in response["output"]] == ["Paris", "Rome"]
+    assert len({i["call_id"] for i in response["output"]}) == 2
+
+
+async def test_tools_are_shown_to_the_model_and_round_trip_outputs(service):
+    first = await service.create({"model": MODEL, "input": "weather?", "tools": [WEATHER]})
+    [call] = first["output"]
+    system = service.engine.prompts[-1][0]
+    assert system.role == "developer" and "<tools>" in system.content and "get_weather" in system.content
+    service.engine.script = ["It is sunny."]
+    second = await service.create({"model": MODEL, "previous_response_id": first["id"], "tools": [WEATHER],
+                                   "input": [{"type": "function_call_output", "call_id": call["call_id"],
+                                              "output": "sunny, 21C"}]})
+    assert second["output"][0]["content"][0]["text"] == "It is sunny."
+    prompt = service.engine.prompts[-1]
+    assert prompt[-2].role == "assistant" and '"name": "get_weather"' in prompt[-2].content
+    assert prompt[-1].role == "user" and "<tool_response>\nsunny, 21C\n</tool_response>" == prompt[-1].content
+    # Stateless: the call item itself in the input works as well.
+    third = await service.create({"model": MODEL, "tools": [WEATHER], "input": [
+        {"type": "function_call", "call_id": "call_x", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "call_x", "output": "cold"}]})
+    assert third["status"] == "completed"
+
+
+async def test_an_output_for_an_unknown_call_is_400(service):
+    with pytest.raises(ApiError) as info:
+        await service.prepare({"model": MODEL, "input": [{"type": "function_call_output", "call_id": "call_nope",
+                                                          "output": "x"}]})
+    assert (info.value.kind.http_status, info.value.code) == (400, "invalid_call_id")
+
+
+async def test_reasoning_becomes_a_reasoning_item_and_is_counted(service):
+    service.engine.reasoning_format = "think"
+    service.engine.script = ["<think>", "Two plus", " two.", "</think>", "\n", "Four."]
+    events = await stream(service, input="2+2?")
+    assert event_types(events)[2:] == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    response = check_stream(events)
+    reasoning, message = response["output"]
+    assert reasoning["id"].startswith("rs_") and reasoning["content"] == [{"type": "reasoning_text",
+                                                                          "text": "Two plus two."}]
+    assert message["content"][0]["text"] == "Four."
+    assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == 4  # <think>, 2 texts, </think>
+
+
+async def test_encrypted_reasoning_round_trips_statelessly_and_rejects_tampering(service):
+    service.engine.reasoning_format = "think"
+    service.engine.script = ["<think>", "secret thoughts", "</think>", "Done."]
+    first = await service.create({"model": MODEL, "input": "go", "store": False,
+                                  "include": ["reasoning.encrypted_content"]})
+    reasoning = first["output"][0]
+    assert reasoning["encrypted_content"] and "secret" not in reasoning["encrypted_content"]
+    returned = {"type": "reasoning", "id": reasoning["id"], "summary": [],
+                "encrypted_content": reasoning["encrypted_content"]}
+    second = await service.create({"model": MODEL, "store": False, "input": [
+        {"role": "user", "content": "go"}, returned, {"role": "user", "content": "again"}]})
+    assert second["status"] == "completed"
+    raw = bytearray(base64.urlsafe_b64decode(reasoning["encrypted_content"]))
+    raw[-1] ^= 1
+    tampered = {**returned, "encrypted_content": base64.urlsafe_b64encode(bytes(raw)).decode()}
+    with pytest.raises(ApiError) as info:
+        await service.create({"model": MODEL, "store": False, "input": [tampered]})
+    assert info.value.code == "invalid_encrypted_content" and info.value.param == "input[0].encrypted_content"
+
+
+async def test_logprobs_only_when_included(service):
+    service.engine.script = ["Hel", "lo"]
+    events = await stream(service, input="x", include=["message.output_text.logprobs"], top_logprobs=2)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [len(d["logprobs"]) for d in deltas] == [1, 1]
+    assert deltas[0]["logprobs"][0]["token"] == "Hel" and len(deltas[0]["logprobs"][0]["top_logprobs"]) == 2
+    part = check_stream(events)["output"][0]["content"][0]
+    assert [lp["token"] for lp in part["logprobs"]] == ["Hel", "lo"] and part["logprobs"][0]["bytes"] == list(b"Hel")
+    plain = await stream(service, input="x", top_logprobs=2)
+    assert all(e["logprobs"] == [] for e in plain if e["type"] == "response.output_text.delta")
+    assert service.engine.last_params.top_logprobs is None

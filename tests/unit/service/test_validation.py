@@ -1,0 +1,168 @@
+import pytest
+from parley.errors import ApiError
+from parley.service.validation import validate_create
+
+MODEL = "m"
+OBJ = {"type": "object", "properties": {}, "additionalProperties": False}
+FN = {"type": "function", "name": "f", "parameters": OBJ}
+
+
+def create(**body):
+    return validate_create({"model": MODEL, **body}, [MODEL])
+
+
+def rejected(body) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        validate_create(body, [MODEL])
+    return info.value
+
+
+def test_string_input_becomes_one_user_message():
+    params = create(input="hello")
+    [item] = params.input_items
+    assert item["type"] == "message" and item["role"] == "user" and item["status"] == "completed"
+    assert item["content"] == [{"type": "input_text", "text": "hello"}]
+    assert item["id"].startswith("msg_")
+
+
+def test_message_list_with_every_role_and_content_form():
+    params = create(input=[
+        {"role": "system", "content": "s"},
+        {"role": "developer", "content": [{"type": "input_text", "text": "d"}]},
+        {"type": "message", "role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ])
+    roles = [item["role"] for item in params.input_items]
+    assert roles == ["system", "developer", "user", "assistant"]
+    assert params.input_items[3]["content"] == [{"type": "output_text", "text": "a", "annotations": [], "logprobs": []}]
+
+
+def test_defaults():
+    params = create(input="x")
+    assert (params.temperature, params.top_p, params.store, params.stream) == (1.0, 1.0, True, False)
+    assert params.truncation == "disabled" and params.tool_choice == "auto" and params.parallel_tool_calls
+    assert params.text == {"format": {"type": "text"}, "verbosity": "medium"}
+    assert params.echo["service_tier"] == "default"
+
+
+def test_echoed_fields_are_kept():
+    params = create(input="x", user="u1", safety_identifier="s1", prompt_cache_key="k", service_tier="flex",
+                    prompt_cache_retention="24h", metadata={"a": "b"}, reasoning={"effort": "low"})
+    assert params.echo["user"] == "u1" and params.echo["service_tier"] == "flex"
+    assert params.metadata == {"a": "b"} and params.reasoning == {"effort": "low", "summary": None}
+
+
+BAD = [
+    # (body, status, param, code)
+    ([1, 2], 400, None, "invalid_body"),
+    ({"input": "x"}, 400, "model", "missing_required_parameter"),
+    ({"model": "other", "input": "x"}, 404, "model", "model_not_found"),
+    ({"model": MODEL, "input": 5}, 400, "input", "invalid_type"),
+    ({"model": MODEL, "input": {"role": "user"}}, 400, "input", "invalid_type"),
+    ({"model": MODEL}, 400, "input", "missing_required_parameter"),
+    ({"model": MODEL, "input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role", "invalid_value"),
+    ({"model": MODEL, "input": [{"role": "user"}]}, 400, "input[0].content", "missing_required_parameter"),
+    ({"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     400, "input[0].content[0].type", "unsupported_content"),
+    ({"model": MODEL, "input": [{"type": "web_search_call", "id": "w"}]}, 400, "input[0].type", "unsupported_item_type"),
+    ({"model": MODEL, "input": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"model": MODEL, "input": "x", "temperature": -0.1}, 400, "temperature", "invalid_value"),
+    ({"model": MODEL, "input": "x", "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ({"model": MODEL, "input": "x", "temperature": True}, 400, "temperature", "invalid_type"),
+    ({"model": MODEL, "input": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ({"model": MODEL, "input": "x", "max_output_tokens": 15}, 400, "max_output_tokens", "integer_below_min_value"),
+    ({"model": MODEL, "input": "x", "max_output_tokens": 16.5}, 400, "max_output_tokens", "invalid_type"),
+    ({"model": MODEL, "input": "x", "top_logprobs": 21}, 400, "top_logprobs", "integer_out_of_range"),
+    ({"model": MODEL, "input": "x", "top_logprobs": -1}, 400, "top_logprobs", "integer_out_of_range"),
+    ({"model": MODEL, "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata",
+     "object_above_max_properties"),
+    ({"model": MODEL, "input": "x", "metadata": {"k" * 65: "v"}}, 400, "metadata", "invalid_value"),
+    ({"model": MODEL, "input": "x", "metadata": {"k": "v" * 513}}, 400, "metadata.k", "string_above_max_length"),
+    ({"model": MODEL, "input": "x", "metadata": {"k": 1}}, 400, "metadata.k", "invalid_type"),
+    ({"model": MODEL, "input": "x", "include": ["nope"]}, 400, "include[0]", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, 400, "tools[0].type", "unsupported_tool_type"),
+    ({"model": MODEL, "input": "x", "tools": [{"type": "function", "parameters": OBJ}]}, 400, "tools[0].name",
+     "missing_required_parameter"),
+    ({"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, 400, "tools[0].name",
+     "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]},
+     400, "tools[0].parameters.type", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "f", "parameters": "object"}]},
+     400, "tools[0].parameters", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "tools": [FN, FN]}, 400, "tools[1].name", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {**OBJ, "properties": {
+        "s": {"type": "string", "minLength": 2}}, "required": ["s"]}}]}, 400,
+     "tools[0].parameters.properties.s.minLength", "unsupported_schema_keyword"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {"type": "object", "properties": {}}}]}, 400,
+     "tools[0].parameters.additionalProperties", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {**OBJ, "properties": {"a": {"type": "string"}}}}]},
+     400, "tools[0].parameters.required", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "tools": [FN], "tool_choice": {"type": "function", "name": "nope"}}, 400,
+     "tool_choice.name", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [FN], "tool_choice": {"type": "allowed_tools", "mode": "required",
+                                                                   "tools": [{"type": "function", "name": "g"}]}},
+     400, "tool_choice.tools[0]", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [FN], "tool_choice": {"type": "mcp", "server_label": "s"}}, 400,
+     "tool_choice.type", "unsupported_value"),
+    ({"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, 400,
+     "text.format.schema", "missing_required_parameter"),
+    ({"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "schema": OBJ}}}, 400,
+     "text.format.name", "invalid_value"),
+    ({"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "n", "strict": True,
+                                                        "schema": {"type": "object", "properties": {
+                                                            "a": {"type": "string"}}, "required": ["a"]}}}},
+     400, "text.format.schema.additionalProperties", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text.format.type", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tool_choice": "sometimes"}, 400, "tool_choice", "invalid_value"),
+    ({"model": MODEL, "input": "x", "tool_choice": "required"}, 400, "tool_choice", "invalid_value"),
+    ({"model": MODEL, "input": "x", "truncation": "middle"}, 400, "truncation", "invalid_value"),
+    ({"model": MODEL, "input": "x", "previous_response_id": "abc"}, 400, "previous_response_id", "invalid_value"),
+    ({"model": MODEL, "input": "x", "background": True, "store": False}, 400, "store", "invalid_value"),
+    ({"model": MODEL, "input": "x", "background": "yes"}, 400, "background", "invalid_type"),
+    ({"model": MODEL, "input": "x", "conversation": "conv_1"}, 400, "conversation", "unsupported_parameter"),
+    ({"model": MODEL, "input": "x", "text": {"verbosity": "loud"}}, 400, "text.verbosity", "invalid_value"),
+    ({"model": MODEL, "input": "x", "reasoning": {"effort": "max"}}, 400, "reasoning.effort", "invalid_value"),
+    ({"model": MODEL, "input": "x", "service_tier": "gold"}, 400, "service_tier", "invalid_value"),
+    ({"model": MODEL, "input": "x", "safety_identifier": "s" * 65}, 400, "safety_identifier", "string_above_max_length"),
+    ({"model": MODEL, "input": "x", "store": "yes"}, 400, "store", "invalid_type"),
+    ({"model": MODEL, "input": "x", "stream_options": {"include_obfuscation": False}}, 400, "stream_options",
+     "invalid_value"),
+    ({"model": MODEL, "input": "x", "frobnicate": 1}, 400, "frobnicate", "unknown_parameter"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=[f"{b[2]}:{b[3]}" for b in BAD])
+def test_bad_input_is_a_clear_openai_error(body, status, param, code):
+    error = rejected(body)
+    assert error.kind.http_status == status
+    assert error.param == param
+    assert error.code == code
+    shape = error.to_openai()["error"]
+    assert set(shape) == {"message", "type", "param", "code"} and shape["message"]
+
+
+def test_function_tools_and_choices_resolve():
+    weather = {"type": "function", "name": "get_weather", "description": "d",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                              "required": ["city"], "additionalProperties": False}}
+    loose = {"type": "function", "name": "search", "strict": False,
+             "parameters": {"type": "object", "properties": {"q": {"type": "string", "minLength": 1}}}}
+    params = create(input="x", tools=[weather, loose], tool_choice="required", parallel_tool_calls=False)
+    assert [t["name"] for t in params.tools] == ["get_weather", "search"] and params.tools[0]["strict"] is True
+    assert params.tool_mode == "required" and len(params.callable_tools) == 2
+    named = create(input="x", tools=[weather, loose], tool_choice={"type": "function", "name": "search"})
+    assert named.tool_mode == "required" and [t["name"] for t in named.callable_tools] == ["search"]
+    allowed = create(input="x", tools=[weather, loose], tool_choice={
+        "type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "get_weather"}]})
+    assert allowed.tool_mode == "auto" and [t["name"] for t in allowed.callable_tools] == ["get_weather"]
+    assert create(input="x", tools=[weather], tool_choice="none").tool_mode == "none"
+
+
+def test_structured_output_formats_are_echoed():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    params = create(input="x", text={"format": {"type": "json_schema", "name": "thing", "schema": schema,
+                                                "strict": True}, "verbosity": "low"})
+    assert params.text == {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True},
+                           "verbosity": "low"}
+    assert create(input="x", text={"format": {"type": "json_object"}}).text["format"] == {"type": "json_object"}

@@ -1,0 +1,51 @@
+import sqlite3
+
+from parley.store.base import encode_events, paginate
+from parley.store.sqlite import SqliteStore
+
+
+async def test_state_survives_a_restart_in_wal_mode(tmp_path):
+    path = tmp_path / "durable.sqlite3"
+    first = SqliteStore(path)
+    await first.open()
+    await first.create({"id": "resp_d", "created_at": 1, "status": "in_progress", "output": []}, [])
+    await first.finish({"id": "resp_d", "created_at": 1, "status": "completed", "output": []},
+                       encode_events([{"type": "x", "sequence_number": 0}]))
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    assert (await second.get("resp_d"))["status"] == "completed"
+    assert len(await second.events("resp_d")) == 1
+    await second.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_paginate_orders_and_cursors():
+    items = [{"id": f"msg_{n}"} for n in range(6)]
+    assert [i["id"] for i in paginate(items, limit=3, order="desc", after=None, before=None).items] == \
+        ["msg_5", "msg_4", "msg_3"]
+    page = paginate(items, limit=2, order="asc", after="msg_1", before="msg_5")
+    assert [i["id"] for i in page.items] == ["msg_2", "msg_3"] and page.has_more
+    assert paginate(items, limit=2, order="asc", after="msg_5", before=None).items == []
+
+
+async def test_events_stored_one_per_row_before_v3_survive_the_migration(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for version in (1, 2):  # a database as schema v2 left it, with one row per event
+        from parley.store.sqlite import MIGRATIONS
+
+        for statement in MIGRATIONS[version].split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute("PRAGMA user_version=2")
+    db.execute("INSERT INTO responses (id, created_at, status, document) VALUES ('resp_o', 1, 'completed', '{}')")
+    for n in range(3):
+        db.execute("INSERT INTO events VALUES ('resp_o', ?, ?)", (n, f'{{"type":"e","sequence_number":{n}}}'))
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    await store.open()
+    assert [e["sequence_number"] for e in await store.events("resp_o")] == [0, 1, 2]
+    assert [e["sequence_number"] for e in await store.events("resp_o", starting_after=1)] == [2]
+    await store.close()

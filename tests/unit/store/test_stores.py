@@ -1,0 +1,149 @@
+"""One suite, both stores: SQLite (embedded default) and PostgreSQL (several replicas)."""
+
+import asyncio
+import sqlite3
+
+import pytest
+from parley.service.events import expired_lease_failure
+from parley.store.base import encode_events
+from parley.store.postgres import PostgresStore
+from parley.store.sqlite import SqliteStore
+
+from tests.support import postgres
+
+
+def response(response_id: str, status: str = "in_progress", created_at: int = 100, **extra) -> dict:
+    return {"id": response_id, "object": "response", "created_at": created_at, "status": status, "output": [],
+            "background": False, **extra}
+
+
+def item(n: int) -> dict:
+    return {"type": "message", "id": f"msg_{n}", "role": "user", "content": [{"type": "input_text", "text": str(n)}]}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        store = SqliteStore(tmp_path / "nested" / "s.sqlite3")
+        await store.open()
+        yield store
+        await store.close()
+    else:
+        with postgres.fresh_schema() as dsn:
+            store = PostgresStore(dsn)
+            await store.open()
+            yield store
+            await store.close()
+
+
+async def test_create_append_finish_get(store):
+    await store.create(response("resp_a"), [item(1), item(2)], owner="r1", lease_until=10**10)
+    assert (await store.get("resp_a"))["status"] == "in_progress"
+    await store.append_events("resp_a", encode_events([{"type": "x", "sequence_number": 0}]))
+    await store.append_events("resp_a", encode_events([{"type": "y", "sequence_number": 1}]))
+    done = response("resp_a", "completed")
+    assert await store.finish(done, encode_events([{"type": "z", "sequence_number": 2}]))
+    assert await store.get("resp_a") == done
+    assert [e["type"] for e in await store.events("resp_a")] == ["x", "y", "z"]
+    assert [e["type"] for e in await store.events("resp_a", starting_after=0)] == ["y", "z"]
+    assert [i["id"] for i in await store.input_items("resp_a")] == ["msg_1", "msg_2"]
+    assert not await store.finish(response("resp_a", "failed"), [])  # already finished: untouched
+    assert (await store.get("resp_a"))["status"] == "completed"
+
+
+async def test_document_bytes_round_trip_in_key_order(store):
+    document = response("resp_o", zeta=1, alpha={"b": 1, "a": 2}, text="é ✓ \u2028")
+    await store.create(document, [])
+    assert list((await store.get("resp_o")).keys()) == list(document.keys())
+    assert (await store.get("resp_o"))["text"] == "é ✓ \u2028"
+
+
+async def test_duplicate_create_fails_and_leaves_the_first_intact(store):
+    await store.create(response("resp_x"), [item(1)])
+    with pytest.raises((sqlite3.IntegrityError, Exception)):
+        await store.create(response("resp_x", "completed"), [item(7), item(8)])
+    assert (await store.get("resp_x"))["status"] == "in_progress"
+    assert [i["id"] for i in await store.input_items("resp_x")] == ["msg_1"]
+
+
+async def test_cancel_transitions_once(store):
+    await store.create(response("resp_c", "queued", background=True), [])
+    document, changed = await store.cancel("resp_c")
+    assert changed and document["status"] == "cancelled"
+    document, changed = await store.cancel("resp_c")
+    assert not changed and document["status"] == "cancelled"
+    assert await store.cancel("resp_missing") == (None, False)
+    # The runner may still write its partial output over a cancelled row, nothing else may.
+    assert not await store.finish(response("resp_c", "completed"), [])
+    assert await store.finish(response("resp_c", "cancelled", output=["partial"]), [], expected=("cancelled",))
+    assert (await store.get("resp_c"))["output"] == ["partial"]
+
+
+async def test_concurrent_cancels_change_it_once(store):
+    await store.create(response("resp_cc", background=True), [])
+    results = await asyncio.gather(*(store.cancel("resp_cc") for _ in range(5)))
+    assert sum(changed for _, changed in results) == 1
+
+
+async def test_leases_renew_and_expired_ones_are_failed(store):
+    await store.create(response("resp_live"), [], owner="alive", lease_until=50)
+    await store.create(response("resp_dead"), [], owner="dead", lease_until=50)
+    await store.append_events("resp_dead", encode_events([{"type": "response.created", "sequence_number": 0},
+                                                          {"type": "response.in_progress", "sequence_number": 1}]))
+    await store.create(response("resp_done", "completed"), [], owner="dead", lease_until=50)
+    assert await store.renew_leases("alive", 1000) == 1
+    recovered = await store.recover_expired(100, expired_lease_failure)
+    assert recovered == ["resp_dead"]
+    dead = await store.get("resp_dead")
+    assert dead["status"] == "failed" and "lease expired" in dead["error"]["message"]
+    events = await store.events("resp_dead")
+    assert events[-1]["type"] == "response.failed" and events[-1]["sequence_number"] == 2
+    assert (await store.get("resp_live"))["status"] == "in_progress"
+    assert (await store.get("resp_done"))["status"] == "completed"
+    assert await store.recover_expired(100, expired_lease_failure) == []
+
+
+async def test_retention_deletes_only_old_finished_responses(store):
+    await store.create(response("resp_old", "completed", created_at=10), [item(1)])
+    await store.create(response("resp_old_running", "in_progress", created_at=10), [])
+    await store.create(response("resp_new", "completed", created_at=1000), [])
+    assert await store.delete_finished_before(500) == 1
+    assert await store.get("resp_old") is None and await store.input_items("resp_old") is None
+    assert await store.get("resp_old_running") is not None and await store.get("resp_new") is not None
+
+
+async def test_delete_cascades_and_reports_absence(store):
+    await store.create(response("resp_z"), [item(1)])
+    await store.finish(response("resp_z", "completed"), encode_events([{"type": "x", "sequence_number": 0}]))
+    assert await store.delete("resp_z") is True
+    assert await store.get("resp_z") is None
+    assert await store.input_items("resp_z") is None
+    assert await store.events("resp_z") == []
+    assert await store.delete("resp_z") is False
+
+
+async def test_pagination(store):
+    await store.create(response("resp_p"), [item(n) for n in range(6)])
+    page = await store.list_input_items("resp_p", limit=2, order="asc", after="msg_1", before=None)
+    assert [i["id"] for i in page.items] == ["msg_2", "msg_3"] and page.has_more
+    assert await store.list_input_items("resp_nope", limit=20, order="asc", after=None, before=None) is None
+
+
+async def test_reopening_applies_no_migration_twice(store):
+    if isinstance(store, SqliteStore):
+        again = SqliteStore(store.path)
+    else:
+        again = PostgresStore(store.dsn)
+    await again.open()
+    await store.create(response("resp_r"), [])
+    assert (await again.get("resp_r"))["id"] == "resp_r"
+    await again.close()
+
+
+async def test_a_batch_is_one_row_and_resumes_from_inside_it(store):
+    await store.create(response("resp_b"), [])
+    await store.append_events("resp_b", encode_events([{"type": "e", "sequence_number": n} for n in range(5)]))
+    await store.append_events("resp_b", encode_events([{"type": "e", "sequence_number": n} for n in range(5, 8)]))
+    assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=2)] == [3, 4, 5, 6, 7]
+    assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=4)] == [5, 6, 7]
+    assert await store.events("resp_b", starting_after=7) == []
