@@ -66,14 +66,28 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _die_with_parent() -> None:
-    """Linux: Envoy gets SIGTERM when the process that started it dies, even by SIGKILL."""
-    try:
-        import ctypes
+# Runs in a fresh interpreter between spawn and exec: Linux sends SIGTERM to Envoy when the
+# process that started it dies, even by SIGKILL, so a crashed server never leaves Envoy holding
+# its port. It is a separate exec rather than a preexec_fn because forking a process that runs
+# gRPC threads (instead of vfork/posix_spawn) can abort the child (seen in CI as SIGABRT).
+_EXEC_WITH_PARENT_DEATH_SIGNAL = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
-    except OSError:
-        pass
+
+def guarded_command(command: list[str]) -> list[str]:
+    """`command`, started so that it dies with this process (Linux; elsewhere, as is)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *command]
 
 
 class Envoy:
@@ -96,7 +110,7 @@ class Envoy:
         command = [envoy_binary(), "-c", str(config), "--base-id", base_id, "--log-level", "warn",
                    "--disable-hot-restart"]
         log.info("envoy.starting", http_port=self.settings.http_port, grpc_port=self.grpc_port)
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(guarded_command(command), stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         health = f"http://127.0.0.1:{self.settings.http_port}/healthz"
         while time.monotonic() < deadline:
