@@ -115,7 +115,8 @@ HELP = {
     "maintenance_interval_seconds": "how often leases are renewed, expired ones failed, and retention applied",
     "response_ttl_seconds": "delete finished responses this old (0 = keep forever)",
     "shutdown_grace_seconds": "on SIGTERM, how long in-flight work may finish before it is failed",
-    "max_concurrent_generations": "generations running at once; more wait in the queue",
+    "max_concurrent_generations": "generations running at once (llama.cpp decodes them together, one "
+                                  "batch per step); more wait in the queue",
     "max_queued_generations": "generations waiting for a slot; beyond this, 429 with x-should-retry",
     "reasoning_key": "base64 AES-256 key sealing `reasoning.encrypted_content`; set the same on every replica "
                      "(default: a key file created beside the SQLite store)",

@@ -222,7 +222,7 @@ async def test_disconnect_stops_generation_within_two_tokens(stack):
                     if deltas == 5:
                         break
     for _ in range(200):  # the abort reaches the engine thread asynchronously
-        if engine.last_run.produced_when_stopped is not None and not engine._turn.locked():
+        if engine.last_run.produced_when_stopped is not None and engine.last_run.released:
             break
         await asyncio.sleep(0.05)
     run = engine.last_run

