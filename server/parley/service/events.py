@@ -6,11 +6,18 @@ step; it does no I/O. Sequencer is the one place that assigns `sequence_number`.
 
 from __future__ import annotations
 
-import copy
 import time
+
+import orjson
 
 from parley.ids import new_id
 from parley.service.validation import CreateParams
+
+
+def json_copy(document):
+    """A deep copy of a JSON document; a round trip through orjson is several times faster than
+    copy.deepcopy, and every snapshot of a response goes through here."""
+    return orjson.loads(orjson.dumps(document))
 
 
 def new_response(params: CreateParams, response_id: str, created_at: int) -> dict:
@@ -89,7 +96,7 @@ class ResponseBuilder:
         self._part_logprobs: list = []
 
     def _lifecycle(self, kind: str) -> dict:
-        return {"type": kind, "response": copy.deepcopy(self.response)}
+        return {"type": kind, "response": json_copy(self.response)}
 
     @property
     def _index(self) -> int:
@@ -112,7 +119,7 @@ class ResponseBuilder:
         self._item = item
         self._parts, self._part_logprobs = [], []
         self.response["output"].append(item)
-        events = [{"type": "response.output_item.added", "output_index": self._index, "item": copy.deepcopy(item)}]
+        events = [{"type": "response.output_item.added", "output_index": self._index, "item": json_copy(item)}]
         if part is not None:
             events.append({"type": "response.content_part.added", "item_id": item["id"], "output_index": self._index,
                            "content_index": 0, "part": part})
@@ -177,15 +184,15 @@ class ResponseBuilder:
             item["content"] = [part]
             events = [{"type": "response.output_text.done", **base, "content_index": 0, "text": text,
                        "logprobs": _delta_logprobs(self._part_logprobs)},
-                      {"type": "response.content_part.done", **base, "content_index": 0, "part": copy.deepcopy(part)}]
+                      {"type": "response.content_part.done", **base, "content_index": 0, "part": json_copy(part)}]
         else:
             part = {"type": "reasoning_text", "text": text}
             item["content"] = [part]
             if self.seal is not None:
                 item["encrypted_content"] = self.seal([part])
             events = [{"type": "response.reasoning_text.done", **base, "content_index": 0, "text": text},
-                      {"type": "response.content_part.done", **base, "content_index": 0, "part": copy.deepcopy(part)}]
-        return events + [{"type": "response.output_item.done", "output_index": index, "item": copy.deepcopy(item)}]
+                      {"type": "response.content_part.done", **base, "content_index": 0, "part": json_copy(part)}]
+        return events + [{"type": "response.output_item.done", "output_index": index, "item": json_copy(item)}]
 
     def finish(self, reason: str, input_tokens: int, output_tokens: int, cached_tokens: int,
                cache_write_tokens: int, reasoning_tokens: int = 0) -> list[dict]:
@@ -225,11 +232,11 @@ LEASE_EXPIRED = ("The server generating this response stopped before it finished
 
 def expired_lease_failure(response: dict, sequence_number: int) -> tuple[dict, dict]:
     """The stored document and final event for a response whose replica died mid-generation."""
-    response = copy.deepcopy(response)
+    response = json_copy(response)
     response["status"] = "failed"
     response["error"] = {"code": "server_error", "message": LEASE_EXPIRED}
     for item in response["output"]:
         if item.get("status") == "in_progress":
             item["status"] = "incomplete"
-    event = {"type": "response.failed", "response": copy.deepcopy(response), "sequence_number": sequence_number}
+    event = {"type": "response.failed", "response": json_copy(response), "sequence_number": sequence_number}
     return response, event

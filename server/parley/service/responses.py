@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import time
 
@@ -24,7 +23,7 @@ from parley.ids import new_id
 from parley.log import get_logger
 from parley.service.admission import Admission, Ticket
 from parley.service.conversation import to_messages
-from parley.service.events import ResponseBuilder, Sequencer, expired_lease_failure, new_response
+from parley.service.events import ResponseBuilder, Sequencer, expired_lease_failure, json_copy, new_response
 from parley.service.sealing import Sealer
 from parley.service.tools import build_constraint, unknown_call_outputs
 from parley.service.validation import INCLUDE_VALUES, CreateParams, validate_create
@@ -58,7 +57,7 @@ class EventSink:
         """A new response's row, written ahead of its events in the sink's next transaction, so
         the first byte of a stream never waits for the disk."""
         # A snapshot: the row must be the document as created, not as it is when the write runs.
-        self._creates.append((copy.deepcopy(response), input_items, owner, lease_until))
+        self._creates.append((json_copy(response), input_items, owner, lease_until))
         self.add(response["id"], [])
 
     def add(self, response_id: str, events: list[EncodedEvent]) -> None:
@@ -409,7 +408,7 @@ class ResponsesService:
     async def start_background(self, prepared: PreparedResponse) -> dict:
         """Persist `response.created`/`queued`, start the generation task, return the queued document."""
         response_id = prepared.response["id"]
-        snapshot = copy.deepcopy(prepared.emit(prepared.builder.created())[0]["response"])
+        snapshot = json_copy(prepared.emit(prepared.builder.created())[0]["response"])
         await prepared.writer.close()
         task = asyncio.create_task(self._run_background(prepared), name=f"background:{response_id}")
         self._background[response_id] = task
