@@ -245,22 +245,22 @@ class LlamaCppEngine:
                         waiting.append(item)
             except queue.Empty:
                 pass
-            for sequence in [s for s in waiting + active if s.stop.is_set()]:
-                (waiting if sequence in waiting else active).remove(sequence)
-                self._release(sequence)
-            self._admit(waiting, active)
-            if active:
-                try:
+            try:
+                for sequence in [s for s in waiting + active if s.stop.is_set()]:
+                    (waiting if sequence in waiting else active).remove(sequence)
+                    self._release(sequence)
+                self._admit(waiting, active)
+                if active:
                     self._step(active)
-                except Exception as exc:  # a failed step fails the sequences in it, not the engine
-                    log.error("engine.step_failed", error=str(exc))
-                    for sequence in active:
-                        self._release(sequence, exc)
-                    active.clear()
-            elif waiting:
-                # Nothing runs and the first in line still does not fit: it never will, so it
-                # fails instead of spinning here (a reservation is at most context_window).
-                self._release(waiting.pop(0), RuntimeError("the request does not fit in the KV cache"))
+                elif waiting:
+                    # Nothing runs and the first in line still does not fit: it never will, so it
+                    # fails instead of spinning here (a reservation is at most context_window).
+                    self._release(waiting.pop(0), RuntimeError("the request does not fit in the KV cache"))
+            except Exception as exc:  # a failed step fails the sequences in it, never the engine
+                log.error("engine.step_failed", error=str(exc))
+                for sequence in active:
+                    self._release(sequence, exc)
+                active.clear()
 
     def _admit(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
         """Moves waiting sequences into free slots, first come first served, while their whole
@@ -381,6 +381,8 @@ class LlamaCppEngine:
         return True
 
     def _release(self, sequence: _Sequence, error: BaseException | None = None) -> None:
+        if sequence.released.done():
+            return
         if error is not None:
             sequence.outbox.append(error)
         sequence.outbox.append(_END)

@@ -140,3 +140,16 @@ async def test_seeded_sampling_repeats(engine):
     first, _ = await run(engine, PROMPTS[2], temperature=1.0, seed=42)
     second, _ = await run(engine, PROMPTS[2], temperature=1.0, seed=42)
     assert first == second
+
+
+@pytest.mark.model
+async def test_a_failed_decode_fails_its_requests_and_the_engine_serves_the_next(engine, monkeypatch):
+    import llama_cpp
+
+    real_decode = llama_cpp.llama_decode
+    monkeypatch.setattr(llama_cpp, "llama_decode", lambda ctx, batch: -3)
+    with pytest.raises(RuntimeError, match="llama_decode failed with status -3"):
+        await run(engine, PROMPTS[0])
+    monkeypatch.setattr(llama_cpp, "llama_decode", real_decode)
+    text, finished = await run(engine, PROMPTS[0])
+    assert text and finished.output_tokens > 0
