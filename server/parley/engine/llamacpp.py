@@ -143,7 +143,7 @@ class LlamaCppEngine:
         params.kv_unified = True  # one pool of context_window cells that all sequences share
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # as llama-server: on where supported
         self._ctx = llama_cpp.llama_init_from_model(self._llm.model, params)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {context_window} tokens")
