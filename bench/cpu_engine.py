@@ -80,6 +80,16 @@ async def _stream(client, url, body, is_token) -> tuple[float | None, int]:
     return first, count
 
 
+async def stream_once_more_on_stale_connection(streamer, client, url, prompt, tokens):
+    """A pooled keep-alive connection the server closed fails before any response byte
+    (llama-server does this now and then); the request is sent again on a fresh one, and the
+    time lost stays in the level's wall time."""
+    try:
+        return await streamer(client, url, prompt, tokens)
+    except httpx.RemoteProtocolError:
+        return await streamer(client, url, prompt, tokens)
+
+
 async def level_run(target: str, streamer, url: str, level: int, per_client: int, tokens: int) -> dict:
     ttfts, counts, errors, reasons = [], [], 0, set()
 
@@ -88,7 +98,8 @@ async def level_run(target: str, streamer, url: str, level: int, per_client: int
         async with httpx.AsyncClient(timeout=600) as client:
             for request in range(per_client):
                 try:
-                    first, count = await streamer(client, url, PROMPTS[(index + request) % len(PROMPTS)], tokens)
+                    first, count = await stream_once_more_on_stale_connection(
+                        streamer, client, url, PROMPTS[(index + request) % len(PROMPTS)], tokens)
                     ttfts.append(first)
                     counts.append(count)
                 except httpx.HTTPError as exc:
