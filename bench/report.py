@@ -39,7 +39,13 @@ def serving_section(result: dict) -> list[str]:
     memory = result["idle_stream_memory"]
     lines += ["", f"Idle open streams: {memory['streams']} streams grew the server's RSS by "
                   f"{memory['server_rss_growth_mb']} MiB: **{memory['kib_per_idle_stream']} KiB per idle stream**.",
-              "", "![serving](serving.png)", ""]
+              ""]
+    ceiling = result.get("pipeline_ceiling")
+    if ceiling:
+        lines += [f"Pipeline alone (no gRPC, no Envoy; in-process, {ceiling['streams']} streams): "
+                  f"**{ceiling['cpu_us_per_token']} µs of CPU per token**, {ceiling['tokens_per_second']:,} tokens/s. "
+                  "However fast the transport, one core of this per-token work caps Parley there.", ""]
+    lines += ["![serving](serving.png)", ""]
     return lines
 
 

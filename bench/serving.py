@@ -3,7 +3,8 @@
   python bench/serving.py [--levels 1,16,64,256] [--seconds 10] [--tokens 256]
 
 For each concurrency level: streamed tokens/s (delta events received), TTFT and ITL p50/p99, and
-server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream.
+server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream,
+and the pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
 from loadgen import request_bytes, run_load  # noqa: E402
 from parley import config  # noqa: E402
+from parley.cli import GIL_SWITCH_INTERVAL_S  # noqa: E402
 from parley.gateway import Envoy  # noqa: E402
 from parley.v1 import service_pb2_grpc  # noqa: E402
 
@@ -96,6 +98,43 @@ async def idle_stream_memory(workdir: Path, tokens: int, streams: int) -> dict:
         stop(server)
 
 
+async def pipeline_ceiling(workdir: Path, tokens: int, streams: int = 64, per_stream: int = 4) -> dict:
+    """Parley's per-token work with no transport: the service pipeline (events, sequence numbers,
+    JSON, persistence to SQLite) and the SSE framing the REST servicer applies, in this process on
+    the synthetic engine. Its CPU per token bounds what any transport in front of it can reach."""
+    from parley.engine.synthetic import SyntheticEngine
+    from parley.log import configure
+    from parley.service.admission import Admission
+    from parley.service.responses import ResponsesService
+    from parley.store.sqlite import SqliteStore
+
+    # The very helpers the REST servicer streams through (private to transport/ otherwise).
+    from parley.transport.servicers import _coalesced, _sse_messages
+
+    configure(level="warning")
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `parley serve` runs
+    store = SqliteStore(workdir / "pipeline.sqlite3")
+    await store.open()
+    service = ResponsesService(SyntheticEngine(MODEL, output_tokens=tokens), store, admission=Admission(streams, 0))
+
+    async def stream() -> None:
+        for _ in range(per_stream):
+            prepared = await service.prepare({"model": MODEL, "input": "Write a story.", "stream": True})
+            async for _message in _sse_messages(_coalesced(service.run(prepared))):
+                pass
+
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(stream() for _ in range(streams)))
+    await service.drain()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await store.close()
+    sys.setswitchinterval(switch_interval)
+    produced = streams * per_stream * tokens
+    return {"streams": streams, "tokens": produced, "tokens_per_second": round(produced / elapsed),
+            "cpu_us_per_token": round(cpu / produced * 1e6, 2)}
+
+
 async def measure_levels(target: str, server, grpc_port: int, body: bytes, levels: list[int],
                          seconds: float) -> list[dict]:
     """Every concurrency level against one server, through a fresh Envoy in front of it."""
@@ -123,6 +162,10 @@ async def main() -> None:
     levels = [int(level) for level in args.levels.split(",")]
     body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": args.tokens})
     workdir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
+    # First, while this process holds nothing else: the load generator's latency lists would
+    # otherwise make every garbage collection here slower.
+    ceiling = await pipeline_ceiling(workdir, args.tokens)
+    print(json.dumps({"pipeline_ceiling": ceiling}), flush=True)
     runs = []
     grpc_port = free_port()
     command, env = parley_command(grpc_port, str(workdir / "bench.sqlite3"), args.tokens)
@@ -152,7 +195,8 @@ async def main() -> None:
     path = save("serving", {"parameters": {"levels": levels, "seconds": args.seconds, "output_tokens": args.tokens,
                                            "messages_per_response": len(batches),
                                            "events_per_response": sum(len(b) for b in batches)},
-                            "runs": runs, "idle_stream_memory": memory, "parley_vs_baseline": ratios})
+                            "runs": runs, "idle_stream_memory": memory, "pipeline_ceiling": ceiling,
+                            "parley_vs_baseline": ratios})
     print(f"wrote {path}")
 
 
