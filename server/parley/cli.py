@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import sys
 
+from parley import config, log
+
 # The event loop shares the GIL with the SQLite writer, gRPC's poller and the llama.cpp worker.
 # Each of those returns from C code and then waits for the GIL for up to the switch interval
 # (5 ms by default) while the loop runs on; 0.5 ms measured +45-80% streamed tokens/s at 64
 # streams (bench/serving.py; docs/decisions.md).
 GIL_SWITCH_INTERVAL_S = 0.0005
-
-from parley import config, log
 
 
 def main(argv: list[str] | None = None) -> None:
