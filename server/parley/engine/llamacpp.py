@@ -131,6 +131,7 @@ class LlamaCppEngine:
         # Templates that open <think> blocks mark a reasoning family.
         self.tool_format = "hermes"
         self.reasoning_format = "think" if "<think>" in template else "none"
+        self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = self._llm.n_vocab()
         self._eog = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
@@ -220,10 +221,8 @@ class LlamaCppEngine:
     async def close(self) -> None:
         self._inbox.put(_CLOSE)
         await asyncio.to_thread(self._worker.join)
-        import llama_cpp
-
-        llama_cpp.llama_batch_free(self._batch)
-        llama_cpp.llama_free(self._ctx)
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._ctx)
         self._ctx = None
 
     # -- the worker thread ----------------------------------------------------------------------
@@ -266,8 +265,6 @@ class LlamaCppEngine:
         """Moves waiting sequences into free slots, first come first served, while their whole
         reservation (prompt + output budget) fits in the shared KV pool; idle slots' cached
         prefixes are dropped when room is needed."""
-        import llama_cpp
-
         while waiting:
             sequence = waiting[0]
             if sequence.budget <= 0:  # the prompt alone fills the context: nothing to generate
@@ -280,19 +277,17 @@ class LlamaCppEngine:
             if not free:
                 return
             slot = max(free, key=lambda candidate: _shared_prefix(self._slot_tokens[candidate], sequence.prompt))
-            reserved = sum(s.reservation for s in active)
             idle = [other for other in free if other != slot and self._slot_tokens[other]]
-            while idle and reserved + sequence.reservation + sum(len(self._slot_tokens[o]) for o in idle) \
-                    > self.context_window:
+            while idle and self._overflows(sequence, active, idle):
                 dropped = idle.pop()
-                llama_cpp.llama_memory_seq_rm(self._memory, dropped, -1, -1)
+                self._lib.llama_memory_seq_rm(self._memory, dropped, -1, -1)
                 self._slot_tokens[dropped] = []
-            if reserved + sequence.reservation + sum(len(self._slot_tokens[o]) for o in idle) > self.context_window:
+            if self._overflows(sequence, active, idle):
                 return  # waits for running sequences to finish
             waiting.pop(0)
             shared = _shared_prefix(self._slot_tokens[slot], sequence.prompt)
-            if not llama_cpp.llama_memory_seq_rm(self._memory, slot, shared, -1):
-                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            if not self._lib.llama_memory_seq_rm(self._memory, slot, shared, -1):
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
                 shared = 0
             del self._slot_tokens[slot][shared:]
             sequence.slot, sequence.cached, sequence.position = slot, shared, shared
@@ -304,11 +299,15 @@ class LlamaCppEngine:
                 continue
             active.append(sequence)
 
+    def _overflows(self, sequence: _Sequence, active: list[_Sequence], idle: list[int]) -> bool:
+        """Whether `sequence` would overflow the KV pool beside the running reservations and the
+        prefixes cached in the `idle` slots."""
+        held = sum(s.reservation for s in active) + sum(len(self._slot_tokens[slot]) for slot in idle)
+        return held + sequence.reservation > self.context_window
+
     def _step(self, active: list[_Sequence]) -> None:
         """One llama_decode over the next token of every decoding sequence and as many pending
         prompt tokens as fit, then one sample for every sequence whose logits came out."""
-        import llama_cpp
-
         batch = self._batch
         count = 0
         outputs: list[tuple[_Sequence, int]] = []
@@ -338,13 +337,13 @@ class LlamaCppEngine:
                 chunk, sequence.pending = sequence.pending[:room], sequence.pending[room:]
                 add(sequence, chunk, not sequence.pending)
         batch.n_tokens = count
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         for sequence, tokens in evaluated:
             self._slot_tokens[sequence.slot].extend(tokens)
         for sequence, index in outputs:
-            token = llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index)
+            token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, index)
             if self._accept(sequence, token, index):
                 active.remove(sequence)
                 self._release(sequence)
@@ -390,9 +389,7 @@ class LlamaCppEngine:
         sequence.outbox = []
         self._free_sampler(sequence)
         if error is not None and sequence.slot >= 0:  # its KV state is unknown: start that slot afresh
-            import llama_cpp
-
-            llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
             self._slot_tokens[sequence.slot] = []
         sequence.stats.released = True
         sequence.released.set_result(None)
@@ -412,30 +409,26 @@ class LlamaCppEngine:
 
     def _sampler(self, params: SamplingParams, grammar: str | None):
         """A llama.cpp sampler chain: grammar, then greedy, or top-p, temperature and a seeded draw."""
-        import llama_cpp
-
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        chain = self._lib.llama_sampler_chain_init(self._lib.llama_sampler_chain_default_params())
         if grammar is not None:
-            constrained = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            constrained = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
             if not constrained:
-                llama_cpp.llama_sampler_free(chain)
+                self._lib.llama_sampler_free(chain)
                 raise RuntimeError("llama.cpp rejected the constraint grammar")
-            llama_cpp.llama_sampler_chain_add(chain, constrained)
+            self._lib.llama_sampler_chain_add(chain, constrained)
         if params.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_greedy())
             return chain
         if params.top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_top_p(params.top_p, 1))
+        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_temp(params.temperature))
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
     def _free_sampler(self, sequence: _Sequence) -> None:
         if sequence.sampler is not None:
-            import llama_cpp
-
-            llama_cpp.llama_sampler_free(sequence.sampler)
+            self._lib.llama_sampler_free(sequence.sampler)
             sequence.sampler = None
 
     def _piece(self, token: int) -> bytes:
@@ -446,10 +439,9 @@ class LlamaCppEngine:
 
     def _logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
         """Log-softmax of the logits the token was sampled from (before any grammar)."""
-        import llama_cpp
         import numpy as np
 
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         alternatives = ()
