@@ -24,6 +24,17 @@ def encode_json(document) -> bytes:
     return orjson.dumps(document)
 
 
-def encode_sse(event: dict, encoded: bytes | None = None) -> bytes:
-    """One SSE frame; `encoded` reuses the event's JSON bytes when the caller has them."""
-    return b"event: " + event["type"].encode() + b"\ndata: " + (encoded or orjson.dumps(event)) + b"\n\n"
+_FRAME_HEADS: dict[str, bytes] = {}
+
+
+def encode_sse(events: list[dict], encoded: list[bytes] | None = None) -> bytes:
+    """SSE frames, one per event (`event:` and `data:` lines), joined; `encoded` reuses the
+    events' JSON bytes when the caller has them. Every token passes through here."""
+    parts = []
+    for event, data in zip(events, encoded or map(orjson.dumps, events), strict=True):
+        kind = event["type"]
+        head = _FRAME_HEADS.get(kind)
+        if head is None:  # a few dozen event types: each head is built once
+            head = _FRAME_HEADS[kind] = b"event: " + kind.encode() + b"\ndata: "
+        parts += (head, data, b"\n\n")
+    return b"".join(parts)

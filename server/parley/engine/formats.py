@@ -280,6 +280,11 @@ class OutputParser:
         self._tools = TOOL_PARSERS[tool_format]() if tools else None
 
     @property
+    def plain(self) -> bool:
+        """Whether every delta is answer text as it is (no reasoning block, no tool calls)."""
+        return self._reasoning is None and self._tools is None
+
+    @property
     def reasoning(self) -> bool:
         """Whether the model is inside its reasoning block right now."""
         return self._reasoning is not None and self._reasoning.inside
@@ -292,8 +297,8 @@ class OutputParser:
                 yield kind, value
 
     def feed(self, delta: str) -> Iterator[Segment] | list[Segment]:
-        if self._reasoning is None and self._tools is None:
-            return [("text", delta)]  # plain text, the common case: no generator per token
+        if self.plain:
+            return [("text", delta)]
         if self._reasoning is None:
             return self._tools.feed(delta)
         return self._answer(self._reasoning.feed(delta))

@@ -63,10 +63,13 @@ class Sequencer:
     def __init__(self) -> None:
         self.next = 0
 
-    def stamp(self, event: dict) -> dict:
-        event["sequence_number"] = self.next
-        self.next += 1
-        return event
+    def stamp(self, events: list[dict]) -> int:
+        """Number `events` in order; return the first number given."""
+        first = self.next
+        for number, event in enumerate(events, first):
+            event["sequence_number"] = number
+        self.next = first + len(events)
+        return first
 
 
 def _delta_logprobs(logprobs) -> list[dict]:
@@ -144,6 +147,15 @@ class ResponseBuilder:
         self._part_logprobs.extend(logprobs)
         events.append({"type": "response.output_text.delta", "item_id": self._item["id"], "output_index": self._index,
                        "content_index": 0, "delta": text, "logprobs": _delta_logprobs(logprobs) if logprobs else []})
+        return events
+
+    def text_deltas(self, texts: list[str]) -> list[dict]:
+        """The events of several plain text deltas at once (no logprobs): the hot path."""
+        events = self._ensure("message")
+        self._parts += texts
+        item_id, index = self._item["id"], self._index
+        events += [{"type": "response.output_text.delta", "item_id": item_id, "output_index": index,
+                    "content_index": 0, "delta": text, "logprobs": []} for text in texts]
         return events
 
     def reasoning_delta(self, text: str) -> list[dict]:

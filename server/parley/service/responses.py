@@ -27,7 +27,7 @@ from parley.service.events import ResponseBuilder, Sequencer, expired_lease_fail
 from parley.service.sealing import Sealer
 from parley.service.tools import build_constraint, unknown_call_outputs
 from parley.service.validation import INCLUDE_VALUES, CreateParams, validate_create
-from parley.store.base import ACTIVE, EncodedEvent, ResponseStore
+from parley.store.base import ACTIVE, EventRun, ResponseStore
 from parley.store.signals import CANCEL, EVENTS, LocalSignals
 
 log = get_logger(__name__)
@@ -37,19 +37,22 @@ SHUTDOWN_MESSAGE = "The server shut down before the response finished; retry the
 
 
 class EventSink:
-    """Persists the events of every running response of this replica, in one transaction per
-    `interval`: the cost of storing events does not grow with the number of streams.
+    """Persists what every running response of this replica produces (new rows, events, final
+    documents) in one transaction per `interval`: the cost of storing does not grow with the
+    number of streams, and no token or finish waits for the disk.
 
-    Token events never wait for the disk: they are handed over, written at most `interval`
-    later, and followers on every replica are woken after each write.
+    What is handed over is written at most `interval` later, in the order it was handed over
+    (a row before its events, events before the final document), and followers on every
+    replica are woken after each write.
     """
 
     def __init__(self, store: ResponseStore, signals: LocalSignals, interval: float = 0.02):
         self.store = store
         self.signals = signals
         self.interval = interval
-        self._pending: dict[str, list[EncodedEvent]] = {}
+        self._pending: dict[str, list[EventRun]] = {}
         self._creates: list[tuple] = []
+        self._finishes: dict[str, tuple[dict, tuple[str, ...]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
 
@@ -60,8 +63,17 @@ class EventSink:
         self._creates.append((json_copy(response), input_items, owner, lease_until))
         self.add(response["id"], [])
 
-    def add(self, response_id: str, events: list[EncodedEvent]) -> None:
-        self._pending.setdefault(response_id, []).extend(events)
+    def add(self, response_id: str, runs: list[EventRun]) -> None:
+        self._pending.setdefault(response_id, []).extend(runs)
+        self._schedule()
+
+    def finish(self, response: dict, expected: tuple[str, ...]) -> None:
+        """The final document, written after the response's events if its stored status is in
+        `expected`. The document must not change any more (its run has ended)."""
+        self._finishes[response["id"]] = (response, expected)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._timer is None and self._task is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
 
@@ -71,18 +83,21 @@ class EventSink:
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
+            while self._pending or self._finishes:
                 batches, self._pending = self._pending, {}
                 creates, self._creates = self._creates, []
+                finishes, self._finishes = self._finishes, {}
                 try:
                     await self.store.append_event_batches(
-                        [(rid, events) for rid, events in batches.items() if events], creates=creates)
+                        [(rid, runs) for rid, runs in batches.items() if runs], creates=creates,
+                        finishes=list(finishes.values()))
                 except Exception:
                     # The streams go on; what failed to persist cannot be resumed: say so loudly.
-                    log.exception("events.write_failed", responses=list(batches),
-                                  events=sum(len(events) for events in batches.values()))
+                    log.exception("events.write_failed", responses=list(batches.keys() | finishes.keys()),
+                                  events=sum(run[1] - run[0] + 1 for runs in batches.values() for run in runs),
+                                  finished=len(finishes))
                     raise
-                for response_id in batches:
+                for response_id in batches.keys() | finishes.keys():
                     await self.signals.publish(EVENTS, response_id)
         finally:
             self._task = None
@@ -92,7 +107,9 @@ class EventSink:
         has been written, or has failed to be (failures are logged by the write itself)."""
         while self._task is not None:
             await self._wait(self._task)
-        if (response_id in self._pending) if response_id is not None else bool(self._pending):
+        waiting = (response_id in self._pending or response_id in self._finishes) if response_id is not None \
+            else bool(self._pending or self._finishes)
+        if waiting:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -103,20 +120,6 @@ class EventSink:
     async def _wait(task: asyncio.Task) -> None:
         with contextlib.suppress(Exception):
             await asyncio.shield(task)
-
-
-class EventWriter:
-    """One response's handle on the shared sink."""
-
-    def __init__(self, sink: EventSink, response_id: str):
-        self.sink = sink
-        self.response_id = response_id
-
-    def add(self, events: list[EncodedEvent]) -> None:
-        self.sink.add(self.response_id, events)
-
-    async def close(self) -> None:
-        await self.sink.flush(self.response_id)
 
 
 class EventBatch(list):
@@ -133,7 +136,7 @@ class PreparedResponse:
     prompt: list[int]
     sampling: SamplingParams
     ticket: Ticket
-    writer: EventWriter | None
+    sink: EventSink | None  # None: store=false, nothing is persisted
 
     @property
     def response(self) -> dict:
@@ -141,10 +144,11 @@ class PreparedResponse:
 
     def emit(self, events: list[dict]) -> "EventBatch":
         """Stamp sequence numbers and encode each event once, for the stream and the store."""
-        batch = EventBatch(self.sequencer.stamp(event) for event in events)
-        batch.encoded = [orjson.dumps(event) for event in batch]
-        if self.writer is not None:
-            self.writer.add([(event["sequence_number"], blob) for event, blob in zip(batch, batch.encoded, strict=True)])
+        batch = EventBatch(events)
+        first = self.sequencer.stamp(batch)
+        batch.encoded = list(map(orjson.dumps, batch))
+        if self.sink is not None and batch:
+            self.sink.add(self.response["id"], [(first, first + len(batch) - 1, b"\n".join(batch.encoded))])
         return batch
 
 
@@ -165,7 +169,6 @@ class ResponsesService:
         self.sealer = sealer
         self.sink = EventSink(store, self.signals)
         self.created_at = int(time.time())
-        self._pending_writes: set[asyncio.Task] = set()
         self._background: dict[str, asyncio.Task] = {}
         self._shutting_down = False
 
@@ -203,7 +206,7 @@ class ResponsesService:
         seal = self._sealer().seal if "reasoning.encrypted_content" in params.include else None
         builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())), logprobs=logprobs, seal=seal)
         ticket = self.admission.enter()
-        writer = None
+        sink = None
         try:
             if params.store:
                 lease = time.time() + self.lease_seconds
@@ -212,11 +215,11 @@ class ResponsesService:
                                             lease_until=lease)
                 else:
                     self.sink.create(builder.response, params.input_items, self.replica_id, lease)
-                writer = EventWriter(self.sink, builder.response["id"])
+                sink = self.sink
         except BaseException:
             ticket.release()
             raise
-        prepared = PreparedResponse(params, builder, Sequencer(), prompt, sampling, ticket, writer)
+        prepared = PreparedResponse(params, builder, Sequencer(), prompt, sampling, ticket, sink)
         log.info("response.prepared", response_id=builder.response["id"], prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared
@@ -293,12 +296,20 @@ class ResponsesService:
                 yield prepared.emit(started)
             parser = OutputParser(self.engine.tool_format, self.engine.reasoning_format,
                                   tools=bool(prepared.params.callable_tools) and prepared.params.tool_mode != "none")
+            # Plain text with no logprobs is the common case: a step's deltas become events at once.
+            plain = parser.plain and not builder.logprobs
             reasoning_tokens = 0
             generation = self.engine.generate(prepared.prompt, prepared.sampling)
             result: Finished | None = None
             async for step in generation:
                 if isinstance(step, Finished):
                     result = step
+                    continue
+                if plain:
+                    texts = [delta.text for delta in step if delta.text] if isinstance(step, list) \
+                        else [step.text] if step.text else []
+                    if texts:
+                        yield prepared.emit(builder.text_deltas(texts))
                     continue
                 batch: list[dict] = []
                 for delta in step if isinstance(step, list) else (step,):
@@ -336,8 +347,9 @@ class ResponsesService:
                 else:
                     builder.cancel()
                     log.info("response.cancelled", response_id=response_id)
-            if prepared.params.store:
-                self._track(self._finalize(prepared))
+            if prepared.sink is not None:
+                # `cancelled` is allowed: a cancel marks the row first, then the runner stores the partial output.
+                prepared.sink.finish(builder.response, FINALIZABLE)
 
     @staticmethod
     def _segment_events(builder: ResponseBuilder, segments, logprobs) -> list[dict]:
@@ -356,29 +368,9 @@ class ResponsesService:
                 events += builder.close("completed")
         return events
 
-    async def _finalize(self, prepared: PreparedResponse) -> None:
-        await prepared.writer.close()
-        # `cancelled` is allowed: a cancel marks the row first, then the runner writes the partial output.
-        await self.store.finish(prepared.response, [], expected=FINALIZABLE)
-        await self.signals.publish(EVENTS, prepared.response["id"])
-
-    def _track(self, coroutine) -> asyncio.Task:
-        # A task, so a cancelled client stream cannot interrupt the write half-way.
-        task = asyncio.create_task(coroutine)
-        self._pending_writes.add(task)
-        task.add_done_callback(self._write_done)
-        return task
-
-    def _write_done(self, task: asyncio.Task) -> None:
-        self._pending_writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("response.persist_failed", exc_info=task.exception())
-
     async def drain(self) -> None:
         """Everything this replica handed to the store so far is written."""
         await self.sink.flush()
-        while self._pending_writes:
-            await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
 
     async def complete(self, prepared: PreparedResponse) -> dict:
         """Run to the end and return the final Response document (non-streaming create)."""
@@ -409,7 +401,7 @@ class ResponsesService:
         """Persist `response.created`/`queued`, start the generation task, return the queued document."""
         response_id = prepared.response["id"]
         snapshot = json_copy(prepared.emit(prepared.builder.created())[0]["response"])
-        await prepared.writer.close()
+        await self.sink.flush(response_id)
         task = asyncio.create_task(self._run_background(prepared), name=f"background:{response_id}")
         self._background[response_id] = task
         task.add_done_callback(lambda _: self._background.pop(response_id, None))

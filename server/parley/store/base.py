@@ -25,18 +25,19 @@ class ItemPage:
 # Given the stored document and the next sequence number, return (new document, final event).
 Recovery = Callable[[dict, int], tuple[dict, dict]]
 
-# An event as stored and sent: its sequence number and its JSON bytes (encoded once, shared
-# by the SSE frame and the store).
-EncodedEvent = tuple[int, bytes]
+# Consecutive events as stored: (first sequence number, last, their JSON bytes as lines). The
+# bytes are the ones sent on the stream, encoded once; one stored row holds one or more runs.
+EventRun = tuple[int, int, bytes]
 
 
-def encode_events(events: list[dict]) -> list[EncodedEvent]:
-    return [(event["sequence_number"], orjson.dumps(event)) for event in events]
+def encode_events(events: list[dict]) -> list[EventRun]:
+    """Events that were not streamed (a lease recovery's final event, tests) as runs."""
+    return [(event["sequence_number"], event["sequence_number"], orjson.dumps(event)) for event in events]
 
 
-def pack(events: list[EncodedEvent]) -> tuple[int, int, bytes]:
-    """One stored row per batch: (first sequence number, last, the events as JSON lines)."""
-    return events[0][0], events[-1][0], b"\n".join(blob for _, blob in events)
+def pack(runs: list[EventRun]) -> tuple[int, int, bytes]:
+    """One stored row for consecutive runs: (first sequence number, last, the events as JSON lines)."""
+    return runs[0][0], runs[-1][1], b"\n".join(run[2] for run in runs)
 
 
 def unpack(rows, starting_after: int) -> list[dict]:
@@ -62,13 +63,16 @@ class ResponseStore(Protocol):
     async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
         """Replace the document if the stored status is in `expected`; False otherwise."""
 
-    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+    async def append_events(self, response_id: str, events: list[EventRun]) -> None:
         """Store a batch of consecutive events (one row, however many events)."""
 
-    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]]) -> None:
-        """Several responses' batches in one transaction (the event sink's write)."""
+    async def append_event_batches(self, batches: list[tuple[str, list[EventRun]]], creates: list[tuple] = (),
+                                   finishes: list[tuple[dict, tuple[str, ...]]] = ()) -> None:
+        """One transaction (the event sink's write): `creates` (the arguments of `create`), then
+        each response's runs as one row, then `finishes` (document, expected statuses): each
+        document replaces the stored one if its status is in `expected`, else is dropped."""
 
-    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+    async def finish(self, response: dict, events: list[EventRun], expected: tuple[str, ...] = ACTIVE) -> bool:
         """Append events and replace the document if the stored status is in `expected`."""
 
     async def cancel(self, response_id: str) -> tuple[dict | None, bool]:

@@ -12,7 +12,7 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
-    EncodedEvent,
+    EventRun,
     InputItemPaging,
     Recovery,
     cancel_transition,
@@ -116,7 +116,7 @@ class PostgresStore(InputItemPaging):
         return cursor.rowcount > 0
 
     @staticmethod
-    async def _append(conn, response_id: str, events: list[EncodedEvent]) -> None:
+    async def _append(conn, response_id: str, events: list[EventRun]) -> None:
         if events:
             await conn.execute(_UPSERT_BATCH, (response_id, *pack(events)))
 
@@ -142,21 +142,23 @@ class PostgresStore(InputItemPaging):
         async with self._pool.connection() as conn:
             return await self._replace(conn, response, expected)
 
-    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+    async def append_events(self, response_id: str, events: list[EventRun]) -> None:
         await self.append_event_batches([(response_id, events)])
 
-    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]],
-                                   creates: list[tuple] = ()) -> None:
-        rows = [(response_id, *pack(events)) for response_id, events in batches if events]
-        if rows or creates:
+    async def append_event_batches(self, batches: list[tuple[str, list[EventRun]]], creates: list[tuple] = (),
+                                   finishes: list[tuple[dict, tuple[str, ...]]] = ()) -> None:
+        rows = [(response_id, *pack(runs)) for response_id, runs in batches if runs]
+        if rows or creates or finishes:
             async with self._pool.connection() as conn, conn.transaction():
                 for create in creates:
                     await self._insert(conn, *create)
                 if rows:
                     async with conn.cursor() as cursor:
                         await cursor.executemany(_UPSERT_BATCH, rows)
+                for response, expected in finishes:
+                    await self._replace(conn, response, expected)
 
-    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+    async def finish(self, response: dict, events: list[EventRun], expected: tuple[str, ...] = ACTIVE) -> bool:
         async with self._pool.connection() as conn, conn.transaction():
             if not await self._replace(conn, response, expected):
                 return False

@@ -17,7 +17,7 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
-    EncodedEvent,
+    EventRun,
     InputItemPaging,
     Recovery,
     cancel_transition,
@@ -72,8 +72,49 @@ MIGRATIONS = {
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
+_UPSERT_RUNS = "INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events)"
+# Bound values per statement; SQLite's own limit is higher (32766 since 3.32).
+_MAX_VARIABLES = 30000
+
+
 def _in(statuses: tuple[str, ...]) -> str:
     return "(" + ",".join("?" * len(statuses)) + ")"
+
+
+def _response_row(response: dict, owner, lease_until) -> tuple:
+    return response["id"], response["created_at"], response["status"], orjson.dumps(response), owner, lease_until
+
+
+def _input_item_rows(response_id: str, items: list[dict]) -> list[tuple]:
+    return [(response_id, position, item["id"], orjson.dumps(item)) for position, item in enumerate(items)]
+
+
+def _statements(rows: list[tuple]):
+    """(placeholders, values) per statement, each within the bound-values limit."""
+    width = len(rows[0])
+    per_statement = _MAX_VARIABLES // width
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        yield ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk)), [value for row in chunk for value in row]
+
+
+def _insert_rows(db, insert: str, rows: list[tuple]) -> None:
+    """`insert` ("INSERT INTO table (columns)") with `rows`, in as few statements as the limit allows."""
+    if rows:
+        for placeholders, values in _statements(rows):
+            db.execute(f"{insert} VALUES {placeholders}", values)
+
+
+def _replace_many(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
+    """Each (document, expected) replaces the stored document if the stored status is in `expected`."""
+    if finishes:
+        rows = [(response["id"], response["status"], orjson.dumps(response), "," + ",".join(expected) + ",")
+                for response, expected in finishes]
+        for placeholders, values in _statements(rows):
+            db.execute("UPDATE responses SET status = v.column2, document = v.column3 "
+                       f"FROM (VALUES {placeholders}) AS v "
+                       "WHERE responses.id = v.column1 AND instr(v.column4, ',' || responses.status || ',') > 0",
+                       values)
 
 
 class SqliteStore(InputItemPaging):
@@ -135,13 +176,10 @@ class SqliteStore(InputItemPaging):
 
     @staticmethod
     def _insert(db, response: dict, input_items: list[dict], owner, lease_until) -> None:
-        db.execute("INSERT INTO responses (id, created_at, status, document, owner, lease_until) "
-                   "VALUES (?, ?, ?, ?, ?, ?)",
-                   (response["id"], response["created_at"], response["status"], orjson.dumps(response),
-                    owner, lease_until))
-        db.executemany(
-            "INSERT INTO input_items (response_id, position, item_id, document) VALUES (?, ?, ?, ?)",
-            [(response["id"], i, item["id"], orjson.dumps(item)) for i, item in enumerate(input_items)])
+        _insert_rows(db, "INSERT INTO responses (id, created_at, status, document, owner, lease_until)",
+                     [_response_row(response, owner, lease_until)])
+        _insert_rows(db, "INSERT INTO input_items (response_id, position, item_id, document)",
+                     _input_item_rows(response["id"], input_items))
 
     @staticmethod
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
@@ -150,28 +188,31 @@ class SqliteStore(InputItemPaging):
         return cursor.rowcount > 0
 
     @staticmethod
-    def _append(db, response_id: str, events: list[EncodedEvent]) -> None:
+    def _append(db, response_id: str, events: list[EventRun]) -> None:
         if events:
-            db.execute("INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events) "
-                       "VALUES (?, ?, ?, ?)", (response_id, *pack(events)))
+            _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(events))])
 
     async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
         return await self._transact(lambda db: self._replace(db, response, expected))
 
-    async def append_events(self, response_id: str, events: list[EncodedEvent]) -> None:
+    async def append_events(self, response_id: str, events: list[EventRun]) -> None:
         await self.append_event_batches([(response_id, events)])
 
-    async def append_event_batches(self, batches: list[tuple[str, list[EncodedEvent]]],
-                                   creates: list[tuple] = ()) -> None:
+    async def append_event_batches(self, batches: list[tuple[str, list[EventRun]]], creates: list[tuple] = (),
+                                   finishes: list[tuple[dict, tuple[str, ...]]] = ()) -> None:
+        # A few multi-row statements, however many responses: every statement hands the GIL to
+        # the event loop and back, which costs more than SQLite's own work per row.
         def _append_all(db):
-            for create in creates:
-                self._insert(db, *create)
-            for response_id, events in batches:
-                self._append(db, response_id, events)
-        if batches or creates:
+            _insert_rows(db, "INSERT INTO responses (id, created_at, status, document, owner, lease_until)",
+                         [_response_row(response, owner, lease) for response, _, owner, lease in creates])
+            _insert_rows(db, "INSERT INTO input_items (response_id, position, item_id, document)",
+                         [row for response, items, _, _ in creates for row in _input_item_rows(response["id"], items)])
+            _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
+            _replace_many(db, finishes)
+        if batches or creates or finishes:
             await self._transact(_append_all)
 
-    async def finish(self, response: dict, events: list[EncodedEvent], expected: tuple[str, ...] = ACTIVE) -> bool:
+    async def finish(self, response: dict, events: list[EventRun], expected: tuple[str, ...] = ACTIVE) -> bool:
         def _finish(db):
             if not self._replace(db, response, expected):
                 return False

@@ -19,21 +19,26 @@ def _json_body(document) -> httpbody_pb2.HttpBody:
 
 def _sse_body(events: list[dict]) -> httpbody_pb2.HttpBody:
     """Events ready together travel as one message; each stays its own SSE frame."""
-    encoded = getattr(events, "encoded", None) or [None] * len(events)
-    return httpbody_pb2.HttpBody(content_type=rest.SSE,
-                                 data=b"".join(map(rest.encode_sse, events, encoded)))
+    return httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.encode_sse(events, getattr(events, "encoded", None)))
 
 
 def _optional(message, field: str):
     return getattr(message, field) if message.HasField(field) else None
 
 
-async def _coalesced(batches):
-    """Batches that become ready while the previous message is being written leave together.
+# How many turns of the event loop a ready message waits for more of its stream's events. Each
+# turn lets the producer add what the engine already delivered; under load a turn is long and
+# several steps leave as one message, idle it costs microseconds.
+COALESCE_TURNS = 2
 
-    A producer task drains the pipeline into a queue; the writer takes everything queued at
-    once. Idle streams pay nothing; a stream whose client or Envoy is slower than the model
-    sends fewer, larger messages instead of falling behind one message per step.
+
+async def _coalesced(batches):
+    """Batches that become ready together leave together, as one message.
+
+    A producer task drains the pipeline into a queue; the writer takes everything queued,
+    after giving the producer up to COALESCE_TURNS turns of the loop to add more. A stream
+    whose client or Envoy is slower than the model, or a loaded server, sends fewer, larger
+    messages instead of one message per engine step.
     """
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -46,26 +51,30 @@ async def _coalesced(batches):
 
     producer = asyncio.create_task(produce())
     try:
-        while True:
+        ended = False
+        while not ended:
             batch = await queue.get()
             if batch is None:
                 break
-            if not queue.empty():
-                merged = EventBatch(batch)
-                merged.encoded = list(batch.encoded)
-                ended = False
-                while not queue.empty():
-                    more = queue.get_nowait()
-                    if more is None:
-                        ended = True
-                        break
-                    merged.extend(more)
-                    merged.encoded.extend(more.encoded)
-                yield merged
-                if ended:
+            merged = None
+            for _ in range(COALESCE_TURNS):
+                if producer.done():
                     break
-                continue
-            yield batch
+                waiting = queue.qsize()
+                await asyncio.sleep(0)
+                if queue.qsize() == waiting:  # nothing came in that turn: the engine is not ahead
+                    break
+            while not queue.empty():
+                more = queue.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                if merged is None:
+                    merged = EventBatch(batch)
+                    merged.encoded = list(batch.encoded)
+                merged.extend(more)
+                merged.encoded.extend(more.encoded)
+            yield batch if merged is None else merged
         await producer  # re-raises what the pipeline raised
     finally:
         if not producer.done():

@@ -5,12 +5,24 @@ from parley.errors import ApiError
 
 
 def test_sse_framing_is_event_line_then_data_line():
-    frame = rest.encode_sse({"type": "response.output_text.delta", "delta": "é\n", "sequence_number": 3})
+    frame = rest.encode_sse([{"type": "response.output_text.delta", "delta": "é\n", "sequence_number": 3}])
     head, data, end = frame.split(b"\n", 2)
     assert head == b"event: response.output_text.delta"
     assert orjson.loads(data.removeprefix(b"data: ")) == {"type": "response.output_text.delta", "delta": "é\n",
                                                           "sequence_number": 3}
     assert end == b"\n"
+
+
+def test_events_sent_together_stay_separate_frames_and_reuse_their_encoding():
+    events = [{"type": "response.created", "sequence_number": 0}, {"type": "response.in_progress", "sequence_number": 1},
+              {"type": "response.created", "sequence_number": 2}]
+    encoded = [b'{"pre":"encoded","n":%d}' % n for n in range(3)]
+    assert rest.encode_sse(events, encoded) == (b'event: response.created\ndata: {"pre":"encoded","n":0}\n\n'
+                                                b'event: response.in_progress\ndata: {"pre":"encoded","n":1}\n\n'
+                                                b'event: response.created\ndata: {"pre":"encoded","n":2}\n\n')
+    assert rest.encode_sse([]) == b""
+    with pytest.raises(ValueError):  # an event without its bytes is a bug, never a short stream
+        rest.encode_sse(events, encoded[:2])
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"{", b"{'a': 1}", b"\xff\xfe"])

@@ -1,5 +1,6 @@
 import sqlite3
 
+from parley.store import sqlite
 from parley.store.base import encode_events, paginate
 from parley.store.sqlite import SqliteStore
 
@@ -49,3 +50,26 @@ async def test_events_stored_one_per_row_before_v3_survive_the_migration(tmp_pat
     assert [e["sequence_number"] for e in await store.events("resp_o")] == [0, 1, 2]
     assert [e["sequence_number"] for e in await store.events("resp_o", starting_after=1)] == [2]
     await store.close()
+
+
+async def test_writes_larger_than_one_statement_are_split(tmp_path, monkeypatch):
+    """The sink writes many rows per statement; past SQLite's bound-values limit it must split."""
+    monkeypatch.setattr(sqlite, "_MAX_VARIABLES", 13)  # 3 rows of 4 values, 2 of 6, 3 of 4 per statement
+    store = SqliteStore(tmp_path / "split.sqlite3")
+    await store.open()
+    # SQLite itself refuses a statement over the limit, so an unsplit write cannot pass.
+    await store._call(lambda: store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 13))
+    try:
+        ids = [f"resp_{n}" for n in range(7)]
+        creates = [({"id": rid, "created_at": 1, "status": "in_progress", "output": []},
+                    [{"id": f"msg_{rid}_{k}", "type": "message"} for k in range(3)], "r1", 10.0) for rid in ids]
+        batches = [(rid, [(0, 0, b'{"sequence_number":0}')]) for rid in ids]
+        finishes = [({"id": rid, "created_at": 1, "status": "completed", "output": [rid]}, ("in_progress",))
+                    for rid in ids]
+        await store.append_event_batches(batches, creates=creates, finishes=finishes)
+        for rid in ids:
+            assert (await store.get(rid))["output"] == [rid]
+            assert len(await store.input_items(rid)) == 3
+            assert await store.events(rid) == [{"sequence_number": 0}]
+    finally:
+        await store.close()

@@ -3,6 +3,7 @@
 import asyncio
 import sqlite3
 
+import psycopg
 import pytest
 from parley.service.events import expired_lease_failure
 from parley.store.base import encode_events
@@ -147,3 +148,35 @@ async def test_a_batch_is_one_row_and_resumes_from_inside_it(store):
     assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=2)] == [3, 4, 5, 6, 7]
     assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=4)] == [5, 6, 7]
     assert await store.events("resp_b", starting_after=7) == []
+
+
+async def test_one_write_creates_appends_and_finishes_only_what_is_expected(store):
+    """The event sink's transaction: rows, then each response's runs as one row, then the
+    final documents, each only where the stored status allows it."""
+    await store.create(response("resp_done", "completed"), [])
+    runs = {rid: [(0, 1, b'{"type":"a","sequence_number":0}\n{"type":"b","sequence_number":1}'),
+                  (2, 2, b'{"type":"c","sequence_number":2}')] for rid in ("resp_new", "resp_old")}
+    await store.create(response("resp_old"), [])
+    await store.append_event_batches(
+        list(runs.items()),
+        creates=[(response("resp_new"), [item(1), item(2)], "r1", 10.0)],
+        finishes=[(response("resp_new", "completed", output=["x"]), ("in_progress",)),
+                  (response("resp_old", "cancelled"), ("queued",)),          # not expected: untouched
+                  (response("resp_done", "failed"), ("in_progress",))])      # finished: untouched
+    assert (await store.get("resp_new"))["output"] == ["x"]
+    assert (await store.get("resp_old"))["status"] == "in_progress"
+    assert (await store.get("resp_done"))["status"] == "completed"
+    assert [i["id"] for i in await store.input_items("resp_new")] == ["msg_1", "msg_2"]
+    for rid in runs:
+        assert [e["type"] for e in await store.events(rid)] == ["a", "b", "c"]
+        assert [e["sequence_number"] for e in await store.events(rid, starting_after=0)] == [1, 2]
+
+
+async def test_a_failed_write_leaves_nothing_half_written(store):
+    await store.create(response("resp_dup"), [])
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        await store.append_event_batches([("resp_dup", [(0, 0, b'{"type":"a","sequence_number":0}')])],
+                                         creates=[(response("resp_dup"), [], None, None)],  # a duplicate id
+                                         finishes=[(response("resp_dup", "completed"), ("in_progress",))])
+    assert await store.events("resp_dup") == []
+    assert (await store.get("resp_dup"))["status"] == "in_progress"
