@@ -2,8 +2,9 @@
 
   python bench/serving.py [--levels 1,16,64,256] [--seconds 10] [--tokens 256]
 
-For each concurrency level: streamed tokens/s (delta events received), TTFT and ITL p50/p99, and
-server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream,
+For each concurrency level, Parley then the baseline (both stay up and take turns, so drift in
+the shared machine's speed hits both alike): streamed tokens/s (delta events received), TTFT
+and ITL p50/p99, and server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream,
 and the pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
@@ -135,16 +136,6 @@ async def pipeline_ceiling(workdir: Path, tokens: int, streams: int = 64, per_st
             "cpu_us_per_token": round(cpu / produced * 1e6, 2)}
 
 
-async def measure_levels(target: str, server, grpc_port: int, body: bytes, levels: list[int],
-                         seconds: float) -> list[dict]:
-    """Every concurrency level against one server, through a fresh Envoy in front of it."""
-    envoy = gateway(grpc_port)
-    try:
-        return [await measure(target, server.pid, envoy, body, level, seconds) for level in levels]
-    finally:
-        envoy.stop()
-
-
 def gateway(grpc_port: int) -> Envoy:
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)
@@ -166,22 +157,28 @@ async def main() -> None:
     # otherwise make every garbage collection here slower.
     ceiling = await pipeline_ceiling(workdir, args.tokens)
     print(json.dumps({"pipeline_ceiling": ceiling}), flush=True)
+    # Both servers stay up, each behind its own Envoy, and take turns at every level: the
+    # machine's speed drifts over minutes, and a ratio must compare like with like.
     runs = []
-    grpc_port = free_port()
+    grpc_port, baseline_port = free_port(), free_port()
     command, env = parley_command(grpc_port, str(workdir / "bench.sqlite3"), args.tokens)
-    server = start(command, env, "listening on")
+    server = baseline = None
+    gateways: list[Envoy] = []
     try:
+        server = start(command, env, "listening on")
         batches = await capture_batches(grpc_port, body)
         (workdir / "events.json").write_text(json.dumps(batches))
-        runs += await measure_levels("parley", server, grpc_port, body, levels, args.seconds)
+        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
+                          str(workdir / "events.json")], {}, "listening on")
+        targets = [("parley", server, gateway(grpc_port)), ("baseline", baseline, gateway(baseline_port))]
+        gateways = [envoy for _, _, envoy in targets]
+        for level in levels:
+            for target, process, envoy in targets:
+                runs.append(await measure(target, process.pid, envoy, body, level, args.seconds))
     finally:
+        for envoy in gateways:
+            envoy.stop()
         stop(server)
-    baseline_port = free_port()
-    baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
-                      str(workdir / "events.json")], {}, "listening on")
-    try:
-        runs += await measure_levels("baseline", baseline, baseline_port, body, levels, args.seconds)
-    finally:
         stop(baseline)
     memory = await idle_stream_memory(workdir, args.tokens, args.idle_streams)
     print(json.dumps(memory), flush=True)
