@@ -42,10 +42,13 @@ async def _coalesced(batches):
     """
     queue: asyncio.Queue = asyncio.Queue()
 
+    # An open stream waits here far longer than it works: no frame may keep a sent batch (its
+    # events, their JSON bytes) alive while it waits, hence the `del`s and `None`s below.
     async def produce():
         try:
             async for batch in batches:
                 queue.put_nowait(batch)
+                del batch
         finally:
             queue.put_nowait(None)
 
@@ -75,6 +78,7 @@ async def _coalesced(batches):
                 merged.extend(more)
                 merged.encoded.extend(more.encoded)
             yield batch if merged is None else merged
+            batch = merged = more = None
         await producer  # re-raises what the pipeline raised
     finally:
         if not producer.done():
@@ -87,7 +91,9 @@ async def _coalesced(batches):
 async def _sse_messages(batches):
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            yield _sse_body(batch)
+            message = _sse_body(batch)
+            del batch
+            yield message
 
 
 async def _typed_events(batches):

@@ -1,10 +1,14 @@
 """The REST servicer's message grouping: what is ready together leaves together, nothing waits."""
 
 import asyncio
+import gc
 
 import pytest
+from parley.engine.synthetic import SyntheticEngine
 from parley.service.responses import EventBatch
-from parley.transport.servicers import COALESCE_TURNS, _coalesced
+from parley.transport.servicers import COALESCE_TURNS, _coalesced, _sse_messages
+
+from tests.support.pipeline import service_on
 
 
 def batch(*numbers: int) -> EventBatch:
@@ -51,3 +55,24 @@ async def test_the_pipelines_failure_reaches_the_writer():
 
     with pytest.raises(RuntimeError, match="engine died"):
         await messages_of(failing())
+
+
+async def test_a_waiting_stream_keeps_none_of_the_batches_it_sent(tmp_path):
+    """Open streams mostly wait for their next token: what they already sent (event dicts and
+    their JSON bytes, tens of KiB) must be garbage by then, not pinned by a suspended frame."""
+    engine = SyntheticEngine(output_tokens=8, tokens_per_second=0.05)  # a token now, the next in 20 s
+    async with service_on(tmp_path / "s.sqlite3", engine) as service:
+        prepared = await service.prepare({"model": engine.model_id, "input": "hi", "stream": True})
+        messages = _sse_messages(_coalesced(service.run(prepared)))
+        sent = b""
+        while b"response.output_text.delta" not in sent:
+            sent += (await anext(messages)).data
+        waiting = asyncio.ensure_future(anext(messages))  # suspended until the next token
+        await asyncio.sleep(0.05)
+        await service.drain()
+        gc.collect()
+        assert [o for o in gc.get_objects() if isinstance(o, EventBatch)] == []
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await messages.aclose()
