@@ -27,7 +27,7 @@ from parley.service.events import ResponseBuilder, Sequencer, expired_lease_fail
 from parley.service.sealing import Sealer
 from parley.service.tools import build_constraint, unknown_call_outputs
 from parley.service.validation import INCLUDE_VALUES, CreateParams, validate_create
-from parley.store.base import ACTIVE, EventRun, ResponseStore
+from parley.store.base import ACTIVE, EventRun, ResponseStore, text_run_line
 from parley.store.signals import CANCEL, EVENTS, LocalSignals
 
 log = get_logger(__name__)
@@ -142,13 +142,17 @@ class PreparedResponse:
     def response(self) -> dict:
         return self.builder.response
 
-    def emit(self, events: list[dict]) -> "EventBatch":
-        """Stamp sequence numbers and encode each event once, for the stream and the store."""
+    def emit(self, events: list[dict], plain_texts: list[str] | None = None) -> "EventBatch":
+        """Stamp sequence numbers and encode each event once, for the stream and the store.
+        `plain_texts`: the last events are plain text deltas of these texts, stored as one line."""
         batch = EventBatch(events)
         first = self.sequencer.stamp(batch)
         batch.encoded = list(map(orjson.dumps, batch))
         if self.sink is not None and batch:
-            self.sink.add(self.response["id"], [(first, first + len(batch) - 1, b"\n".join(batch.encoded))])
+            lines = batch.encoded
+            if plain_texts:
+                lines = lines[:-len(plain_texts)] + [text_run_line(batch[-len(plain_texts)], plain_texts)]
+            self.sink.add(self.response["id"], [(first, first + len(batch) - 1, b"\n".join(lines))])
         return batch
 
 
@@ -309,7 +313,7 @@ class ResponsesService:
                     texts = [delta.text for delta in step if delta.text] if isinstance(step, list) \
                         else [step.text] if step.text else []
                     if texts:
-                        yield prepared.emit(builder.text_deltas(texts))
+                        yield prepared.emit(builder.text_deltas(texts), plain_texts=texts)
                     continue
                 batch: list[dict] = []
                 for delta in step if isinstance(step, list) else (step,):

@@ -40,14 +40,35 @@ def pack(runs: list[EventRun]) -> tuple[int, int, bytes]:
     return runs[0][0], runs[-1][1], b"\n".join(run[2] for run in runs)
 
 
+TEXT_DELTA = "response.output_text.delta"
+
+
+def text_run_line(first: dict, texts: list[str]) -> bytes:
+    """The stored line of consecutive plain text deltas (no logprobs) of one content part:
+    `first` is the first of their events, `texts` their deltas. `unpack` expands it back to the
+    very same events. Deltas are most of what a response stores, and as full events each repeats
+    its type and item id around a few bytes of text."""
+    return orjson.dumps({"text_deltas": texts, "item_id": first["item_id"], "output_index": first["output_index"],
+                         "content_index": first["content_index"], "sequence_number": first["sequence_number"]})
+
+
 def unpack(rows, starting_after: int) -> list[dict]:
     events = []
     for (blob,) in rows:
         data = blob.encode() if isinstance(blob, str) else bytes(blob)  # rows migrated from v2 are TEXT
         for line in data.split(b"\n"):
             event = orjson.loads(line)
-            if event["sequence_number"] > starting_after:
-                events.append(event)
+            deltas = event.get("text_deltas")
+            if deltas is None:
+                if event["sequence_number"] > starting_after:
+                    events.append(event)
+                continue
+            first = event["sequence_number"]
+            for number in range(max(first, starting_after + 1), first + len(deltas)):
+                # The key order of ResponseBuilder's delta events: replayed bytes equal streamed ones.
+                events.append({"type": TEXT_DELTA, "item_id": event["item_id"], "output_index": event["output_index"],
+                               "content_index": event["content_index"], "delta": deltas[number - first],
+                               "logprobs": [], "sequence_number": number})
     return events
 
 
