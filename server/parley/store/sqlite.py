@@ -72,7 +72,11 @@ MIGRATIONS = {
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
+_INSERT_RESPONSES = "INSERT INTO responses (id, created_at, status, document, owner, lease_until)"
+_INSERT_ITEMS = "INSERT INTO input_items (response_id, position, item_id, document)"
 _UPSERT_RUNS = "INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events)"
+# UPDATE ... FROM, which writes many final documents in one statement, came in SQLite 3.33.
+MIN_SQLITE = (3, 33, 0)
 # Bound values per statement; SQLite's own limit is higher (32766 since 3.32).
 _MAX_VARIABLES = 30000
 
@@ -145,6 +149,10 @@ class SqliteStore(InputItemPaging):
         log.info("store.open", backend="sqlite", path=str(self.path))
 
     def _open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise RuntimeError(f"Parley's SQLite store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this "
+                               f"Python links {sqlite3.sqlite_version}. Use a newer Python build, or PostgreSQL "
+                               "(PARLEY_STORE_DSN).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -176,10 +184,8 @@ class SqliteStore(InputItemPaging):
 
     @staticmethod
     def _insert(db, response: dict, input_items: list[dict], owner, lease_until) -> None:
-        _insert_rows(db, "INSERT INTO responses (id, created_at, status, document, owner, lease_until)",
-                     [_response_row(response, owner, lease_until)])
-        _insert_rows(db, "INSERT INTO input_items (response_id, position, item_id, document)",
-                     _input_item_rows(response["id"], input_items))
+        _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease_until)])
+        _insert_rows(db, _INSERT_ITEMS, _input_item_rows(response["id"], input_items))
 
     @staticmethod
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
@@ -203,9 +209,8 @@ class SqliteStore(InputItemPaging):
         # A few multi-row statements, however many responses: every statement hands the GIL to
         # the event loop and back, which costs more than SQLite's own work per row.
         def _append_all(db):
-            _insert_rows(db, "INSERT INTO responses (id, created_at, status, document, owner, lease_until)",
-                         [_response_row(response, owner, lease) for response, _, owner, lease in creates])
-            _insert_rows(db, "INSERT INTO input_items (response_id, position, item_id, document)",
+            _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease) for response, _, owner, lease in creates])
+            _insert_rows(db, _INSERT_ITEMS,
                          [row for response, items, _, _ in creates for row in _input_item_rows(response["id"], items)])
             _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
             _replace_many(db, finishes)

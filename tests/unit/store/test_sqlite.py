@@ -1,5 +1,6 @@
 import sqlite3
 
+import pytest
 from parley.store import sqlite
 from parley.store.base import encode_events, paginate
 from parley.store.sqlite import SqliteStore
@@ -73,3 +74,13 @@ async def test_writes_larger_than_one_statement_are_split(tmp_path, monkeypatch)
             assert await store.events(rid) == [{"sequence_number": 0}]
     finally:
         await store.close()
+
+
+async def test_an_sqlite_too_old_for_the_store_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite.sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite.sqlite3, "sqlite_version", "3.31.1")
+    store = SqliteStore(tmp_path / "old.sqlite3")
+    with pytest.raises(RuntimeError, match=r"needs SQLite 3\.33\.0 or newer; this Python links 3\.31\.1"):
+        await store.open()
+    assert not (tmp_path / "old.sqlite3").exists()
+    await store.close()
