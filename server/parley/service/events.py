@@ -141,12 +141,10 @@ class ResponseBuilder:
         return events + self._open(item, part)
 
     def text_delta(self, text: str, logprobs=()) -> list[dict]:
-        events = self._ensure("message")
-        self._parts.append(text)
-        logprobs = logprobs if self.logprobs else ()
-        self._part_logprobs.extend(logprobs)
-        events.append({"type": "response.output_text.delta", "item_id": self._item["id"], "output_index": self._index,
-                       "content_index": 0, "delta": text, "logprobs": _delta_logprobs(logprobs) if logprobs else []})
+        events = self.text_deltas([text])
+        if self.logprobs and logprobs:
+            self._part_logprobs.extend(logprobs)
+            events[-1]["logprobs"] = _delta_logprobs(logprobs)
         return events
 
     def text_deltas(self, texts: list[str]) -> list[dict]:
