@@ -153,6 +153,9 @@ class LlamaCppEngine:
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
         # What each sequence slot's KV cache holds: the prefix the next request may reuse.
         self._slot_tokens: list[list[int]] = [[] for _ in range(sequences)]
+        # When each slot was last given a sequence: idle prefixes are dropped oldest first.
+        self._slot_used_at: list[int] = [0] * sequences
+        self._admissions = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._grammars: dict[str, str] = {}
         self.last_run = RunStats()
@@ -249,6 +252,7 @@ class LlamaCppEngine:
                     (waiting if sequence in waiting else active).remove(sequence)
                     self._release(sequence)
                 self._admit(waiting, active)
+                self._trim_idle_prefixes(active)
                 if active:
                     self._step(active)
                 elif waiting:
@@ -277,14 +281,15 @@ class LlamaCppEngine:
             if not free:
                 return
             slot = max(free, key=lambda candidate: _shared_prefix(self._slot_tokens[candidate], sequence.prompt))
-            idle = [other for other in free if other != slot and self._slot_tokens[other]]
+            idle = sorted((other for other in free if other != slot and self._slot_tokens[other]),
+                          key=self._slot_used_at.__getitem__, reverse=True)
             while idle and self._overflows(sequence, active, idle):
-                dropped = idle.pop()
-                self._lib.llama_memory_seq_rm(self._memory, dropped, -1, -1)
-                self._slot_tokens[dropped] = []
+                self._drop_prefix(idle.pop())
             if self._overflows(sequence, active, idle):
                 return  # waits for running sequences to finish
             waiting.pop(0)
+            self._admissions += 1
+            self._slot_used_at[slot] = self._admissions
             shared = _shared_prefix(self._slot_tokens[slot], sequence.prompt)
             if not self._lib.llama_memory_seq_rm(self._memory, slot, shared, -1):
                 self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
@@ -298,6 +303,27 @@ class LlamaCppEngine:
                 self._release(sequence, exc)
                 continue
             active.append(sequence)
+
+    def _trim_idle_prefixes(self, active: list[_Sequence]) -> None:
+        """In the unified KV pool every decoded token attends over every occupied cell, idle slots'
+        cached prefixes included (masked, but computed): eight idle prefixes of ~170 tokens made
+        one stream decode 10-20% slower here. So while sequences run, idle prefixes are kept, most
+        recently used first, only up to as many cells as the running sequences reserve: attention
+        work at most doubles, and the latest conversation's next turn still finds its prefix."""
+        if not active:
+            return  # nothing decodes: a cached prefix costs nothing
+        room = sum(s.reservation for s in active)
+        busy = {s.slot for s in active}
+        idle = sorted((slot for slot, tokens in enumerate(self._slot_tokens) if tokens and slot not in busy),
+                      key=self._slot_used_at.__getitem__, reverse=True)
+        for slot in idle:
+            room -= len(self._slot_tokens[slot])
+            if room < 0:
+                self._drop_prefix(slot)
+
+    def _drop_prefix(self, slot: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._slot_tokens[slot] = []
 
     def _overflows(self, sequence: _Sequence, active: list[_Sequence], idle: list[int]) -> bool:
         """Whether `sequence` would overflow the KV pool beside the running reservations and the
@@ -389,8 +415,7 @@ class LlamaCppEngine:
         sequence.outbox = []
         self._free_sampler(sequence)
         if error is not None and sequence.slot >= 0:  # its KV state is unknown: start that slot afresh
-            self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
-            self._slot_tokens[sequence.slot] = []
+            self._drop_prefix(sequence.slot)
         sequence.stats.released = True
         sequence.released.set_result(None)
 

@@ -94,6 +94,30 @@ async def test_a_repeated_prompt_reuses_its_cached_prefix(engine):
     assert again.cache_write_tokens == 1
 
 
+async def cache_then_run_beside_three_others(engine, max_tokens: int) -> tuple[Finished, Finished]:
+    """Caches "Name three colours." and three other prompts, one in each of the four slots; then
+    runs PROMPTS[1] again with `max_tokens` (its reservation) while the other three prefixes sit
+    idle; then asks the colours prompt again."""
+    (_, first), *_ = await asyncio.gather(*(run(engine, prompt) for prompt in ["Name three colours.", *PROMPTS[:3]]))
+    await run(engine, PROMPTS[1], max_tokens=max_tokens)
+    _, again = await run(engine, "Name three colours.")
+    return first, again
+
+
+@pytest.mark.model
+async def test_idle_prefixes_beyond_what_the_running_sequences_reserve_are_dropped(engine):
+    # A one-token request reserves less than any idle prefix holds: while it runs, every idle
+    # prefix would only slow its attention down, so none is kept.
+    first, again = await cache_then_run_beside_three_others(engine, max_tokens=1)
+    assert again.cached_tokens < first.input_tokens - 1
+
+
+@pytest.mark.model
+async def test_idle_prefixes_within_what_the_running_sequences_reserve_are_kept(engine):
+    first, again = await cache_then_run_beside_three_others(engine, max_tokens=300)
+    assert again.cached_tokens == first.input_tokens - 1
+
+
 @pytest.mark.model
 async def test_a_stopped_sequence_leaves_the_others_running(engine):
     async def stop_after_three() -> int:
