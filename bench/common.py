@@ -46,9 +46,12 @@ def machine() -> dict:
             pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
+    # A figure measured on uncommitted code must not pass for the commit's.
+    modified = subprocess.run(["git", "status", "--porcelain", "--", "server", "bench/*.py", "pyproject.toml"],
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent).stdout.strip()
     return {"cores": os.cpu_count(), "cpu_model": model, "memory_gb": round(
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "kernel": platform.release(),
-        "versions": versions, "parley_commit": commit}
+        "versions": versions, "parley_commit": commit, "parley_code_modified": bool(modified)}
 
 
 def start(command: list[str], env: dict, ready: str, timeout: float = 60) -> subprocess.Popen:
