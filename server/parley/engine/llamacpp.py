@@ -30,6 +30,10 @@ from parley.log import get_logger
 log = get_logger(__name__)
 
 _END = object()
+# Steps an idle slot keeps its cached prefix whatever it costs the running sequences (see
+# _trim_idle_prefixes): at a few to tens of milliseconds a step, long enough for a burst of
+# arrivals or a client's next turn, short against a response's length.
+PREFIX_GRACE_STEPS = 16
 _CLOSE = object()
 
 
@@ -153,9 +157,9 @@ class LlamaCppEngine:
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
         # What each sequence slot's KV cache holds: the prefix the next request may reuse.
         self._slot_tokens: list[list[int]] = [[] for _ in range(sequences)]
-        # When each slot was last given a sequence: idle prefixes are dropped oldest first.
+        # The step at which each slot was last taken or left: idle prefixes are dropped oldest first.
         self._slot_used_at: list[int] = [0] * sequences
-        self._admissions = 0
+        self._steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._grammars: dict[str, str] = {}
         self.last_run = RunStats()
@@ -280,7 +284,7 @@ class LlamaCppEngine:
             free = [slot for slot in range(len(self._slot_tokens)) if slot not in busy]
             if not free:
                 return
-            slot = max(free, key=lambda candidate: _shared_prefix(self._slot_tokens[candidate], sequence.prompt))
+            slot = max(free, key=lambda candidate: self._slot_worth(candidate, sequence.prompt))
             idle = sorted((other for other in free if other != slot and self._slot_tokens[other]),
                           key=self._slot_used_at.__getitem__, reverse=True)
             while idle and self._overflows(sequence, active, idle):
@@ -288,8 +292,7 @@ class LlamaCppEngine:
             if self._overflows(sequence, active, idle):
                 return  # waits for running sequences to finish
             waiting.pop(0)
-            self._admissions += 1
-            self._slot_used_at[slot] = self._admissions
+            self._slot_used_at[slot] = self._steps
             shared = _shared_prefix(self._slot_tokens[slot], sequence.prompt)
             if not self._lib.llama_memory_seq_rm(self._memory, slot, shared, -1):
                 self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
@@ -304,12 +307,23 @@ class LlamaCppEngine:
                 continue
             active.append(sequence)
 
+    def _slot_worth(self, slot: int, prompt: list[int]) -> tuple[int, int]:
+        """What taking `slot` is worth to `prompt`: the prompt tokens its cache saves minus the
+        cached tokens of another conversation it overwrites (an empty slot is worth 0, a slot
+        sharing only the chat template's opening is worth less); among equals, the slot left
+        longest ago."""
+        cached = self._slot_tokens[slot]
+        shared = _shared_prefix(cached, prompt)
+        return shared - (len(cached) - shared), -self._slot_used_at[slot]
+
     def _trim_idle_prefixes(self, active: list[_Sequence]) -> None:
         """In the unified KV pool every decoded token attends over every occupied cell, idle slots'
         cached prefixes included (masked, but computed): eight idle prefixes of ~170 tokens made
         one stream decode 10-20% slower here. So while sequences run, idle prefixes are kept, most
         recently used first, only up to as many cells as the running sequences reserve: attention
-        work at most doubles, and the latest conversation's next turn still finds its prefix."""
+        work at most doubles, and the latest conversation's next turn still finds its prefix.
+        A prefix is dropped only after PREFIX_GRACE_STEPS idle steps: requests that arrive
+        together (a burst, or clients sending their next turn) still find theirs."""
         if not active:
             return  # nothing decodes: a cached prefix costs nothing
         room = sum(s.reservation for s in active)
@@ -318,7 +332,7 @@ class LlamaCppEngine:
                       key=self._slot_used_at.__getitem__, reverse=True)
         for slot in idle:
             room -= len(self._slot_tokens[slot])
-            if room < 0:
+            if room < 0 and self._steps - self._slot_used_at[slot] >= PREFIX_GRACE_STEPS:
                 self._drop_prefix(slot)
 
     def _drop_prefix(self, slot: int) -> None:
@@ -363,6 +377,7 @@ class LlamaCppEngine:
                 chunk, sequence.pending = sequence.pending[:room], sequence.pending[room:]
                 add(sequence, chunk, not sequence.pending)
         batch.n_tokens = count
+        self._steps += 1
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
@@ -416,6 +431,8 @@ class LlamaCppEngine:
         self._free_sampler(sequence)
         if error is not None and sequence.slot >= 0:  # its KV state is unknown: start that slot afresh
             self._drop_prefix(sequence.slot)
+        if sequence.slot >= 0:
+            self._slot_used_at[sequence.slot] = self._steps
         sequence.stats.released = True
         sequence.released.set_result(None)
 
