@@ -105,7 +105,9 @@ async def cache_then_run_beside_three_others(engine, max_tokens: int) -> tuple[F
     """Caches "Name three colours." and then three other prompts, one in each of the four slots
     (the others take the slots left longest ago); then runs PROMPTS[1] again with `max_tokens`
     (its reservation) while the other three prefixes sit idle; then asks the colours prompt again."""
-    _, first = await run(engine, "Name three colours.")
+    await asyncio.gather(*(run(engine, f"Say {word}.", max_tokens=2) for word in ("yes", "no", "maybe", "later")))
+    # Shorter than the grace: every other slot still holds its "Say" prefix afterwards.
+    _, first = await run(engine, "Name three colours.", max_tokens=PREFIX_GRACE_STEPS // 2)
     await asyncio.gather(*(run(engine, prompt) for prompt in PROMPTS[:3]))
     await run(engine, PROMPTS[1], max_tokens=max_tokens)
     _, again = await run(engine, "Name three colours.")
