@@ -104,29 +104,37 @@ def history_section() -> list[str]:
              "The machine is shared and its speed drifts by tens of percent over minutes. The pipeline's "
              "in-process CPU per token (same code, no transport) and llama-server's own tokens/s are "
              "yardsticks of how fast the machine was during each run.", "",
-             "| serving run | Parley commit | pipeline µs/token | Parley tok/s at 64 | baseline tok/s at 64 "
-             "| ratio at 64 | added TTFT p50 at 1 (ms) | idle stream KiB |", "|---|---|---|---|---|---|---|---|"]
+             "| serving run | CPU | Parley commit | pipeline µs/token | Parley tok/s at 64 | baseline tok/s at 64 "
+             "| ratio at 64 | added TTFT p50 at 1 (ms) | idle stream KiB |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("serving-2*.json")):
         result = json.loads(path.read_text())
         parley, base = _run(result, "parley", 64), _run(result, "baseline", 64)
         ceiling = result.get("pipeline_ceiling", {}).get("cpu_us_per_token", "")
         ratio = result["parley_vs_baseline"].get("64", {}).get("tokens_per_second_ratio", "")
         ttft = result["parley_vs_baseline"].get("1", {}).get("added_ttft_p50_ms", "")
-        lines.append(f"| {result['when']} | {result['machine']['parley_commit']} | {ceiling} | "
+        lines.append(f"| {result['when']} | {_measured(result)} | {ceiling} | "
                      f"{parley['tokens_per_second']:,.0f} | {base['tokens_per_second']:,.0f} | {ratio} | {ttft} | "
                      f"{result['idle_stream_memory']['kib_per_idle_stream']} |" if parley and base else
-                     f"| {result['when']} | {result['machine']['parley_commit']} | {ceiling} | | | | | |")
-    lines += ["", "| CPU engine run | Parley commit | llama-server tok/s at 1 | ratio at 1 | ratio at 4 | ratio at 8 |",
-              "|---|---|---|---|---|---|"]
+                     f"| {result['when']} | {_measured(result)} | {ceiling} | | | | | |")
+    lines += ["", "| CPU engine run | CPU | Parley commit | llama-server tok/s at 1 | ratio at 1 | ratio at 4 "
+              "| ratio at 8 |", "|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("cpu_engine-2*.json")):
         result = json.loads(path.read_text())
         ratios = result["parley_vs_llama_server"]
         peer = _run(result, "llama-server", 1)
-        lines.append(f"| {result['when']} | {result['machine']['parley_commit']} | "
+        lines.append(f"| {result['when']} | {_measured(result)} | "
                      f"{peer['tokens_per_second'] if peer else ''} | "
                      + " | ".join(str(ratios.get(str(level), {}).get("tokens_per_second_ratio", "")) for level in (1, 4, 8))
                      + " |")
     return lines + [""]
+
+
+def _measured(result: dict) -> str:
+    """The CPU and the code of a run: runs on different CPUs do not compare, and a run of
+    uncommitted code says so."""
+    machine = result["machine"]
+    code = machine["parley_commit"] + (" (modified)" if machine.get("parley_code_modified") else "")
+    return f"{machine['cpu_model']} | {code}"
 
 
 def main() -> None:
