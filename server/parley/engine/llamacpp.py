@@ -30,11 +30,11 @@ from parley.log import get_logger
 log = get_logger(__name__)
 
 _END = object()
+_CLOSE = object()
 # Steps an idle slot keeps its cached prefix whatever it costs the running sequences (see
 # _trim_idle_prefixes): at a few to tens of milliseconds a step, long enough for a burst of
 # arrivals or a client's next turn, short against a response's length.
 PREFIX_GRACE_STEPS = 16
-_CLOSE = object()
 
 
 @dataclasses.dataclass
@@ -285,8 +285,7 @@ class LlamaCppEngine:
             if not free:
                 return
             slot = max(free, key=lambda candidate: self._slot_worth(candidate, sequence.prompt))
-            idle = sorted((other for other in free if other != slot and self._slot_tokens[other]),
-                          key=self._slot_used_at.__getitem__, reverse=True)
+            idle = self._idle_slots(busy | {slot})
             while idle and self._overflows(sequence, active, idle):
                 self._drop_prefix(idle.pop())
             if self._overflows(sequence, active, idle):
@@ -326,13 +325,15 @@ class LlamaCppEngine:
         if not active:
             return  # nothing decodes: a cached prefix costs nothing
         room = sum(s.reservation for s in active)
-        busy = {s.slot for s in active}
-        idle = sorted((slot for slot, tokens in enumerate(self._slot_tokens) if tokens and slot not in busy),
-                      key=self._slot_used_at.__getitem__, reverse=True)
-        for slot in idle:
+        for slot in self._idle_slots({s.slot for s in active}):
             room -= len(self._slot_tokens[slot])
             if room < 0 and self._steps - self._slot_used_at[slot] >= PREFIX_GRACE_STEPS:
                 self._drop_prefix(slot)
+
+    def _idle_slots(self, busy: set[int]) -> list[int]:
+        """Slots outside `busy` that hold a cached prefix, most recently used first."""
+        return sorted((slot for slot, tokens in enumerate(self._slot_tokens) if tokens and slot not in busy),
+                      key=self._slot_used_at.__getitem__, reverse=True)
 
     def _drop_prefix(self, slot: int) -> None:
         self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
