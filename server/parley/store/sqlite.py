@@ -109,6 +109,18 @@ def _insert_rows(db, insert: str, rows: list[tuple]) -> None:
             db.execute(f"{insert} VALUES {placeholders}", values)
 
 
+def _insert_responses(db, creates: list[tuple]) -> None:
+    """New responses with their input items; each create is (response, input_items, owner, lease_until)."""
+    _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease) for response, _, owner, lease in creates])
+    _insert_rows(db, _INSERT_ITEMS,
+                 [row for response, items, _, _ in creates for row in _input_item_rows(response["id"], items)])
+
+
+def _append_runs(db, batches: list[tuple[str, list[EventRun]]]) -> None:
+    """Each response's runs as one stored row."""
+    _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
+
+
 def _replace_many(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
     """Each (document, expected) replaces the stored document if the stored status is in `expected`."""
     if finishes:
@@ -180,23 +192,13 @@ class SqliteStore(InputItemPaging):
 
     async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
                      lease_until: float | None = None) -> None:
-        await self._transact(lambda db: self._insert(db, response, input_items, owner, lease_until))
-
-    @staticmethod
-    def _insert(db, response: dict, input_items: list[dict], owner, lease_until) -> None:
-        _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease_until)])
-        _insert_rows(db, _INSERT_ITEMS, _input_item_rows(response["id"], input_items))
+        await self._transact(lambda db: _insert_responses(db, [(response, input_items, owner, lease_until)]))
 
     @staticmethod
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
         cursor = db.execute(f"UPDATE responses SET status = ?, document = ? WHERE id = ? AND status IN {_in(expected)}",
                             (response["status"], orjson.dumps(response), response["id"], *expected))
         return cursor.rowcount > 0
-
-    @staticmethod
-    def _append(db, response_id: str, events: list[EventRun]) -> None:
-        if events:
-            _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(events))])
 
     async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
         return await self._transact(lambda db: self._replace(db, response, expected))
@@ -209,10 +211,8 @@ class SqliteStore(InputItemPaging):
         # A few multi-row statements, however many responses: every statement hands the GIL to
         # the event loop and back, which costs more than SQLite's own work per row.
         def _append_all(db):
-            _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease) for response, _, owner, lease in creates])
-            _insert_rows(db, _INSERT_ITEMS,
-                         [row for response, items, _, _ in creates for row in _input_item_rows(response["id"], items)])
-            _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
+            _insert_responses(db, creates)
+            _append_runs(db, batches)
             _replace_many(db, finishes)
         if batches or creates or finishes:
             await self._transact(_append_all)
@@ -221,7 +221,7 @@ class SqliteStore(InputItemPaging):
         def _finish(db):
             if not self._replace(db, response, expected):
                 return False
-            self._append(db, response["id"], events)
+            _append_runs(db, [(response["id"], events)])
             return True
         return await self._transact(_finish)
 
@@ -276,7 +276,7 @@ class SqliteStore(InputItemPaging):
                                   (response_id,)).fetchone()[0]
                 document, event = recovery(orjson.loads(blob), 0 if last is None else last + 1)
                 if self._replace(db, document, ACTIVE):
-                    self._append(db, response_id, encode_events([event]))
+                    _append_runs(db, [(response_id, encode_events([event]))])
                     recovered.append(response_id)
             return recovered
         return await self._transact(_recover)
