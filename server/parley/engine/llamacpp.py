@@ -22,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from parley.config import Settings
+from parley.config import KV_CACHE_LAYOUTS, Settings
 from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta, TokenLogprob
 from parley.engine.grammar import TOOL_OPEN, compile_call_continuation, compile_constraint, lazy
 from parley.log import get_logger
@@ -112,14 +112,19 @@ class _Sequence:
 
 
 class LlamaCppEngine:
-    def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int, sequences: int = 4):
+    def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int, sequences: int = 4,
+                 kv_cache: str = "shared"):
         import llama_cpp  # heavy import, only when this engine is chosen
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         threads = threads or os.cpu_count() or 1
         sequences = max(1, min(sequences, llama_cpp.llama_max_parallel_sequences()))
+        if kv_cache not in KV_CACHE_LAYOUTS:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}, got {kv_cache!r}")
+        self._shared_kv = kv_cache == "shared"
+        kv_cells = context_window if self._shared_kv else context_window * sequences
         log.info("engine.loading", engine="llamacpp", model_path=str(model_path), context_window=context_window,
-                 threads=threads, sequences=sequences)
+                 threads=threads, sequences=sequences, kv_cache=kv_cache, kv_cells=kv_cells)
         # Llama owns the weights, tokenizer and metadata; its own single-sequence context is kept
         # tiny because decoding runs on the multi-sequence context below.
         self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, n_batch=32, n_ubatch=32,
@@ -142,16 +147,18 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
 
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = context_window
+        params.n_ctx = kv_cells
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = sequences
-        params.kv_unified = True  # one pool of context_window cells that all sequences share
+        # shared: one pool of context_window cells; per_sequence: context_window cells for each
+        # sequence (llama.cpp gives every sequence n_ctx / n_seq_max cells of its own).
+        params.kv_unified = self._shared_kv
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # as llama-server: on where supported
         self._ctx = llama_cpp.llama_init_from_model(self._llm.model, params)
         if not self._ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {context_window} tokens")
+            raise RuntimeError(f"llama.cpp could not create a context of {kv_cells} KV cells")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch_capacity = 512
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
@@ -171,7 +178,7 @@ class LlamaCppEngine:
     def from_settings(cls, settings: Settings) -> "LlamaCppEngine":
         path = Path(settings.model_path) if settings.model_path else default_model_path()
         return cls(path, settings.model_name, settings.context_window, settings.engine_threads,
-                   settings.max_concurrent_generations)
+                   settings.max_concurrent_generations, settings.kv_cache)
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         # The model family knows system/user/assistant; `developer` is OpenAI's name for system.
@@ -322,8 +329,8 @@ class LlamaCppEngine:
         work at most doubles, and the latest conversation's next turn still finds its prefix.
         A prefix is dropped only after PREFIX_GRACE_STEPS idle steps: requests that arrive
         together (a burst, or clients sending their next turn) still find theirs."""
-        if not active:
-            return  # nothing decodes: a cached prefix costs nothing
+        if not active or not self._shared_kv:
+            return  # nothing decodes, or each sequence attends over its own cache only
         room = sum(s.reservation for s in active)
         for slot in self._idle_slots({s.slot for s in active}):
             room -= len(self._slot_tokens[slot])
@@ -341,7 +348,10 @@ class LlamaCppEngine:
 
     def _overflows(self, sequence: _Sequence, active: list[_Sequence], idle: list[int]) -> bool:
         """Whether `sequence` would overflow the KV pool beside the running reservations and the
-        prefixes cached in the `idle` slots."""
+        prefixes cached in the `idle` slots. A cache of its own always holds a sequence: its
+        reservation is at most context_window."""
+        if not self._shared_kv:
+            return False
         held = sum(s.reservation for s in active) + sum(len(self._slot_tokens[slot]) for slot in idle)
         return held + sequence.reservation > self.context_window
 

@@ -146,21 +146,54 @@ async def test_a_stopped_sequence_leaves_the_others_running(engine):
     assert finished.output_tokens > 3 and text
 
 
-@pytest.mark.model
-async def test_requests_whose_reservations_overflow_the_kv_pool_wait_their_turn(engine):
-    # Each reserves its prompt plus 40 output tokens: one fits in the 1,024 cells, two do not.
+def long_prompts(engine) -> dict[str, list[int]]:
+    """Two prompts that each reserve (with 40 output tokens) more than half of 1,024 cells."""
     prompts = {name: engine.render_prompt([ChatMessage("user", f"{name} " * 480 + "Count them.")])
-               for name in ("apple", "pear")}
+               for name in ("plum", "pear")}
     assert all(512 < len(prompt) + 40 <= 1024 for prompt in prompts.values())
+    return prompts
+
+
+async def token_order(engine, prompts: dict[str, list[int]]) -> list[tuple[str, str]]:
+    """The order in which the two long prompts' tokens and finishes arrive, run at once."""
     moments = []
 
     async def timed(name: str) -> None:
         async for step in engine.generate(prompts[name], SamplingParams(max_tokens=40, temperature=0)):
             moments.append((name, "finished" if isinstance(step, Finished) else "token"))
 
-    await asyncio.gather(timed("apple"), timed("pear"))
+    await asyncio.gather(timed("plum"), timed("pear"))
+    return moments
+
+
+@pytest.mark.model
+async def test_requests_whose_reservations_overflow_the_kv_pool_wait_their_turn(engine):
+    # Each reserves its prompt plus 40 output tokens: one fits in the 1,024 cells, two do not.
+    moments = await token_order(engine, long_prompts(engine))
     first = moments[0][0]
     assert moments.index((first, "finished")) < next(i for i, (name, _) in enumerate(moments) if name != first)
+
+
+@pytest.mark.model
+async def test_per_sequence_caches_decode_long_requests_together_and_keep_their_prefixes():
+    engine = LlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=1024, threads=0,
+                            sequences=2, kv_cache="per_sequence")
+    try:
+        moments = await token_order(engine, long_prompts(engine))
+        first = moments[0][0]
+        # Each sequence has 1,024 cells of its own: the second starts before the first finishes.
+        assert next(i for i, (name, _) in enumerate(moments) if name != first) < moments.index((first, "finished"))
+        _, cold = await run(engine, "Name three colours.")
+        _, warm = await run(engine, "Name three colours.")
+        assert warm.cached_tokens == cold.input_tokens - 1
+    finally:
+        await engine.close()
+
+
+def test_an_unknown_kv_cache_layout_is_refused():
+    with pytest.raises(ValueError, match="kv_cache"):
+        LlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=1024, threads=0,
+                       kv_cache="paged")
 
 
 @pytest.mark.model
