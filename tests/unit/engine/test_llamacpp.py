@@ -10,6 +10,7 @@ from parley.engine.llamacpp import (
     PREFIX_GRACE_STEPS,
     CallOpenerWatch,
     LlamaCppEngine,
+    _runs,
     _shared_prefix,
     default_model_path,
     grammar_text,
@@ -49,6 +50,10 @@ def test_every_grammar_shape_compiles():
         LlamaGrammar.from_string(compile_constraint(constraint), verbose=False)
         LlamaGrammar.from_string(compile_constraint(constraint, reasoning=True), verbose=False)
     LlamaGrammar.from_string(compile_call_continuation(AUTO), verbose=False)
+
+
+def test_runs_count_blocks_of_consecutive_slots():
+    assert [_runs(slots) for slots in (set(), {3}, {0, 1, 2}, {0, 2}, {0, 1, 3, 5, 6})] == [0, 1, 1, 2, 3]
 
 
 def test_the_reused_prefix_always_leaves_the_last_prompt_token_to_evaluate():
@@ -188,6 +193,30 @@ async def test_per_sequence_caches_decode_long_requests_together_and_keep_their_
         assert warm.cached_tokens == cold.input_tokens - 1
     finally:
         await engine.close()
+
+
+@pytest.mark.model
+async def test_a_step_hands_its_tokens_to_llama_cpp_in_slot_order(monkeypatch):
+    # With a cache per sequence, llama.cpp splits a batch wherever sequence ids stop rising.
+    import llama_cpp
+
+    engine = LlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=1024, threads=0,
+                            sequences=4, kv_cache="per_sequence")
+    try:
+        await asyncio.gather(*(run(engine, prompt, max_tokens=2) for prompt in PROMPTS[:4]))  # slot k: prompt k
+        real_decode, steps = llama_cpp.llama_decode, []
+
+        def recording_decode(ctx, batch):
+            steps.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+            return real_decode(ctx, batch)
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+        # Each prompt goes back to its cached slot, so they arrive in the reverse of slot order.
+        await asyncio.gather(*(run(engine, prompt, max_tokens=12) for prompt in reversed(PROMPTS[:4])))
+    finally:
+        await engine.close()
+    assert any(len(set(step)) == 4 for step in steps)
+    assert all(step == sorted(step) for step in steps)
 
 
 def test_an_unknown_kv_cache_layout_is_refused():
