@@ -49,8 +49,27 @@ def serving_section(result: dict) -> list[str]:
     return lines
 
 
-def cpu_section(result: dict) -> list[str]:
-    lines = ["## CPU engine: Parley (llama.cpp in-process) vs llama.cpp's llama-server, same GGUF", "",
+def _kv_cache(result: dict) -> str:
+    """Parley's KV layout in a CPU engine run; runs before the setting existed used the shared pool."""
+    return result["parameters"].get("parley_kv_cache", "shared")
+
+
+KV_CACHE_TITLES = {"per_sequence": "Parley with a KV cache per sequence, as llama-server's slots",
+                   "shared": "Parley with its default shared KV pool"}
+
+
+def latest_cpu_runs() -> dict[str, dict]:
+    """The latest CPU engine run of each Parley KV layout, llama-server's own layout first."""
+    latest = {}
+    for path in sorted(RESULTS.glob("cpu_engine-2*.json")):
+        result = json.loads(path.read_text())
+        latest[_kv_cache(result)] = result
+    return {layout: latest[layout] for layout in KV_CACHE_TITLES if layout in latest}
+
+
+def cpu_section(result: dict, image: str) -> list[str]:
+    lines = ["## CPU engine: Parley (llama.cpp in-process) vs llama.cpp's llama-server, same GGUF: "
+             + KV_CACHE_TITLES[_kv_cache(result)], "",
              f"Machine: {_machine(result)}  ", f"Command: `{result['command']}` ({result['when']})  ",
              f"{result['parameters']['description']}", "",
              "| server | concurrency | output tokens/s | every round's tokens/s | TTFT p50 / p99 (ms) | requests "
@@ -64,7 +83,7 @@ def cpu_section(result: dict) -> list[str]:
               "|---|---|---|"]
     for level, ratio in result["parley_vs_llama_server"].items():
         lines.append(f"| {level} | {ratio['tokens_per_second_ratio']} | {ratio['ttft_p50_ms']} |")
-    lines += ["", "![cpu engine](cpu_engine.png)", ""]
+    lines += ["", f"![cpu engine]({image})", ""]
     return lines
 
 
@@ -116,13 +135,13 @@ def history_section() -> list[str]:
                      f"{parley['tokens_per_second']:,.0f} | {base['tokens_per_second']:,.0f} | {ratio} | {ttft} | "
                      f"{result['idle_stream_memory']['kib_per_idle_stream']} |" if parley and base else
                      f"| {result['when']} | {_measured(result)} | {ceiling} | | | | | |")
-    lines += ["", "| CPU engine run | CPU | Parley commit | llama-server tok/s at 1 | ratio at 1 | ratio at 4 "
-              "| ratio at 8 |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| CPU engine run | CPU | Parley commit | Parley KV cache | llama-server tok/s at 1 | ratio at 1 "
+              "| ratio at 4 | ratio at 8 |", "|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("cpu_engine-2*.json")):
         result = json.loads(path.read_text())
         ratios = result["parley_vs_llama_server"]
         peer = _run(result, "llama-server", 1)
-        lines.append(f"| {result['when']} | {_measured(result)} | "
+        lines.append(f"| {result['when']} | {_measured(result)} | {_kv_cache(result)} | "
                      f"{peer['tokens_per_second'] if peer else ''} | "
                      + " | ".join(str(ratios.get(str(level), {}).get("tokens_per_second_ratio", "")) for level in (1, 4, 8))
                      + " |")
@@ -144,10 +163,10 @@ def main() -> None:
     if serving:
         lines += serving_section(serving)
         chart(serving, RESULTS / "serving.png", "Streamed tokens/s through Envoy (synthetic engine)")
-    cpu = _load("cpu_engine")
-    if cpu:
-        lines += cpu_section(cpu)
-        chart(cpu, RESULTS / "cpu_engine.png", "SmolLM2-135M Q4_1 on 2 cores: output tokens/s")
+    for layout, cpu in latest_cpu_runs().items():
+        image = "cpu_engine.png" if layout == "per_sequence" else f"cpu_engine-{layout}.png"
+        lines += cpu_section(cpu, image)
+        chart(cpu, RESULTS / image, f"SmolLM2-135M Q4_1 on 2 cores, Parley KV {layout}: output tokens/s")
     lines += history_section()
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'README.md'}")
