@@ -63,7 +63,7 @@ class Settings:
         if self.engine_threads < 0:
             problems.append("engine_threads must be >= 0 (0 = all cores)")
         if self.kv_cache not in KV_CACHE_LAYOUTS:
-            problems.append(f"kv_cache must be 'shared' or 'per_sequence', got {self.kv_cache!r}")
+            problems.append(f"kv_cache must be one of {', '.join(KV_CACHE_LAYOUTS)}, got {self.kv_cache!r}")
         if self.max_request_body_bytes < 1024:
             problems.append("max_request_body_bytes must be >= 1024")
         if self.default_max_output_tokens < 16:

@@ -27,7 +27,7 @@ def test_env_then_flags_then_overrides():
     ({"PARLEY_LOG_PROMPTS": "maybe"}, "must be a boolean"),
     ({"PARLEY_MODEL_PATH": "/nonexistent.gguf"}, "is not a file"),
     ({"PARLEY_DEFAULT_MAX_OUTPUT_TOKENS": "8"}, ">= 16"),
-    ({"PARLEY_KV_CACHE": "paged"}, "kv_cache must be .shared. or .per_sequence."),
+    ({"PARLEY_KV_CACHE": "paged"}, "kv_cache must be one of shared, per_sequence"),
 ])
 def test_bad_settings_stop_start_up_with_a_clear_message(environ, message):
     with pytest.raises(ValueError, match=message):

@@ -322,10 +322,10 @@ class LlamaCppEngine:
         With a cache per sequence, equal prefixes go next to the slot that leaves the fewest runs
         of consecutive `busy` slots: llama.cpp evaluates each run in a pass over the weights of
         its own, every step (at concurrency 8 here, eight runs decoded 1.5 times slower than one)."""
-        shared = _shared_prefix(self._slot_tokens[slot], prompt)
+        saved = _shared_prefix(self._slot_tokens[slot], prompt)
         if self._shared_kv:
-            return shared, -self._slot_used_at[slot]
-        return shared, -_runs(busy | {slot}), -self._slot_used_at[slot]
+            return saved, -self._slot_used_at[slot]
+        return saved, -_runs(busy | {slot}), -self._slot_used_at[slot]
 
     def _trim_idle_prefixes(self, active: list[_Sequence]) -> None:
         """In the unified KV pool every decoded token attends over every occupied cell, idle slots'
