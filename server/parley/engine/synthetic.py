@@ -37,10 +37,13 @@ class SyntheticEngine:
         sent = 0
         while sent < total:
             if self.tokens_per_second > 0:
-                due = min(total, int((loop.time() - start) * self.tokens_per_second) + 1)
-                if due <= sent:
-                    await asyncio.sleep((sent + 1) / self.tokens_per_second - (loop.time() - start))
-                    continue
+                # Token `sent` (from 0) is due at sent / rate. It goes when its timer fires, even
+                # a little early (uvloop's timers count whole milliseconds): one wake-up per
+                # token, as a model's, not a spin until the clock agrees. Overdue tokens go too.
+                delay = sent / self.tokens_per_second - (loop.time() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                due = min(total, max(sent + 1, int((loop.time() - start) * self.tokens_per_second) + 1))
             else:
                 await asyncio.sleep(0)
                 due = min(total, sent + BURST)

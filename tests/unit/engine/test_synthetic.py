@@ -1,0 +1,36 @@
+import asyncio
+
+from parley.engine.base import Finished, SamplingParams
+from parley.engine.synthetic import BURST, SyntheticEngine
+
+
+async def steps(engine: SyntheticEngine, max_tokens: int = 1000) -> list:
+    return [step async for step in engine.generate([1, 2, 3], SamplingParams(max_tokens=max_tokens))]
+
+
+async def test_paced_tokens_come_one_per_step_at_the_rate(monkeypatch):
+    # A paced engine stands in for a model that emits a token at a time: one token per step,
+    # the k-th (from 0) at k / rate, never two at once (the pace of a CPU model in benchmarks),
+    # and one timer per token: the serving path's cost per token is measured beside it.
+    sleeps = []
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda delay: sleeps.append(delay) or real_sleep(delay))
+    engine = SyntheticEngine(output_tokens=4, tokens_per_second=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await steps(engine)
+    elapsed = loop.time() - started
+    assert [len(step) for step in result[:-1]] == [1, 1, 1, 1]
+    assert len(sleeps) == 3  # the first token is due at once
+    assert result[-1] == Finished("stop", 3, 4)
+    assert elapsed >= 0.29  # the 4th token is due at 0.3 s (timers may fire up to a ms early)
+
+
+async def test_unpaced_tokens_come_in_bursts_and_max_tokens_cuts_with_length():
+    engine = SyntheticEngine(output_tokens=40)
+    result = await steps(engine)
+    assert [len(step) for step in result[:-1]] == [BURST, BURST, 40 - 2 * BURST]
+    assert result[-1] == Finished("stop", 3, 40)
+    cut = await steps(engine, max_tokens=5)
+    assert [len(step) for step in cut[:-1]] == [5]
+    assert cut[-1] == Finished("length", 3, 5)
