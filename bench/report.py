@@ -40,6 +40,7 @@ def serving_section(result: dict) -> list[str]:
     lines += ["", f"Idle open streams: {memory['streams']} streams grew the server's RSS by "
                   f"{memory['server_rss_growth_mb']} MiB: **{memory['kib_per_idle_stream']} KiB per idle stream**.",
               ""]
+    lines += paced_section(result)
     ceiling = result.get("pipeline_ceiling")
     if ceiling:
         lines += [f"Pipeline alone (no gRPC, no Envoy; in-process, {ceiling['streams']} streams): "
@@ -47,6 +48,23 @@ def serving_section(result: dict) -> list[str]:
                   "However fast the transport, one core of this per-token work caps Parley there.", ""]
     lines += ["![serving](serving.png)", ""]
     return lines
+
+
+def paced_section(result: dict) -> list[str]:
+    """CPU per token when tokens come at a model's pace: one message each, no batching to amortize it."""
+    paced = result.get("paced")
+    if not paced:
+        return []
+    lines = [f"At a CPU model's pace ({paced['tokens_per_second_per_stream']:g} tokens/s per stream, "
+             f"{paced['messages_per_response']} gRPC messages per response): CPU per streamed token, in µs.", "",
+             "| streams | Parley server | baseline server | Parley Envoy | baseline Envoy |", "|---|---|---|---|---|"]
+    for level in sorted({run["concurrency"] for run in paced["runs"]}):
+        ours, base = (next(r for r in paced["runs"] if r["target"] == target and r["concurrency"] == level)
+                      for target in ("parley", "baseline"))
+        lines.append(f"| {level} | {ours['server_cpu_s_per_1k_tokens'] * 1000:.0f} | "
+                     f"{base['server_cpu_s_per_1k_tokens'] * 1000:.0f} | {ours['envoy_cpu_s_per_1k_tokens'] * 1000:.0f} | "
+                     f"{base['envoy_cpu_s_per_1k_tokens'] * 1000:.0f} |")
+    return lines + [""]
 
 
 def _kv_cache(result: dict) -> str:

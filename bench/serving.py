@@ -1,11 +1,14 @@
 """Serving path: Parley on the synthetic engine vs a minimal grpc.aio baseline, both behind Envoy.
 
   python bench/serving.py [--levels 1,16,64,256] [--seconds 10] [--tokens 256]
+                          [--paced-rate 100] [--paced-levels 1,8]
 
 For each concurrency level, Parley then the baseline (both stay up and take turns, so drift in
 the shared machine's speed hits both alike): streamed tokens/s (delta events received), TTFT
-and ITL p50/p99, and server and Envoy CPU seconds per 1,000 tokens. Then the resident memory of an idle open stream,
-and the pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
+and ITL p50/p99, and server and Envoy CPU seconds per 1,000 tokens. The same again with tokens
+paced as a small model on CPU emits them (one message per token): what the serving path costs
+beside an engine that shares its cores. Then the resident memory of an idle open stream, and the
+pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
 """
@@ -136,6 +139,36 @@ async def pipeline_ceiling(workdir: Path, tokens: int, streams: int = 64, per_st
             "cpu_us_per_token": round(cpu / produced * 1e6, 2)}
 
 
+async def side_by_side(workdir: Path, body: bytes, tokens: int, rate: float, levels: list[int],
+                       seconds: float) -> tuple[list[dict], list[list[str]]]:
+    """Parley on the synthetic engine (paced at `rate` tokens/s per stream; 0: unpaced) and the
+    baseline sending Parley's own messages at the same pace, each behind its own Envoy, taking
+    turns at every level. Returns the runs and the messages of one Parley response."""
+    runs = []
+    grpc_port, baseline_port = free_port(), free_port()
+    command, env = parley_command(grpc_port, str(workdir / f"bench-{rate:g}.sqlite3"), tokens, rate)
+    server = baseline = None
+    gateways: list[Envoy] = []
+    try:
+        server = start(command, env, "listening on")
+        batches = await capture_batches(grpc_port, body)
+        events = workdir / f"events-{rate:g}.json"
+        events.write_text(json.dumps(batches))
+        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
+                          str(events), str(rate)], {}, "listening on")
+        targets = [("parley", server, gateway(grpc_port)), ("baseline", baseline, gateway(baseline_port))]
+        gateways = [envoy for _, _, envoy in targets]
+        for level in levels:
+            for target, process, envoy in targets:
+                runs.append(await measure(target, process.pid, envoy, body, level, seconds))
+    finally:
+        for envoy in gateways:
+            envoy.stop()
+        stop(server)
+        stop(baseline)
+    return runs, batches
+
+
 def gateway(grpc_port: int) -> Envoy:
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)
@@ -149,6 +182,9 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--idle-streams", type=int, default=200)
+    parser.add_argument("--paced-rate", type=float, default=100,
+                        help="tokens/s per stream of the paced runs (a small model on CPU: ~100)")
+    parser.add_argument("--paced-levels", default="1,8")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": args.tokens})
@@ -159,27 +195,12 @@ async def main() -> None:
     print(json.dumps({"pipeline_ceiling": ceiling}), flush=True)
     # Both servers stay up, each behind its own Envoy, and take turns at every level: the
     # machine's speed drifts over minutes, and a ratio must compare like with like.
-    runs = []
-    grpc_port, baseline_port = free_port(), free_port()
-    command, env = parley_command(grpc_port, str(workdir / "bench.sqlite3"), args.tokens)
-    server = baseline = None
-    gateways: list[Envoy] = []
-    try:
-        server = start(command, env, "listening on")
-        batches = await capture_batches(grpc_port, body)
-        (workdir / "events.json").write_text(json.dumps(batches))
-        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
-                          str(workdir / "events.json")], {}, "listening on")
-        targets = [("parley", server, gateway(grpc_port)), ("baseline", baseline, gateway(baseline_port))]
-        gateways = [envoy for _, _, envoy in targets]
-        for level in levels:
-            for target, process, envoy in targets:
-                runs.append(await measure(target, process.pid, envoy, body, level, args.seconds))
-    finally:
-        for envoy in gateways:
-            envoy.stop()
-        stop(server)
-        stop(baseline)
+    runs, batches = await side_by_side(workdir, body, args.tokens, 0, levels, args.seconds)
+    # At a CPU model's pace every token is a message of its own: what the serving path costs
+    # then is CPU taken from an engine that needs the same cores.
+    paced_levels = [int(level) for level in args.paced_levels.split(",")]
+    paced_runs, paced_batches = await side_by_side(workdir, body, args.tokens, args.paced_rate, paced_levels,
+                                                   args.seconds)
     memory = await idle_stream_memory(workdir, args.tokens, args.idle_streams)
     print(json.dumps(memory), flush=True)
     ratios = {}
@@ -193,7 +214,9 @@ async def main() -> None:
                                            "messages_per_response": len(batches),
                                            "events_per_response": sum(len(b) for b in batches)},
                             "runs": runs, "idle_stream_memory": memory, "pipeline_ceiling": ceiling,
-                            "parley_vs_baseline": ratios})
+                            "parley_vs_baseline": ratios,
+                            "paced": {"tokens_per_second_per_stream": args.paced_rate,
+                                      "messages_per_response": len(paced_batches), "runs": paced_runs}})
     print(f"wrote {path}")
 
 
