@@ -43,13 +43,19 @@ class EventSink:
 
     What is handed over is written at most `interval` later, in the order it was handed over
     (a row before its events, events before the final document), and followers on every
-    replica are woken after each write.
+    replica are woken after each write. Events handed over as `lazy` (a foreground stream's,
+    which its own stream already carries, while nobody here follows it) may wait up to
+    `lazy_interval`, or until anything else is written: at a model's pace of a token or two
+    per write, each write's thread wake-ups cost more CPU than the whole token's serving path,
+    CPU the engine beside it needs.
     """
 
-    def __init__(self, store: ResponseStore, signals: LocalSignals, interval: float = 0.02):
+    def __init__(self, store: ResponseStore, signals: LocalSignals, interval: float = 0.02,
+                 lazy_interval: float = 0.25):
         self.store = store
         self.signals = signals
         self.interval = interval
+        self.lazy_interval = lazy_interval
         self._pending: dict[str, list[EventRun]] = {}
         self._creates: list[tuple] = []
         self._finishes: dict[str, tuple[dict, tuple[str, ...]]] = {}
@@ -63,19 +69,27 @@ class EventSink:
         self._creates.append((json_copy(response), input_items, owner, lease_until))
         self.add(response["id"], [])
 
-    def add(self, response_id: str, runs: list[EventRun]) -> None:
+    def add(self, response_id: str, runs: list[EventRun], lazy: bool = False) -> None:
         self._pending.setdefault(response_id, []).extend(runs)
-        self._schedule()
+        lazy = lazy and not self.signals.watched(EVENTS, response_id)
+        self._schedule(self.lazy_interval if lazy else self.interval)
 
     def finish(self, response: dict, expected: tuple[str, ...]) -> None:
         """The final document, written after the response's events if its stored status is in
         `expected`. The document must not change any more (its run has ended)."""
         self._finishes[response["id"]] = (response, expected)
-        self._schedule()
+        self._schedule(self.interval)
 
-    def _schedule(self) -> None:
-        if self._timer is None and self._task is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+    def _schedule(self, delay: float) -> None:
+        if self._task is not None:
+            return  # the running write goes on with what arrives meanwhile
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(due, self._start)
 
     def _start(self) -> None:
         self._timer = None
@@ -152,7 +166,9 @@ class PreparedResponse:
             lines = batch.encoded
             if plain_texts:
                 lines = lines[:-len(plain_texts)] + [text_run_line(batch[-len(plain_texts)], plain_texts)]
-            self.sink.add(self.response["id"], [(first, first + len(batch) - 1, b"\n".join(lines))])
+            # A background response's followers read its stream from the store: it goes promptly.
+            self.sink.add(self.response["id"], [(first, first + len(batch) - 1, b"\n".join(lines))],
+                          lazy=not self.params.background)
         return batch
 
 

@@ -37,6 +37,10 @@ class LocalSignals:
         for waiter in self._waiters.get((channel, response_id), ()):
             waiter.set()
 
+    def watched(self, channel: str, response_id: str) -> bool:
+        """Whether anyone in this process waits for `channel` of `response_id` now."""
+        return (channel, response_id) in self._waiters
+
     @contextlib.contextmanager
     def watch(self, channel: str, response_id: str):
         """An asyncio.Event set whenever `channel` fires for `response_id` while watched."""

@@ -1,0 +1,105 @@
+"""EventSink: when what is handed over gets written. Only lower bounds on time are asserted
+(a timer never fires early); upper bounds are generous timeouts."""
+
+import asyncio
+
+import pytest
+from parley.engine.scripted import ScriptedEngine
+from parley.service.responses import EventSink
+from parley.store.signals import EVENTS, LocalSignals
+
+from tests.support.pipeline import service_on, stream
+
+LAZY = 0.5
+
+
+class RecordingStore:
+    """Records each write: when it started and which responses' runs it held."""
+
+    def __init__(self):
+        self.writes: list[tuple[float, dict]] = []
+
+    async def append_event_batches(self, batches, creates=(), finishes=()):
+        self.writes.append((asyncio.get_running_loop().time(), dict(batches)))
+
+
+@pytest.fixture
+def store():
+    return RecordingStore()
+
+
+@pytest.fixture
+def sink(store):
+    return EventSink(store, LocalSignals(), interval=0.01, lazy_interval=LAZY)
+
+
+async def written(store: RecordingStore, count: int = 1) -> None:
+    async with asyncio.timeout(5):
+        while len(store.writes) < count:
+            await asyncio.sleep(0.005)
+
+
+async def test_lazy_events_wait_for_the_lazy_interval(sink, store):
+    added = asyncio.get_running_loop().time()
+    sink.add("resp_a", [(0, 0, b"a")], lazy=True)
+    await written(store)
+    assert store.writes[0][0] - added >= LAZY - 0.002  # timers may round to the millisecond
+    assert store.writes[0][1] == {"resp_a": [(0, 0, b"a")]}
+
+
+async def test_anything_prompt_takes_pending_lazy_events_along(sink, store):
+    sink.add("resp_a", [(0, 0, b"a")], lazy=True)
+    await asyncio.sleep(0.05)
+    assert store.writes == []
+    sink.add("resp_b", [(0, 0, b"b")])
+    await written(store)
+    assert store.writes[0][1] == {"resp_a": [(0, 0, b"a")], "resp_b": [(0, 0, b"b")]}
+    await asyncio.sleep(LAZY + 0.1)
+    assert len(store.writes) == 1  # the lazy timer went with the write: nothing left to write
+
+
+async def test_a_final_document_takes_pending_lazy_events_along(sink, store):
+    added = asyncio.get_running_loop().time()
+    sink.add("resp_a", [(0, 0, b"a")], lazy=True)
+    sink.finish({"id": "resp_a", "status": "completed"}, ("in_progress",))
+    await written(store)
+    assert store.writes[0][0] - added < LAZY
+    assert store.writes[0][1] == {"resp_a": [(0, 0, b"a")]}
+
+
+async def test_events_someone_here_follows_are_never_lazy(store):
+    signals = LocalSignals()
+    sink = EventSink(store, signals, interval=0.01, lazy_interval=60)
+    with signals.watch(EVENTS, "resp_a") as wake:
+        sink.add("resp_a", [(0, 0, b"a")], lazy=True)
+        async with asyncio.timeout(5):
+            await wake.wait()
+    assert store.writes[0][1] == {"resp_a": [(0, 0, b"a")]}
+
+
+async def test_flush_writes_lazy_events_at_once(sink, store):
+    sink.add("resp_a", [(0, 0, b"a")], lazy=True)
+    async with asyncio.timeout(LAZY / 2):
+        await sink.flush("resp_a")
+    assert store.writes[0][1] == {"resp_a": [(0, 0, b"a")]}
+
+
+async def test_foreground_events_are_lazy_and_background_ones_are_not(tmp_path, monkeypatch):
+    handed: list[tuple[str, bool]] = []
+    real_add = EventSink.add
+
+    def spy(self, response_id, runs, lazy=False):
+        if runs:
+            handed.append((response_id, lazy))
+        real_add(self, response_id, runs, lazy)
+
+    monkeypatch.setattr(EventSink, "add", spy)
+    engine = ScriptedEngine(model_id="scripted", context_window=256, script=["Hel", "lo"])
+    async with service_on(tmp_path / "s.sqlite3", engine) as service:
+        events = await stream(service, input="hi")
+        foreground = events[0]["response"]["id"]
+        queued = await service.create({"model": "scripted", "input": "hi", "background": True})
+        async for _batch in service.follow(queued["id"]):
+            pass
+    assert {lazy for response_id, lazy in handed if response_id == foreground} == {True}
+    assert {lazy for response_id, lazy in handed if response_id == queued["id"]} == {False}
