@@ -40,11 +40,20 @@ def serving_section(result: dict) -> list[str]:
     lines += ["", f"Idle open streams: {memory['streams']} streams grew the server's RSS by "
                   f"{memory['server_rss_growth_mb']} MiB: **{memory['kib_per_idle_stream']} KiB per idle stream**.",
               ""]
+    cost = result.get("message_cost")
+    if cost:
+        lines += [f"gRPC and Envoy alone (the baseline sending one response's frames in "
+                  f"{', '.join(str(point['messages']) for point in cost['points'])} messages, {cost['streams']} "
+                  f"streams; a least-squares line through CPU per response): the server "
+                  f"**{cost['server_us_per_response']} µs per response + {cost['server_us_per_message']} µs per "
+                  f"message**, Envoy {cost['envoy_us_per_response']} µs + {cost['envoy_us_per_message']} µs.", ""]
     lines += paced_section(result)
     ceiling = result.get("pipeline_ceiling")
     if ceiling:
         lines += [f"Pipeline alone (no gRPC, no Envoy; in-process, {ceiling['streams']} streams): "
-                  f"**{ceiling['cpu_us_per_token']} µs of CPU per token**, {ceiling['tokens_per_second']:,} tokens/s. "
+                  f"**{ceiling['cpu_us_per_token']} µs of CPU per token** "
+                  f"({ceiling['cpu_us_per_token'] * result['parameters']['output_tokens'] / 1000:.2f} ms per response), "
+                  f"{ceiling['tokens_per_second']:,} tokens/s. "
                   "However fast the transport, one core of this per-token work caps Parley there.", ""]
     lines += ["![serving](serving.png)", ""]
     return lines

@@ -1,13 +1,14 @@
 """Serving path: Parley on the synthetic engine vs a minimal grpc.aio baseline, both behind Envoy.
 
   python bench/serving.py [--levels 1,16,64,256] [--seconds 10] [--tokens 256]
-                          [--paced-rate 100] [--paced-levels 1,8]
+                          [--paced-rate 100] [--paced-levels 1,8] [--message-cost-streams 64]
 
 For each concurrency level, Parley then the baseline (both stay up and take turns, so drift in
 the shared machine's speed hits both alike): streamed tokens/s (delta events received), TTFT
 and ITL p50/p99, and server and Envoy CPU seconds per 1,000 tokens. The same again with tokens
 paced as a small model on CPU emits them (one message per token): what the serving path costs
-beside an engine that shares its cores. Then the resident memory of an idle open stream, and the
+beside an engine that shares its cores. Then gRPC's and Envoy's own cost per response and per
+message (the baseline's frames regrouped into 3 to 32 messages). Then the resident memory of an idle open stream, and the
 pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
@@ -64,7 +65,8 @@ async def measure(target: str, server_pid: int, envoy: Envoy, body: bytes, level
     server_cpu = cpu_seconds(server_pid) - before[0]
     envoy_cpu = cpu_seconds(envoy.process.pid) - before[1]
     thousands = max(result["deltas"], 1) / 1000
-    result.update(target=target, concurrency=level, server_cpu_s_per_1k_tokens=round(server_cpu / thousands, 4),
+    result.update(target=target, concurrency=level, server_cpu_s=round(server_cpu, 3), envoy_cpu_s=round(envoy_cpu, 3),
+                  server_cpu_s_per_1k_tokens=round(server_cpu / thousands, 4),
                   envoy_cpu_s_per_1k_tokens=round(envoy_cpu / thousands, 4),
                   tokens_per_second=round(result["tokens_per_second"], 1), seconds=round(result["seconds"], 2))
     print(json.dumps(result), flush=True)
@@ -169,6 +171,48 @@ async def side_by_side(workdir: Path, body: bytes, tokens: int, rate: float, lev
     return runs, batches
 
 
+async def message_cost(workdir: Path, body: bytes, batches: list[list[str]], level: int,
+                       seconds: float, groupings: tuple[int, ...] = (3, 8, 16, 32)) -> dict:
+    """What gRPC and Envoy cost per response and per message, with no Parley logic at all: the
+    baseline sends one Parley response's frames regrouped into N messages, and a least-squares
+    line through CPU per response against N splits the cost into a fixed part and a part per
+    message."""
+    frames = [frame for batch in batches for frame in batch]
+    points = []
+    for count in groupings:
+        size = -(-len(frames) // count)
+        groups = [frames[start:start + size] for start in range(0, len(frames), size)]
+        events = workdir / f"events-{len(groups)}-messages.json"
+        events.write_text(json.dumps(groups))
+        port = free_port()
+        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(port), str(events)],
+                         {}, "listening on")
+        envoy = None
+        try:
+            envoy = gateway(port)
+            run = await measure(f"baseline, {len(groups)} messages", baseline.pid, envoy, body, level, seconds)
+        finally:
+            if envoy is not None:
+                envoy.stop()
+            stop(baseline)
+        responses = max(run["requests"], 1)
+        points.append((len(groups), run["server_cpu_s"] / responses * 1e6, run["envoy_cpu_s"] / responses * 1e6))
+
+    def line(values: list[float]) -> tuple[float, float]:
+        counts = [point[0] for point in points]
+        mean_count, mean_value = sum(counts) / len(counts), sum(values) / len(values)
+        slope = (sum((c - mean_count) * (v - mean_value) for c, v in zip(counts, values, strict=True))
+                 / sum((c - mean_count) ** 2 for c in counts))
+        return mean_value - slope * mean_count, slope
+
+    server_fixed, server_per_message = line([point[1] for point in points])
+    envoy_fixed, envoy_per_message = line([point[2] for point in points])
+    return {"streams": level, "points": [{"messages": n, "server_cpu_us_per_response": round(server, 1),
+                                           "envoy_cpu_us_per_response": round(envoy, 1)} for n, server, envoy in points],
+            "server_us_per_response": round(server_fixed), "server_us_per_message": round(server_per_message, 1),
+            "envoy_us_per_response": round(envoy_fixed), "envoy_us_per_message": round(envoy_per_message, 1)}
+
+
 def gateway(grpc_port: int) -> Envoy:
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)
@@ -185,6 +229,7 @@ async def main() -> None:
     parser.add_argument("--paced-rate", type=float, default=100,
                         help="tokens/s per stream of the paced runs (a small model on CPU: ~100)")
     parser.add_argument("--paced-levels", default="1,8")
+    parser.add_argument("--message-cost-streams", type=int, default=64)
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": args.tokens})
@@ -201,6 +246,8 @@ async def main() -> None:
     paced_levels = [int(level) for level in args.paced_levels.split(",")]
     paced_runs, paced_batches = await side_by_side(workdir, body, args.tokens, args.paced_rate, paced_levels,
                                                    args.seconds)
+    grpc_cost = await message_cost(workdir, body, batches, args.message_cost_streams, args.seconds)
+    print(json.dumps({"message_cost": grpc_cost}), flush=True)
     memory = await idle_stream_memory(workdir, args.tokens, args.idle_streams)
     print(json.dumps(memory), flush=True)
     ratios = {}
@@ -215,6 +262,7 @@ async def main() -> None:
                                            "events_per_response": sum(len(b) for b in batches)},
                             "runs": runs, "idle_stream_memory": memory, "pipeline_ceiling": ceiling,
                             "parley_vs_baseline": ratios,
+                            "message_cost": grpc_cost,
                             "paced": {"tokens_per_second_per_stream": args.paced_rate,
                                       "messages_per_response": len(paced_batches), "runs": paced_runs}})
     print(f"wrote {path}")
