@@ -8,8 +8,9 @@ the shared machine's speed hits both alike): streamed tokens/s (delta events rec
 and ITL p50/p99, and server and Envoy CPU seconds per 1,000 tokens. The same again with tokens
 paced as a small model on CPU emits them (one message per token): what the serving path costs
 beside an engine that shares its cores. Then gRPC's and Envoy's own cost per response and per
-message (the baseline's frames regrouped into 3 to 32 messages). Then the resident memory of an idle open stream, and the
-pipeline's own CPU per token with no transport at all (the ceiling any transport meets).
+message (the baseline's frames regrouped into 3 to 32 messages), the resident memory of an
+idle open stream, and the pipeline's own CPU per token with no transport at all (the ceiling
+any transport meets).
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
 """
