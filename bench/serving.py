@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,6 +143,13 @@ async def pipeline_ceiling(workdir: Path, tokens: int, streams: int = 64, per_st
             "cpu_us_per_token": round(cpu / produced * 1e6, 2)}
 
 
+def start_baseline(port: int, events: Path, rate: float = 0) -> subprocess.Popen:
+    """bench/baseline_server.py on `port`, sending the messages in `events` (paced at `rate`
+    tokens/s per stream; 0: as fast as it can)."""
+    return start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(port), str(events), str(rate)],
+                 {}, "listening on")
+
+
 async def side_by_side(workdir: Path, body: bytes, tokens: int, rate: float, levels: list[int],
                        seconds: float) -> tuple[list[dict], list[list[str]]]:
     """Parley on the synthetic engine (paced at `rate` tokens/s per stream; 0: unpaced) and the
@@ -157,8 +165,7 @@ async def side_by_side(workdir: Path, body: bytes, tokens: int, rate: float, lev
         batches = await capture_batches(grpc_port, body)
         events = workdir / f"events-{rate:g}.json"
         events.write_text(json.dumps(batches))
-        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(baseline_port),
-                          str(events), str(rate)], {}, "listening on")
+        baseline = start_baseline(baseline_port, events, rate)
         targets = [("parley", server, gateway(grpc_port)), ("baseline", baseline, gateway(baseline_port))]
         gateways = [envoy for _, _, envoy in targets]
         for level in levels:
@@ -186,8 +193,7 @@ async def message_cost(workdir: Path, body: bytes, batches: list[list[str]], lev
         events = workdir / f"events-{len(groups)}-messages.json"
         events.write_text(json.dumps(groups))
         port = free_port()
-        baseline = start([sys.executable, str(Path(__file__).parent / "baseline_server.py"), str(port), str(events)],
-                         {}, "listening on")
+        baseline = start_baseline(port, events)
         envoy = None
         try:
             envoy = gateway(port)
