@@ -17,11 +17,15 @@ help:
 	@echo "make lint    ruff (pyflakes, bugbear, import order)"
 	@echo "make bench   serving-path and CPU-engine benchmarks; results in bench/results/"
 
+# llama.cpp is compiled for this CPU (-march=native), except Intel AMX: sandboxes and some VMs
+# report AMX in cpuid but refuse its tile instructions (SIGILL at the first matrix product).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing Parley and its dependencies into $(VENV) (the first time compiles llama.cpp: several minutes; pip caches the wheel)"
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -e '.[test]'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install --disable-pip-version-check -e '.[test]'
 	@touch $@
 
 install: $(STAMP)
