@@ -25,6 +25,9 @@ from parley.transport.servicers import add_servicers
 
 log = get_logger(__name__)
 
+# How often the engine's health is polled for the gRPC health service (a cheap in-process check).
+ENGINE_HEALTH_INTERVAL_SECONDS = 1.0
+
 
 def build_store(settings: Settings):
     if settings.store_dsn:
@@ -49,6 +52,8 @@ class App:
         self.grpc_port: int | None = None
         self.service: ResponsesService | None = None
         self._maintenance: asyncio.Task | None = None
+        self._engine_watch: asyncio.Task | None = None
+        self._services: list[str] = []
 
     async def start(self) -> int:
         if self.engine is None:
@@ -71,17 +76,38 @@ class App:
             ("grpc.keepalive_time_ms", 30000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10000),
         ])
-        services = add_servicers(self.server, self.service)
+        self._services = add_servicers(self.server, self.service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
+        reflection.enable_server_reflection([*self._services, reflection.SERVICE_NAME, health.SERVICE_NAME],
+                                            self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
-        for name in ("", *services):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._report_health(True)
+        self._engine_watch = asyncio.create_task(self._watch_engine(), name="engine-health")
         log.info("server.started", grpc=f"{self.settings.grpc_host}:{self.grpc_port}", model=self.engine.model_id,
                  engine=self.settings.engine, store="postgres" if self.settings.store_dsn else self.settings.store_path,
                  replica=self.replica_id)
         return self.grpc_port
+
+    async def _report_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._services):
+            await self.health.set(name, status)
+
+    async def _watch_engine(self) -> None:
+        """A dead engine turns the health service NOT_SERVING (probes fail, the pod restarts);
+        an engine that comes back turns it SERVING again."""
+        serving = True
+        while True:
+            await asyncio.sleep(ENGINE_HEALTH_INTERVAL_SECONDS)
+            state = self.engine.health()
+            if state.ok != serving:
+                serving = state.ok
+                if serving:
+                    log.info("engine.healthy", engine=self.settings.engine)
+                else:
+                    log.error("engine.unhealthy", engine=self.settings.engine, detail=state.detail)
+                await self._report_health(serving)
 
     async def _maintain_forever(self) -> None:
         while True:
@@ -101,10 +127,11 @@ class App:
             # drains concurrently within the same grace.
             await asyncio.gather(self.server.stop(grace),
                                  self.service.shutdown(grace) if self.service else asyncio.sleep(0))
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        for task in (self._maintenance, self._engine_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.service is not None:
             await self.service.drain()
         await self.signals.stop()

@@ -58,6 +58,14 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(ErrorKind.INVALID_REQUEST, message, param, code)
 
 
+def invalid_type(param: str, expected: str, value) -> ApiError:
+    """"Invalid type for 'param': expected X, but got Y instead." (OpenAI's wording)."""
+    got = "null" if value is None else type(value).__name__
+    got = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+           "list": "an array", "dict": "an object"}.get(got, got)
+    return invalid(f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param, "invalid_type")
+
+
 def not_found(message: str, param: str | None = None) -> ApiError:
     return ApiError(ErrorKind.NOT_FOUND, message, param, None)
 

@@ -1,6 +1,10 @@
+import asyncio
+
 import pytest
 from openai import AsyncOpenAI
+from parley import config
 
+from tests.fakes.llamacpp import InstrumentedLlamaCppEngine
 from tests.support.stack import running_stack
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -10,7 +14,8 @@ BODY_LIMIT = 1 << 20  # small, so the 413 test stays cheap
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory):
     """Real SmolLM2 (llama.cpp) behind the real gRPC server and the real Envoy, on free ports."""
-    async with running_stack(tmp_path_factory.mktemp("stack") / "parley.sqlite3",
+    engine = await asyncio.to_thread(InstrumentedLlamaCppEngine.from_settings, config.load(environ={}))
+    async with running_stack(tmp_path_factory.mktemp("stack") / "parley.sqlite3", engine=engine,
                              max_request_body_bytes=BODY_LIMIT) as running:
         yield running
 

@@ -6,8 +6,8 @@ import contextlib
 import openai
 import pytest
 from openai import AsyncOpenAI
-from parley.engine.scripted import ScriptedEngine
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support import postgres
 from tests.support.stack import running_stack
 from tests.support.streams import check_stream
@@ -39,12 +39,13 @@ async def env(request, tmp_path_factory):
 
 
 async def finished(client, response_id, timeout=20):
-    for _ in range(int(timeout / 0.05)):
-        response = await client.responses.retrieve(response_id)
-        if response.status not in ("queued", "in_progress"):
-            return response
-        await asyncio.sleep(0.05)
-    raise AssertionError("the background response never finished")
+    """The stored response once it has ended, found by following its event stream to the end."""
+    async with asyncio.timeout(timeout):
+        async for _event in await client.responses.retrieve(response_id, stream=True):
+            pass
+    response = await client.responses.retrieve(response_id)
+    assert response.status not in ("queued", "in_progress")
+    return response
 
 
 async def test_background_create_returns_queued_then_completes(env):

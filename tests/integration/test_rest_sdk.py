@@ -193,15 +193,9 @@ async def test_unknown_route_and_health(stack):
     async with httpx.AsyncClient() as http:
         reply = await http.get(f"{stack.base_url}/nothing-here")
         assert reply.status_code == 404 and reply.json()["error"]["type"] == "invalid_request_error"
-        # The in-process server answers Envoy's health checks only while an async test runs the
-        # event loop. After synchronous tests (test_lifecycle's take seconds) Envoy may have
-        # marked it unhealthy, and it checks again every 5 s: /healthz must turn 200 by then.
-        healthz = stack.base_url.removesuffix("/v1") + "/healthz"
-        for _ in range(30):
-            health = await http.get(healthz)
-            if health.status_code == 200:
-                break
-            await asyncio.sleep(0.5)
+        # The server runs on its own loop, so Envoy's health checks are answered whatever the
+        # tests before did.
+        health = await http.get(stack.base_url.removesuffix("/v1") + "/healthz")
         assert health.status_code == 200
 
 
@@ -229,16 +223,13 @@ async def test_disconnect_stops_generation_within_two_tokens(stack):
                     deltas += event["type"] == "response.output_text.delta"
                     if deltas == 5:
                         break
-    for _ in range(200):  # the abort reaches the engine thread asynchronously
-        if engine.last_run.produced_when_stopped is not None and engine.last_run.released:
-            break
-        await asyncio.sleep(0.05)
+    # The abort reaches the engine thread asynchronously: wait for the sequence to leave the batch.
+    assert await asyncio.to_thread(engine.last_run.released.wait, 30), "the sequence never left the batch"
     run = engine.last_run
     assert run.produced_when_stopped is not None, "generation was not stopped"
     assert run.produced - run.produced_when_stopped <= 2
     assert run.produced < 2000
-    await stack.app.service.drain()
-    assert (await stack.app.service.get(response_id))["status"] == "cancelled"
+    assert (await stack.call(stack.app.service.get, response_id))["status"] == "cancelled"
 
 
 async def test_background_cancel_stops_the_real_model(stack, client):

@@ -73,6 +73,14 @@ class Finished:
     cache_write_tokens: int = 0  # prompt tokens newly written to a reusable prefix cache
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineHealth:
+    """Whether the engine can generate; `detail` says why not (logged, and in 503 messages)."""
+
+    ok: bool
+    detail: str | None = None
+
+
 # A step is one TextDelta, several that were ready together (a list), or the final Finished.
 EngineEvent = TextDelta | list[TextDelta] | Finished
 
@@ -92,8 +100,15 @@ class Engine(Protocol):
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[EngineEvent]:
         """Stream TextDelta events (a list when several tokens are ready at once), then one Finished.
 
-        Closing the iterator early (aclose, or a cancelled consumer) must stop generation in the
-        engine within a token or two; that is how client disconnects reach the model.
+        Closing the iterator early (aclose, or a cancelled consumer) is the abort: it must stop
+        generation in the engine within a token or two, and release what the request held. An
+        engine whose backend needs an explicit abort call (TensorRT-LLM's `abort()`) makes it in
+        the generator's own `finally`; the service never calls anything else to stop a request.
         """
+
+    def health(self) -> EngineHealth:
+        """Cheap and non-blocking; polled by the server's health reporting and checked before
+        every new request. A dead engine makes the gRPC health service report NOT_SERVING (the
+        pod's probes fail and it restarts) and new requests get 503."""
 
     async def close(self) -> None: ...

@@ -1,8 +1,9 @@
 """GBNF builders for llama.cpp constrained decoding (engine-specific compilation of a Constraint).
 
 The JSON-schema part comes from llama.cpp's own converter (SchemaConverter); this module
-composes it into whole-output grammars: tool calls in the generic format, free text that can
-never contain a tool-call opener, an optional leading reasoning block.
+composes it into whole-output grammars: tool calls in the family's ToolFormat (its markers and
+separators, engine/formats/families.py), free text that can never contain the format's marker,
+an optional leading reasoning block.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 
 from parley.engine.base import Constraint
+from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
 
 
 def _literal(text: str) -> str:
@@ -63,29 +65,37 @@ class GrammarBuilder:
         return "\n".join(lines) + "\n"
 
 
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 4  # a small model must not loop on calls until max_output_tokens
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _add_calls(builder: GrammarBuilder, constraint: Constraint) -> None:
-    """Rules `tail` (a call after its opener), `call` and `calls` (one, or up to the cap)."""
-    tails = []
+def _sequence(*parts: str) -> str:
+    """GBNF for consecutive parts; literal text is given as already-quoted literals or rules."""
+    return " ".join(part for part in parts if part and part != '""')
+
+
+def _add_calls(builder: GrammarBuilder, constraint: Constraint, fmt: ToolFormat) -> None:
+    """Rules `calls` (the whole call list) and `rest` (the list after its marker was written)."""
+    objects = []
     for index, (name, schema) in enumerate(constraint.tools):
         arguments = builder.schema_rule(schema or {"type": "object"}, f"args{index}")
-        prefix = _literal(f'{{"name": {json.dumps(name)}, "arguments": ')
-        # The newline after the opener is optional: a lazy switch may happen just after it.
-        tails.append(f'"\\n"? {prefix} {arguments} {_literal(chr(125) + chr(10) + TOOL_CLOSE)}')
-    builder.add({"tail": " | ".join(f"( {t} )" for t in tails)})
-    builder.add({"call": f"{_literal(TOOL_OPEN)} tail"})
-    more = f'( "\\n" call ){{0,{MAX_PARALLEL_CALLS - 1}}}' if constraint.parallel else ""
-    builder.add({"calls": f"call {more}".strip(), "rest": f"tail {more}".strip()})
+        prefix = _literal(f'{{"name": {json.dumps(name)}, "{fmt.arguments_key}": ')
+        objects.append(f"( {prefix} {arguments} {_literal(chr(125))} )")
+    builder.add({"object": " | ".join(objects)})
+    builder.add({"call": _sequence(_literal(fmt.call_open), "object", _literal(fmt.call_close))})
+    more = f"( {_literal(fmt.separator)} call ){{0,{MAX_PARALLEL_CALLS - 1}}}" if constraint.parallel else ""
+    builder.add({"calls": _sequence(_literal(fmt.calls_open), "call", more, _literal(fmt.calls_close))})
+    # After a lazy switch, what follows the marker; whitespace there is optional, since the switch
+    # may come just after the marker's token.
+    after = _literal(fmt.after_marker)
+    if fmt.after_marker and not fmt.after_marker.strip():
+        after = f"{after}?"
+    builder.add({"rest": _sequence(after, "object", _literal(fmt.call_close), more, _literal(fmt.calls_close))})
 
 
-def compile_call_continuation(constraint: Constraint) -> str:
-    """For lazy `auto`: the model already wrote the opener; the rest must be valid calls."""
+def compile_call_continuation(constraint: Constraint, fmt: ToolFormat) -> str:
+    """For lazy `auto`: the model already wrote the marker; the rest must be valid calls."""
     builder = GrammarBuilder()
-    _add_calls(builder, constraint)
+    _add_calls(builder, constraint, fmt)
     return builder.build("rest")
 
 
@@ -95,8 +105,8 @@ def lazy(constraint: Constraint | None) -> bool:
         and constraint.schema is None
 
 
-def compile_constraint(constraint: Constraint, reasoning: bool = False) -> str:
-    """A whole-output GBNF grammar for the generic (Hermes-style) tool format."""
+def compile_constraint(constraint: Constraint, fmt: ToolFormat, reasoning: bool = False) -> str:
+    """A whole-output GBNF grammar, tool calls in the family's format `fmt`."""
     builder = GrammarBuilder()
     if constraint.kind == "json_schema":
         body = builder.schema_rule(constraint.schema, "answer")
@@ -106,14 +116,14 @@ def compile_constraint(constraint: Constraint, reasoning: bool = False) -> str:
         if constraint.schema is not None:
             body = builder.schema_rule(constraint.schema, "answer")
         else:
-            builder.add(text_without(TOOL_OPEN, "free"))
+            builder.add(text_without(fmt.marker, "free"))
             body = "free"
     elif constraint.kind == "tools":
-        _add_calls(builder, constraint)
+        _add_calls(builder, constraint, fmt)
         if constraint.schema is not None:  # answering instead of calling follows text.format
             builder.add({"free": builder.schema_rule(constraint.schema, "answer")})
         else:
-            builder.add(text_without(TOOL_OPEN, "free"))
+            builder.add(text_without(fmt.marker, "free"))
         body = "calls" if constraint.mode == "required" else "calls | free"
     else:
         raise ValueError(f"unknown constraint kind {constraint.kind!r}")

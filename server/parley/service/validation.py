@@ -11,9 +11,10 @@ import dataclasses
 import math
 from typing import Any
 
-from parley.errors import ApiError, ErrorKind, invalid
-from parley.ids import new_id
-from parley.service.tools import resolve_tool_choice, validate_text_format, validate_tools
+from parley.engine.base import SamplingParams
+from parley.errors import ApiError, ErrorKind, invalid, invalid_type
+from parley.service.input_items import normalize_input
+from parley.service.tools import build_constraint, resolve_tool_choice, validate_text_format, validate_tools
 
 INCLUDE_VALUES = frozenset({
     "file_search_call.results",
@@ -26,14 +27,17 @@ INCLUDE_VALUES = frozenset({
     "message.output_text.logprobs",
 })
 
+# Only the REST body carries these; the typed API chooses streaming by RPC.
+REST_ONLY_FIELDS = frozenset({"stream", "stream_options"})
+# The typed CreateResponseRequest's fields plus REST_ONLY_FIELDS (a test holds them equal).
 KNOWN_FIELDS = frozenset({
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "top_logprobs",
-    "metadata", "store", "stream", "stream_options", "background", "previous_response_id", "tools",
+    "metadata", "store", "background", "previous_response_id", "tools",
     "tool_choice", "text", "reasoning", "include", "parallel_tool_calls", "truncation", "user",
     "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
     "max_tool_calls", "prompt", "conversation", "prompt_cache_options", "context_management",
     "moderation",
-})
+}) | REST_ONLY_FIELDS
 NOT_YET = {
     "conversation": "The Conversations API is not implemented in this Parley release; use previous_response_id.",
     "prompt": "Prompt templates are not implemented in this Parley release.",
@@ -41,9 +45,7 @@ NOT_YET = {
     "moderation": "Moderation is not available in this Parley release.",
     "prompt_cache_options": "prompt_cache_options is not implemented in this Parley release.",
 }
-ROLES = ("user", "assistant", "system", "developer")
 SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
-SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,23 @@ class CreateParams:
     reasoning: dict | None
     echo: dict  # fields echoed verbatim into the Response (user, service_tier, ...)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in self.include
+
+    @property
+    def shown_tools(self) -> list[dict]:
+        """The tools the model is told about: none under tool_choice none, else every tool."""
+        return [] if self.tool_mode == "none" else self.tools
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """This request lowered to the engine's terms; `max_tokens` is already fitted to the window."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            constraint=build_constraint(self.tool_mode, self.callable_tools, self.parallel_tool_calls,
+                                        self.text["format"]),
+            top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None)
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -80,20 +99,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _type_error(param: str, expected: str, value: Any) -> ApiError:
-    got = "null" if value is None else type(value).__name__
-    got = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-           "list": "an array", "dict": "an object"}.get(got, got)
-    return invalid(f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
-                   param, "invalid_type")
-
-
 def _optional(body: dict, key: str, check, expected: str):
     value = body.get(key)
     if value is None:
         return None
     if not check(value):
-        raise _type_error(key, expected, value)
+        raise invalid_type(key, expected, value)
     return value
 
 
@@ -107,7 +118,7 @@ def _validate_metadata(metadata: Any) -> dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise _type_error("metadata", "an object", metadata)
+        raise invalid_type("metadata", "an object", metadata)
     if len(metadata) > 16:
         raise invalid(f"Invalid 'metadata': too many properties. Expected at most 16, got {len(metadata)}.",
                       "metadata", "object_above_max_properties")
@@ -116,121 +127,18 @@ def _validate_metadata(metadata: Any) -> dict[str, str]:
             raise invalid(f"Invalid 'metadata': key '{key[:20]}...' is longer than 64 characters.",
                           "metadata", "invalid_value")
         if not isinstance(value, str):
-            raise _type_error(f"metadata.{key}", "a string", value)
+            raise invalid_type(f"metadata.{key}", "a string", value)
         if len(value) > 512:
             raise invalid(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters, "
                           f"got {len(value)}.", f"metadata.{key}", "string_above_max_length")
     return dict(metadata)
 
 
-def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
-    output_role = role == "assistant"
-    text_type = "output_text" if output_role else "input_text"
-    if isinstance(content, str):
-        return [_text_part(text_type, content)]
-    if not isinstance(content, list):
-        raise _type_error(param, "a string or an array of content parts", content)
-    parts = []
-    for index, part in enumerate(content):
-        where = f"{param}[{index}]"
-        if not isinstance(part, dict):
-            raise _type_error(where, "an object", part)
-        kind = part.get("type")
-        if kind in ("input_text", "output_text"):
-            if not isinstance(part.get("text"), str):
-                raise _type_error(f"{where}.text", "a string", part.get("text"))
-            if output_role != (kind == "output_text"):
-                allowed = "'output_text' and 'refusal'" if output_role else "'input_text', 'input_image' and 'input_file'"
-                raise invalid(f"Invalid value: '{kind}'. Supported values for role '{role}' are: {allowed}.",
-                              f"{where}.type", "invalid_value")
-            parts.append(_text_part(kind, part["text"]))
-        elif kind == "refusal" and output_role:
-            if not isinstance(part.get("refusal"), str):
-                raise _type_error(f"{where}.refusal", "a string", part.get("refusal"))
-            parts.append({"type": "refusal", "refusal": part["refusal"]})
-        elif kind in ("input_image", "input_file"):
-            raise invalid(f"The served model accepts text only; '{kind}' content is not supported.",
-                          f"{where}.type", "unsupported_content")
-        else:
-            raise invalid(f"Invalid value: {kind!r}. Supported content part types are 'input_text' and "
-                          "'output_text'.", f"{where}.type", "invalid_value")
-    return parts
-
-
-def _text_part(kind: str, text: str) -> dict:
-    if kind == "output_text":
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    return {"type": "input_text", "text": text}
-
-
-def _normalize_item(item: Any, index: int) -> dict:
-    param = f"input[{index}]"
-    if not isinstance(item, dict):
-        raise _type_error(param, "an object", item)
-    kind = item.get("type", "message")  # EasyInputMessage may omit `type`
-    if kind == "message":
-        role = item.get("role")
-        if role not in ROLES:
-            raise invalid(f"Invalid value: {role!r}. Supported values are: 'user', 'assistant', 'system', "
-                          "and 'developer'.", f"{param}.role", "invalid_value")
-        if "content" not in item:
-            raise invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content",
-                          "missing_required_parameter")
-        content = _normalize_content(item["content"], role, f"{param}.content")
-        prefix = "msg"
-        normalized = {"type": "message", "id": item.get("id") or new_id(prefix), "role": role,
-                      "content": content, "status": item.get("status") or "completed"}
-        return normalized
-    if kind == "function_call":
-        for key in ("call_id", "name", "arguments"):
-            if not isinstance(item.get(key), str):
-                raise _type_error(f"{param}.{key}", "a string", item.get(key))
-        return {"type": "function_call", "id": item.get("id") or new_id("fc"), "call_id": item["call_id"],
-                "name": item["name"], "arguments": item["arguments"], "status": item.get("status") or "completed"}
-    if kind == "function_call_output":
-        if not isinstance(item.get("call_id"), str):
-            raise _type_error(f"{param}.call_id", "a string", item.get("call_id"))
-        output = item.get("output")
-        if isinstance(output, list):
-            output = _normalize_content(output, "user", f"{param}.output")
-        elif not isinstance(output, str):
-            raise _type_error(f"{param}.output", "a string or an array of content parts", output)
-        return {"type": "function_call_output", "id": item.get("id") or new_id("fco"),
-                "call_id": item["call_id"], "output": output, "status": item.get("status") or "completed"}
-    if kind == "reasoning":
-        if not isinstance(item.get("summary", []), list):
-            raise _type_error(f"{param}.summary", "an array", item.get("summary"))
-        normalized = {"type": "reasoning", "id": item.get("id") or new_id("rs"), "summary": item.get("summary", [])}
-        if item.get("content") is not None:
-            normalized["content"] = item["content"]
-        encrypted = item.get("encrypted_content")
-        if encrypted is not None:
-            if not isinstance(encrypted, str):
-                raise _type_error(f"{param}.encrypted_content", "a string", encrypted)
-            normalized["encrypted_content"] = encrypted
-        return normalized
-    if not isinstance(kind, str):
-        raise _type_error(f"{param}.type", "a string", kind)
-    raise invalid(f"Input items of type '{kind}' are not supported by this server. Supported types: "
-                  + ", ".join(f"'{t}'" for t in SUPPORTED_ITEM_TYPES) + ".", f"{param}.type", "unsupported_item_type")
-
-
-def _normalize_input(value: Any) -> list[dict]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [{"type": "message", "id": new_id("msg"), "role": "user",
-                 "content": [_text_part("input_text", value)], "status": "completed"}]
-    if not isinstance(value, list):
-        raise _type_error("input", "a string or an array of input items", value)
-    return [_normalize_item(item, index) for index, item in enumerate(value)]
-
-
 def _validate_text(text: Any) -> dict:
     if text is None:
         return {"format": {"type": "text"}, "verbosity": "medium"}
     if not isinstance(text, dict):
-        raise _type_error("text", "an object", text)
+        raise invalid_type("text", "an object", text)
     verbosity = text.get("verbosity") or "medium"
     if verbosity not in ("low", "medium", "high"):
         raise invalid(f"Invalid value: {verbosity!r}. Supported values are: 'low', 'medium', and 'high'.",
@@ -242,7 +150,7 @@ def _validate_reasoning(reasoning: Any) -> dict | None:
     if reasoning is None:
         return None
     if not isinstance(reasoning, dict):
-        raise _type_error("reasoning", "an object", reasoning)
+        raise invalid_type("reasoning", "an object", reasoning)
     effort = reasoning.get("effort")
     if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
         raise invalid(f"Invalid value: {effort!r}. Supported values are: 'none', 'minimal', 'low', 'medium', "
@@ -269,7 +177,7 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
     if model is None:
         raise invalid("Missing required parameter: 'model'.", "model", "missing_required_parameter")
     if not isinstance(model, str):
-        raise _type_error("model", "a string", model)
+        raise invalid_type("model", "a string", model)
     if model not in served_models:
         raise ApiError(ErrorKind.NOT_FOUND, f"The model '{model}' does not exist. Served models: "
                        + ", ".join(served_models) + ".", "model", "model_not_found")
@@ -340,7 +248,7 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
 
     tools = validate_tools(body.get("tools"))
     tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
-    input_items = _normalize_input(body.get("input"))
+    input_items = normalize_input(body.get("input"))
     if not input_items and previous is None:
         raise invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
 

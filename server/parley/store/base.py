@@ -22,54 +22,19 @@ class ItemPage:
     has_more: bool
 
 
-# Given the stored document and the next sequence number, return (new document, final event).
-Recovery = Callable[[dict, int], tuple[dict, dict]]
+# Given the stored document and the next sequence number, return (new document, the final
+# event's stored line).
+Recovery = Callable[[dict, int], tuple[dict, bytes]]
 
-# Consecutive events as stored: (first sequence number, last, their JSON bytes as lines). The
-# bytes are the ones sent on the stream, encoded once; one stored row holds one or more runs.
+# Consecutive events as stored: (first sequence number, last, their stored lines joined by "\n").
+# The store never looks inside: encoding, compaction and decoding belong to the event log
+# (service/event_log.py). One stored row holds one or more runs.
 EventRun = tuple[int, int, bytes]
 
 
-def encode_events(events: list[dict]) -> list[EventRun]:
-    """Events that were not streamed (a lease recovery's final event, tests) as runs."""
-    return [(event["sequence_number"], event["sequence_number"], orjson.dumps(event)) for event in events]
-
-
 def pack(runs: list[EventRun]) -> tuple[int, int, bytes]:
-    """One stored row for consecutive runs: (first sequence number, last, the events as JSON lines)."""
+    """One stored row for consecutive runs: (first sequence number, last, the lines joined)."""
     return runs[0][0], runs[-1][1], b"\n".join(run[2] for run in runs)
-
-
-TEXT_DELTA = "response.output_text.delta"
-
-
-def text_run_line(first: dict, texts: list[str]) -> bytes:
-    """The stored line of consecutive plain text deltas (no logprobs) of one content part:
-    `first` is the first of their events, `texts` their deltas. `unpack` expands it back to the
-    very same events. Deltas are most of what a response stores, and as full events each repeats
-    its type and item id around a few bytes of text."""
-    return orjson.dumps({"text_deltas": texts, "item_id": first["item_id"], "output_index": first["output_index"],
-                         "content_index": first["content_index"], "sequence_number": first["sequence_number"]})
-
-
-def unpack(rows, starting_after: int) -> list[dict]:
-    events = []
-    for (blob,) in rows:
-        data = blob.encode() if isinstance(blob, str) else bytes(blob)  # rows migrated from v2 are TEXT
-        for line in data.split(b"\n"):
-            event = orjson.loads(line)
-            deltas = event.get("text_deltas")
-            if deltas is None:
-                if event["sequence_number"] > starting_after:
-                    events.append(event)
-                continue
-            first = event["sequence_number"]
-            for number in range(max(first, starting_after + 1), first + len(deltas)):
-                # The key order of ResponseBuilder's delta events: replayed bytes equal streamed ones.
-                events.append({"type": TEXT_DELTA, "item_id": event["item_id"], "output_index": event["output_index"],
-                               "content_index": event["content_index"], "delta": deltas[number - first],
-                               "logprobs": [], "sequence_number": number})
-    return events
 
 
 class ResponseStore(Protocol):
@@ -107,7 +72,8 @@ class ResponseStore(Protocol):
     async def list_input_items(self, response_id: str, *, limit: int, order: str,
                                after: str | None, before: str | None) -> ItemPage | None: ...
 
-    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]: ...
+    async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
+        """The stored rows (as bytes, in order) that hold events after `starting_after`."""
 
     async def delete(self, response_id: str) -> bool:
         """Remove the response, its items and its events; False when it did not exist."""

@@ -16,9 +16,7 @@ from parley.store.base import (
     InputItemPaging,
     Recovery,
     cancel_transition,
-    encode_events,
     pack,
-    unpack,
 )
 
 log = get_logger(__name__)
@@ -186,11 +184,11 @@ class PostgresStore(InputItemPaging):
                 "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
         return [orjson.loads(r[0]) for r in rows]
 
-    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]:
+    async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         rows = await self._fetchall(
             "SELECT events FROM event_batches WHERE response_id = %s AND last_seq > %s ORDER BY first_seq",
             (response_id, starting_after))
-        return unpack(rows, starting_after)
+        return [bytes(blob) for (blob,) in rows]
 
     async def delete(self, response_id: str) -> bool:
         async with self._pool.connection() as conn:
@@ -212,9 +210,10 @@ class PostgresStore(InputItemPaging):
             for response_id, blob in rows:
                 last = (await (await conn.execute("SELECT max(last_seq) FROM event_batches WHERE response_id = %s",
                                                   (response_id,))).fetchone())[0]
-                document, event = recovery(orjson.loads(blob), 0 if last is None else last + 1)
+                number = 0 if last is None else last + 1
+                document, line = recovery(orjson.loads(blob), number)
                 if await self._replace(conn, document, ACTIVE):
-                    await self._append(conn, response_id, encode_events([event]))
+                    await self._append(conn, response_id, [(number, number, line)])
                     recovered.append(response_id)
         return recovered
 

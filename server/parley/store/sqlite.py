@@ -21,9 +21,7 @@ from parley.store.base import (
     InputItemPaging,
     Recovery,
     cancel_transition,
-    encode_events,
     pack,
-    unpack,
 )
 
 log = get_logger(__name__)
@@ -249,13 +247,14 @@ class SqliteStore(InputItemPaging):
             return [orjson.loads(r[0]) for r in rows]
         return await self._call(_items)
 
-    async def events(self, response_id: str, starting_after: int = -1) -> list[dict]:
-        def _events():
+    async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
+        def _rows():
             rows = self._db.execute(
                 "SELECT events FROM event_batches WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
                 (response_id, starting_after)).fetchall()
-            return unpack(rows, starting_after)
-        return await self._call(_events)
+            # Rows migrated from schema 2 are TEXT.
+            return [blob.encode() if isinstance(blob, str) else bytes(blob) for (blob,) in rows]
+        return await self._call(_rows)
 
     async def delete(self, response_id: str) -> bool:
         return await self._transact(
@@ -274,9 +273,10 @@ class SqliteStore(InputItemPaging):
             for response_id, blob in rows:
                 last = db.execute("SELECT MAX(last_seq) FROM event_batches WHERE response_id = ?",
                                   (response_id,)).fetchone()[0]
-                document, event = recovery(orjson.loads(blob), 0 if last is None else last + 1)
+                number = 0 if last is None else last + 1
+                document, line = recovery(orjson.loads(blob), number)
                 if self._replace(db, document, ACTIVE):
-                    _append_runs(db, [(response_id, encode_events([event]))])
+                    _append_runs(db, [(response_id, [(number, number, line)])])
                     recovered.append(response_id)
             return recovered
         return await self._transact(_recover)

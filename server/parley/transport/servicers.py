@@ -8,7 +8,8 @@ import contextlib
 from google.api import httpbody_pb2
 
 from parley.codec import rest, typed
-from parley.service.responses import EventBatch, ResponsesService
+from parley.service.event_log import EventBatch
+from parley.service.responses import ResponsesService
 from parley.transport.boundary import streaming, unary
 from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
 
@@ -103,14 +104,6 @@ async def _typed_events(batches):
                 yield typed.from_json(event, events_pb2.ResponseStreamEvent())
 
 
-async def _started_events(service: ResponsesService, prepared):
-    """The event batches of a just-prepared create: background ones are followed via the store."""
-    if prepared.params.background:
-        document = await service.start_background(prepared)
-        return service.follow(document["id"])
-    return service.run(prepared)
-
-
 class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
     """The REST face (through Envoy): OpenAI's JSON and SSE bytes in HttpBody messages."""
 
@@ -124,7 +117,7 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
             yield _json_body(await self.service.create_prepared(prepared))
             return
         # aclosing: a client that goes away must stop the engine now, not when the GC runs.
-        async with contextlib.aclosing(_sse_messages(_coalesced(await _started_events(self.service, prepared)))) \
+        async with contextlib.aclosing(_sse_messages(_coalesced(await self.service.events_of(prepared)))) \
                 as messages:
             async for message in messages:
                 yield message
@@ -174,7 +167,7 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     @streaming
     async def StreamResponse(self, request, context):
         body = {**typed.to_json(request), "stream": True}  # the RPC, not a field, chooses streaming
-        batches = await _started_events(self.service, await self.service.prepare(body))
+        batches = await self.service.events_of(await self.service.prepare(body))
         async with contextlib.aclosing(_typed_events(batches)) as events:
             async for event in events:
                 yield event

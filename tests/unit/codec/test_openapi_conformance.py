@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from parley.engine.scripted import ScriptedEngine
 from parley.errors import invalid, not_found
 from parley.service.sealing import Sealer
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support import openapi
 from tests.support.golden import GOLDEN_DIR
 from tests.support.pipeline import service_on, stream

@@ -9,7 +9,17 @@ exercised end to end in tests/integration.
 import json
 
 import pytest
-from parley.engine.formats import OutputParser, ThinkParser
+from parley.engine.formats import (
+    HERMES,
+    TOOL_FORMATS,
+    CallArguments,
+    CallEnd,
+    CallStart,
+    OutputParser,
+    Reasoning,
+    Text,
+    ThinkParser,
+)
 
 SAMPLES = {
     "hermes": [
@@ -47,15 +57,16 @@ def run(parser, pieces):
 
 def summarize(segments):
     text, reasoning, calls = "", "", []
-    for kind, value in segments:
-        if kind == "text":
-            text += value
-        elif kind == "reasoning":
-            reasoning += value
-        elif kind == "call":
-            calls.append([value, ""])
-        elif kind == "args":
-            calls[-1][1] += value
+    for segment in segments:
+        match segment:
+            case Text(value):
+                text += value
+            case Reasoning(value):
+                reasoning += value
+            case CallStart(name):
+                calls.append([name, ""])
+            case CallArguments(value):
+                calls[-1][1] += value
     return text, reasoning, [(name, json.loads(arguments)) for name, arguments in calls], calls
 
 
@@ -70,7 +81,7 @@ def splits(sample):
                          [(f, *s) for f, samples in SAMPLES.items() for s in samples])
 def test_every_split_gives_the_same_calls(family, sample, calls, text):
     for pieces in splits(sample):
-        got_text, _, got_calls, raw = summarize(run(OutputParser(family, "none", tools=True), pieces))
+        got_text, _, got_calls, raw = summarize(run(OutputParser(TOOL_FORMATS[family], "none", tools=True), pieces))
         assert got_calls == calls, pieces
         assert got_text == text, pieces
         for _, arguments in raw:  # the arguments string is exactly the JSON text the model wrote
@@ -81,16 +92,16 @@ def test_reasoning_then_tool_call():
     sample = "<think>\nThe user wants weather. I should call the tool.\n</think>\n" \
              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     for pieces in splits(sample):
-        text, reasoning, calls, _ = summarize(run(OutputParser("hermes", "think", tools=True), pieces))
+        text, reasoning, calls, _ = summarize(run(OutputParser(HERMES, "think", tools=True), pieces))
         assert reasoning == "\nThe user wants weather. I should call the tool.\n"
         assert calls == [("get_weather", {"city": "Oslo"})] and text == ""
 
 
 def test_reasoning_then_answer_and_no_reasoning():
     for pieces in splits("<think>2+2 is 4</think>\nIt is 4."):
-        text, reasoning, _, _ = summarize(run(OutputParser("hermes", "think", tools=False), pieces))
+        text, reasoning, _, _ = summarize(run(OutputParser(HERMES, "think", tools=False), pieces))
         assert (reasoning, text) == ("2+2 is 4", "It is 4.")
-    text, reasoning, _, _ = summarize(run(OutputParser("hermes", "think", tools=False), ["Just 4."]))
+    text, reasoning, _, _ = summarize(run(OutputParser(HERMES, "think", tools=False), ["Just 4."]))
     assert (reasoning, text) == ("", "Just 4.")
 
 
@@ -101,6 +112,18 @@ def test_template_opened_think_block():
 
 
 def test_cut_off_call_ends_with_partial_arguments():
-    segments = run(OutputParser("hermes", "none", tools=True),
+    segments = run(OutputParser(HERMES, "none", tools=True),
                    ['<tool_call>\n{"name": "f", "arguments": {"a": "unfinish'])
-    assert [kind for kind, _ in segments] == ["call", "args", "end"]
+    assert [type(segment) for segment in segments] == [CallStart, CallArguments, CallEnd]
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FORMATS))
+def test_what_a_family_renders_its_own_parser_reads_back(family):
+    """Prompt and parser are one unit: calls rendered into history parse back to the same calls."""
+    fmt = TOOL_FORMATS[family]
+    calls = [("get_weather", '{"city": "Paris"}'), ("get_time", '{"tz": "Europe/Paris"}')]
+    rendered = fmt.render_calls(calls)
+    assert rendered.startswith(fmt.marker)
+    for pieces in splits(rendered):
+        text, _, parsed, raw = summarize(run(OutputParser(fmt, "none", tools=True), pieces))
+        assert text == "" and [(name, arguments) for name, arguments in raw] == calls, pieces

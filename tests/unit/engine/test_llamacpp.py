@@ -3,53 +3,8 @@
 import asyncio
 
 import pytest
-from llama_cpp import LlamaGrammar
-from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta
-from parley.engine.grammar import compile_call_continuation, compile_constraint
-from parley.engine.llamacpp import (
-    PREFIX_GRACE_STEPS,
-    CallOpenerWatch,
-    LlamaCppEngine,
-    _runs,
-    _shared_prefix,
-    default_model_path,
-    grammar_text,
-)
-
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-          "additionalProperties": False}
-AUTO = Constraint("tools", tools=(("get_weather", SCHEMA),), mode="auto")
-
-
-def test_the_opener_watch_fires_once_the_call_opener_is_written_across_pieces():
-    watch = CallOpenerWatch()
-    assert [watch.opened(piece) for piece in ["Let me", " check.", "<tool", "_call>"]] == [False, False, False, True]
-
-
-def test_the_opener_watch_ignores_text_without_a_call():
-    watch = CallOpenerWatch()
-    assert not any(watch.opened(piece) for piece in ["Just", " text", " <b>tags</b>", " <tool", " use"])
-
-
-def test_auto_runs_free_until_the_opener_then_under_the_call_grammar():
-    assert grammar_text(AUTO, reasoning=False) is None
-    assert grammar_text(AUTO, reasoning=False, opened=True) == compile_call_continuation(AUTO)
-    assert grammar_text(None, reasoning=False) is None
-
-
-def test_required_and_schema_answers_are_constrained_from_the_first_token():
-    for constraint in (Constraint("tools", tools=AUTO.tools, mode="required"),
-                       Constraint("tools", tools=AUTO.tools, mode="auto", schema={"type": "object"}),
-                       Constraint("json_object")):
-        assert grammar_text(constraint, reasoning=False) == compile_constraint(constraint)
-
-
-def test_every_grammar_shape_compiles():
-    for constraint in (AUTO, Constraint("tools", tools=AUTO.tools + (("noop", None),), mode="required",
-                                        parallel=False), Constraint("json_schema", schema=SCHEMA)):
-        LlamaGrammar.from_string(compile_constraint(constraint), verbose=False)
-        LlamaGrammar.from_string(compile_constraint(constraint, reasoning=True), verbose=False)
-    LlamaGrammar.from_string(compile_call_continuation(AUTO), verbose=False)
+from parley.engine.base import ChatMessage, Finished, SamplingParams, TextDelta
+from parley.engine.llamacpp import PREFIX_GRACE_STEPS, LlamaCppEngine, _runs, _shared_prefix, default_model_path
 
 
 def test_runs_count_blocks_of_consecutive_slots():

@@ -3,12 +3,12 @@
 import asyncio
 
 import pytest
-from parley.engine.scripted import ScriptedEngine
 from parley.errors import ApiError
 from parley.service.admission import Admission
 from parley.service.responses import ResponsesService
 from parley.store.sqlite import SqliteStore
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support.streams import check_stream, event_types
 
 MODEL = "scripted"
@@ -115,7 +115,7 @@ async def test_shutdown_fails_what_outlives_the_grace(service):
     await service.shutdown(0.2)
     stored = await service.store.get(queued["id"])
     assert stored["status"] == "failed" and "shut down" in stored["error"]["message"]
-    assert (await service.store.events(queued["id"]))[-1]["type"] == "response.failed"
+    assert (await service.events.read(queued["id"]))[-1]["type"] == "response.failed"
     with pytest.raises(ApiError) as info:
         await service.create({"model": MODEL, "input": "hi"})
     assert info.value.kind.http_status == 503

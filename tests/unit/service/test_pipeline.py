@@ -4,9 +4,9 @@ import asyncio
 
 import orjson
 import pytest
-from parley.engine.scripted import ScriptedEngine
 from parley.errors import ApiError
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support.golden import assert_golden
 from tests.support.pipeline import service_on, stream
 from tests.support.streams import check_stream, event_types, text_message_sequence
@@ -132,7 +132,7 @@ async def test_truncation_auto_drops_the_oldest_items(service):
 async def test_delete_removes_everything(service):
     response = await service.create({"model": MODEL, "input": "hi"})
     assert await service.delete(response["id"]) == {"id": response["id"], "object": "response", "deleted": True}
-    assert await service.store.events(response["id"]) == []
+    assert await service.events.read(response["id"]) == []
     assert await service.store.input_items(response["id"]) is None
     with pytest.raises(ApiError):
         await service.delete(response["id"])
@@ -163,15 +163,15 @@ async def test_concurrent_streams_keep_their_own_sequences(service):
     assert len({events[0]["response"]["id"] for events in results}) == 5
 
 
-async def test_prompt_text_reaches_logs_only_when_asked(service, capsys):
+async def test_prompt_text_reaches_logs_only_when_asked(service, tmp_path, capsys):
     from parley import log
 
     log.configure("json", "debug")
     try:
         await service.create({"model": MODEL, "input": "secret-prompt-text"})
         assert "secret-prompt-text" not in capsys.readouterr().err
-        service.log_prompts = True
-        await service.create({"model": MODEL, "input": "secret-prompt-text"})
+        async with service_on(tmp_path / "logged.sqlite3", service.engine, log_prompts=True) as logging_service:
+            await logging_service.create({"model": MODEL, "input": "secret-prompt-text"})
         assert "secret-prompt-text" in capsys.readouterr().err
     finally:
         log.configure("console", "warning")
@@ -181,7 +181,7 @@ async def test_the_deferred_row_is_the_document_as_created(service):
     prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
     async for _ in service.run(prepared):  # finishes before the sink's first write
         pass
-    rows = service.sink._creates
+    rows = service.events._creates
     assert rows and rows[0][0]["status"] == "in_progress" and rows[0][0]["output"] == []
     await service.drain()
     assert (await service.get(prepared.response["id"]))["status"] == "completed"

@@ -5,10 +5,10 @@ import json
 
 import pytest
 from parley.engine.base import Constraint
-from parley.engine.scripted import ScriptedEngine
 from parley.errors import ApiError
 from parley.service.sealing import Sealer
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support.golden import assert_golden
 from tests.support.pipeline import service_on, stream
 from tests.support.streams import check_stream, event_types

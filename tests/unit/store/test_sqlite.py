@@ -2,8 +2,10 @@ import sqlite3
 
 import pytest
 from parley.store import sqlite
-from parley.store.base import encode_events, paginate
+from parley.store.base import paginate
 from parley.store.sqlite import SqliteStore
+
+from tests.support.stored import encode_events, stored_events
 
 
 async def test_state_survives_a_restart_in_wal_mode(tmp_path):
@@ -17,7 +19,7 @@ async def test_state_survives_a_restart_in_wal_mode(tmp_path):
     second = SqliteStore(path)
     await second.open()
     assert (await second.get("resp_d"))["status"] == "completed"
-    assert len(await second.events("resp_d")) == 1
+    assert len(await stored_events(second, "resp_d")) == 1
     await second.close()
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -48,8 +50,8 @@ async def test_events_stored_one_per_row_before_v3_survive_the_migration(tmp_pat
     db.close()
     store = SqliteStore(path)
     await store.open()
-    assert [e["sequence_number"] for e in await store.events("resp_o")] == [0, 1, 2]
-    assert [e["sequence_number"] for e in await store.events("resp_o", starting_after=1)] == [2]
+    assert [e["sequence_number"] for e in await stored_events(store, "resp_o")] == [0, 1, 2]
+    assert [e["sequence_number"] for e in await stored_events(store, "resp_o", starting_after=1)] == [2]
     await store.close()
 
 
@@ -71,7 +73,7 @@ async def test_writes_larger_than_one_statement_are_split(tmp_path, monkeypatch)
         for rid in ids:
             assert (await store.get(rid))["output"] == [rid]
             assert len(await store.input_items(rid)) == 3
-            assert await store.events(rid) == [{"sequence_number": 0}]
+            assert await stored_events(store, rid) == [{"sequence_number": 0}]
     finally:
         await store.close()
 

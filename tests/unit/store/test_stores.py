@@ -5,12 +5,12 @@ import sqlite3
 
 import psycopg
 import pytest
-from parley.service.events import expired_lease_failure
-from parley.store.base import encode_events
+from parley.service.event_log import lease_recovery
 from parley.store.postgres import PostgresStore
 from parley.store.sqlite import SqliteStore
 
 from tests.support import postgres
+from tests.support.stored import encode_events, stored_events
 
 
 def response(response_id: str, status: str = "in_progress", created_at: int = 100, **extra) -> dict:
@@ -45,8 +45,8 @@ async def test_create_append_finish_get(store):
     done = response("resp_a", "completed")
     assert await store.finish(done, encode_events([{"type": "z", "sequence_number": 2}]))
     assert await store.get("resp_a") == done
-    assert [e["type"] for e in await store.events("resp_a")] == ["x", "y", "z"]
-    assert [e["type"] for e in await store.events("resp_a", starting_after=0)] == ["y", "z"]
+    assert [e["type"] for e in await stored_events(store, "resp_a")] == ["x", "y", "z"]
+    assert [e["type"] for e in await stored_events(store, "resp_a", starting_after=0)] == ["y", "z"]
     assert [i["id"] for i in await store.input_items("resp_a")] == ["msg_1", "msg_2"]
     assert not await store.finish(response("resp_a", "failed"), [])  # already finished: untouched
     assert (await store.get("resp_a"))["status"] == "completed"
@@ -93,15 +93,15 @@ async def test_leases_renew_and_expired_ones_are_failed(store):
                                                           {"type": "response.in_progress", "sequence_number": 1}]))
     await store.create(response("resp_done", "completed"), [], owner="dead", lease_until=50)
     assert await store.renew_leases("alive", 1000) == 1
-    recovered = await store.recover_expired(100, expired_lease_failure)
+    recovered = await store.recover_expired(100, lease_recovery)
     assert recovered == ["resp_dead"]
     dead = await store.get("resp_dead")
     assert dead["status"] == "failed" and "lease expired" in dead["error"]["message"]
-    events = await store.events("resp_dead")
+    events = await stored_events(store, "resp_dead")
     assert events[-1]["type"] == "response.failed" and events[-1]["sequence_number"] == 2
     assert (await store.get("resp_live"))["status"] == "in_progress"
     assert (await store.get("resp_done"))["status"] == "completed"
-    assert await store.recover_expired(100, expired_lease_failure) == []
+    assert await store.recover_expired(100, lease_recovery) == []
 
 
 async def test_retention_deletes_only_old_finished_responses(store):
@@ -119,7 +119,7 @@ async def test_delete_cascades_and_reports_absence(store):
     assert await store.delete("resp_z") is True
     assert await store.get("resp_z") is None
     assert await store.input_items("resp_z") is None
-    assert await store.events("resp_z") == []
+    assert await stored_events(store, "resp_z") == []
     assert await store.delete("resp_z") is False
 
 
@@ -145,9 +145,9 @@ async def test_a_batch_is_one_row_and_resumes_from_inside_it(store):
     await store.create(response("resp_b"), [])
     await store.append_events("resp_b", encode_events([{"type": "e", "sequence_number": n} for n in range(5)]))
     await store.append_events("resp_b", encode_events([{"type": "e", "sequence_number": n} for n in range(5, 8)]))
-    assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=2)] == [3, 4, 5, 6, 7]
-    assert [e["sequence_number"] for e in await store.events("resp_b", starting_after=4)] == [5, 6, 7]
-    assert await store.events("resp_b", starting_after=7) == []
+    assert [e["sequence_number"] for e in await stored_events(store, "resp_b", starting_after=2)] == [3, 4, 5, 6, 7]
+    assert [e["sequence_number"] for e in await stored_events(store, "resp_b", starting_after=4)] == [5, 6, 7]
+    assert await stored_events(store, "resp_b", starting_after=7) == []
 
 
 async def test_one_write_creates_appends_and_finishes_only_what_is_expected(store):
@@ -168,8 +168,8 @@ async def test_one_write_creates_appends_and_finishes_only_what_is_expected(stor
     assert (await store.get("resp_done"))["status"] == "completed"
     assert [i["id"] for i in await store.input_items("resp_new")] == ["msg_1", "msg_2"]
     for rid in runs:
-        assert [e["type"] for e in await store.events(rid)] == ["a", "b", "c"]
-        assert [e["sequence_number"] for e in await store.events(rid, starting_after=0)] == [1, 2]
+        assert [e["type"] for e in await stored_events(store, rid)] == ["a", "b", "c"]
+        assert [e["sequence_number"] for e in await stored_events(store, rid, starting_after=0)] == [1, 2]
 
 
 async def test_a_failed_write_leaves_nothing_half_written(store):
@@ -178,5 +178,5 @@ async def test_a_failed_write_leaves_nothing_half_written(store):
         await store.append_event_batches([("resp_dup", [(0, 0, b'{"type":"a","sequence_number":0}')])],
                                          creates=[(response("resp_dup"), [], None, None)],  # a duplicate id
                                          finishes=[(response("resp_dup", "completed"), ("in_progress",))])
-    assert await store.events("resp_dup") == []
+    assert await stored_events(store, "resp_dup") == []
     assert (await store.get("resp_dup"))["status"] == "in_progress"

@@ -2,8 +2,8 @@
 
 import httpx
 import pytest
-from parley.engine.scripted import ScriptedEngine
 
+from tests.fakes.engines import ScriptedEngine
 from tests.support.stack import running_stack
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import gc
 
 import pytest
 from parley.engine.synthetic import SyntheticEngine
-from parley.service.responses import EventBatch
+from parley.service.event_log import EventBatch
 from parley.transport.servicers import COALESCE_TURNS, _coalesced, _sse_messages
 
 from tests.support.pipeline import service_on

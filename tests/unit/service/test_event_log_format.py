@@ -3,8 +3,8 @@ the events that were streamed, from any point."""
 
 import orjson
 from parley.engine.synthetic import SyntheticEngine
+from parley.service.event_log import decode_rows, text_run_line
 from parley.service.events import ResponseBuilder, Sequencer
-from parley.store.base import text_run_line, unpack
 
 from tests.support.pipeline import service_on, stream
 
@@ -20,7 +20,7 @@ def test_a_run_line_replays_the_same_events_and_bytes_from_any_point():
     row = b"\n".join([*map(orjson.dumps, head), text_run_line(deltas[0], texts), *map(orjson.dumps, tail)])
     assert len(row.split(b"\n")) == len(head) + 1 + len(tail)
     for after in range(-1, len(events)):
-        replayed = unpack([(row,)], after)
+        replayed = decode_rows([row], after)
         assert replayed == events[after + 1:]
         assert [orjson.dumps(event) for event in replayed] == [orjson.dumps(event) for event in events[after + 1:]]
 
@@ -31,7 +31,7 @@ async def test_what_a_stream_stored_replays_as_it_was_streamed(tmp_path):
         streamed = await stream(service, input="hi")
         response_id = streamed[0]["response"]["id"]
         for after in (-1, 0, 3, 4, 10, 20, len(streamed) - 2):
-            assert await service.store.events(response_id, after) == streamed[after + 1:]
+            assert await service.events.read(response_id, after) == streamed[after + 1:]
 
 
 def test_the_compact_line_is_a_fraction_of_the_full_events():

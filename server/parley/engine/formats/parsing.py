@@ -1,20 +1,23 @@
-"""Model-family text formats for tool calls and reasoning: rendering and streaming parsing.
+"""Streaming parsers of model output: tool calls in a family's format, and reasoning blocks.
 
-A parser consumes text deltas (never the finished text only) and yields segments:
-  ("text", s)            visible answer text
-  ("reasoning", s)       reasoning text
-  ("call", name)         a tool call starts
-  ("args", s)            more characters of that call's arguments (a JSON object, as text)
-  ("end", None)          the call's arguments are complete
-The concatenated "args" of a call are exactly its `arguments` string.
+A parser consumes text deltas (never the finished text only) and yields typed segments: Text,
+Reasoning, CallStart, CallArguments, CallEnd. The concatenated CallArguments of a call are
+exactly its `arguments` string. Markers come from the family's ToolFormat (families.py), never
+from here.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-Segment = tuple[str, str | None]
+from parley.engine.formats.segments import CALL_END, CallArguments, CallStart, Reasoning, Segment, Text
+
+if TYPE_CHECKING:
+    from parley.engine.formats.families import ToolFormat
+
+
 
 
 class _ArgumentScanner:
@@ -47,14 +50,16 @@ class _ArgumentScanner:
         return False
 
 
-class _MarkedCallsParser:
-    """Shared machinery: text, then calls `OPEN {"name": ..., <ARGS_KEY>: {...}} CLOSE`."""
+class MarkedCallsParser:
+    """Text, then calls `OPEN {"name": ..., <arguments key>: {...}} CLOSE`, OPEN being the
+    format's marker and CLOSE what ends each call."""
 
-    OPEN = ""
-    CLOSE = ""
-    ARGS_KEYS = ("arguments",)
+    SEPARATORS = " \n\t"
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: ToolFormat) -> None:
+        self.OPEN = fmt.marker
+        self.CLOSE = fmt.call_close.strip()
+        self.ARGS_KEYS = tuple(dict.fromkeys((fmt.arguments_key, "arguments")))
         self._buffer = ""
         self._state = "text"
         self._scanner: _ArgumentScanner | None = None
@@ -68,9 +73,9 @@ class _MarkedCallsParser:
 
     def finish(self) -> Iterator[Segment]:
         if self._state == "text" and self._buffer:
-            yield ("text", self._buffer)
+            yield Text(self._buffer)
         elif self._state == "args":
-            yield ("end", None)  # cut off (max tokens): the arguments stay as far as they got
+            yield CALL_END  # cut off (max tokens): the arguments stay as far as they got
         self._buffer = ""
 
     def _step(self):
@@ -80,10 +85,10 @@ class _MarkedCallsParser:
                 keep = _partial_suffix(self._buffer, self.OPEN)
                 emit, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
                 if emit:
-                    yield ("text", emit)
+                    yield Text(emit)
                 return False
             if at > 0:
-                yield ("text", self._buffer[:at])
+                yield Text(self._buffer[:at])
             self._buffer = self._buffer[at + len(self.OPEN):]
             self._state = "header"
             return True
@@ -91,7 +96,7 @@ class _MarkedCallsParser:
             name, rest = _parse_header(self._buffer, self.ARGS_KEYS)
             if name is None:
                 return False
-            yield ("call", name)
+            yield CallStart(name)
             self._buffer = rest
             self._state = "args"
             self._scanner = _ArgumentScanner()
@@ -104,13 +109,13 @@ class _MarkedCallsParser:
                 out.append(char)
                 if self._scanner.feed(char):
                     if out:
-                        yield ("args", "".join(out))
-                    yield ("end", None)
+                        yield CallArguments("".join(out))
+                    yield CALL_END
                     self._buffer = self._buffer[index + 1:]
                     self._state = "trailer"
                     return True
             if out:
-                yield ("args", "".join(out))
+                yield CallArguments("".join(out))
             self._buffer = ""
             return False
         if self._state == "trailer":
@@ -135,8 +140,6 @@ class _MarkedCallsParser:
             self._state = "text"
             return True
         return False
-
-    SEPARATORS = " \n\t"
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -169,16 +172,9 @@ def _parse_header(buffer: str, args_keys: tuple[str, ...]) -> tuple[str | None, 
     return None, buffer
 
 
-class HermesParser(_MarkedCallsParser):
-    """Hermes/Qwen style, Parley's generic format: <tool_call>{"name", "arguments"}</tool_call>."""
-
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
-
-
-class MistralParser(_MarkedCallsParser):
+class MistralParser(MarkedCallsParser):
     """Mistral: [TOOL_CALLS][{"name": ..., "arguments": {...}}, {...}]."""
 
-    OPEN, CLOSE = "[TOOL_CALLS]", ""
     SEPARATORS = " \n\t,[]"
 
     def _step(self):
@@ -189,16 +185,14 @@ class MistralParser(_MarkedCallsParser):
         return (yield from super()._step())
 
 
-class Llama3JsonParser(_MarkedCallsParser):
+class Llama3JsonParser(MarkedCallsParser):
     """Llama 3.1/3.2 JSON tool calls: optional <|python_tag|>, then {"name", "parameters"} objects
     separated by ';'. A reply that starts with '{' is read as a call, as Meta's format does."""
 
-    OPEN, CLOSE = "<|python_tag|>", ""
-    ARGS_KEYS = ("parameters", "arguments")
     SEPARATORS = " \n\t;"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, fmt: ToolFormat) -> None:
+        super().__init__(fmt)
         self._seen_text = False
 
     def _step(self):
@@ -217,14 +211,14 @@ class Llama3JsonParser(_MarkedCallsParser):
         return (yield from super()._step())
 
 
-TOOL_PARSERS = {"hermes": HermesParser, "mistral": MistralParser, "llama3_json": Llama3JsonParser}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class ThinkParser:
     """<think>reasoning</think>answer. `starts_inside`: the template already opened <think>
     (DeepSeek-R1 style), so the output begins with reasoning."""
 
-    OPEN, CLOSE = "<think>", "</think>"
+    OPEN, CLOSE = THINK_OPEN, THINK_CLOSE
 
     def __init__(self, starts_inside: bool = False):
         self._buffer = ""
@@ -252,10 +246,10 @@ class ThinkParser:
                 emit = self._buffer[: len(self._buffer) - keep]
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 if emit:
-                    yield ("reasoning", emit)
+                    yield Reasoning(emit)
                 return
             if at:
-                yield ("reasoning", self._buffer[:at])
+                yield Reasoning(self._buffer[:at])
             self._buffer = self._buffer[at + len(self.CLOSE):]
             self._state = "after"
         if self._state == "after":  # newlines right after </think> separate, they are not answer
@@ -263,21 +257,21 @@ class ThinkParser:
             if self._buffer:
                 self._state = "answer"
         if self._state == "answer" and self._buffer:
-            yield ("text", self._buffer)
+            yield Text(self._buffer)
             self._buffer = ""
 
     def finish(self) -> Iterator[Segment]:
         if self._buffer and self._state != "after":
-            yield ("reasoning" if self._state == "reasoning" else "text", self._buffer)
+            yield Reasoning(self._buffer) if self._state == "reasoning" else Text(self._buffer)
         self._buffer = ""
 
 
 class OutputParser:
     """Reasoning first (if the family reasons), then the tool-call format over the answer text."""
 
-    def __init__(self, tool_format: str, reasoning_format: str, tools: bool):
+    def __init__(self, tool_format: ToolFormat, reasoning_format: str, tools: bool):
         self._reasoning = ThinkParser() if reasoning_format == "think" else None
-        self._tools = TOOL_PARSERS[tool_format]() if tools else None
+        self._tools = tool_format.parser(tool_format) if tools else None
 
     @property
     def plain(self) -> bool:
@@ -290,15 +284,15 @@ class OutputParser:
         return self._reasoning is not None and self._reasoning.inside
 
     def _answer(self, segments: Iterator[Segment]) -> Iterator[Segment]:
-        for kind, value in segments:
-            if kind == "text" and self._tools is not None:
-                yield from self._tools.feed(value)
+        for segment in segments:
+            if isinstance(segment, Text) and self._tools is not None:
+                yield from self._tools.feed(segment.text)
             else:
-                yield kind, value
+                yield segment
 
     def feed(self, delta: str) -> Iterator[Segment] | list[Segment]:
         if self.plain:
-            return [("text", delta)]
+            return [Text(delta)]
         if self._reasoning is None:
             return self._tools.feed(delta)
         return self._answer(self._reasoning.feed(delta))
@@ -308,26 +302,3 @@ class OutputParser:
             yield from self._answer(self._reasoning.finish())
         if self._tools is not None:
             yield from self._tools.finish()
-
-
-# -- rendering (the generic format, used when a template has no tool support) ------------------
-
-def render_tools_system(tools: list[dict]) -> str:
-    """Parley's documented generic tool prompt (Hermes-style), appended to the system message."""
-    signatures = "\n".join(json.dumps({"type": "function", "function": {
-        "name": t["name"], "description": t.get("description") or "", "parameters": t.get("parameters") or {}}})
-        for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n"
-            f"<tools>\n{signatures}\n</tools>\n\n"
-            "For each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-
-
-def render_call(name: str, arguments: str) -> str:
-    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
-
-
-def render_result(output: str) -> str:
-    return f"<tool_response>\n{output}\n</tool_response>"

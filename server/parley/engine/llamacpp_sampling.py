@@ -1,0 +1,120 @@
+"""The llama.cpp engine's sampler: what turns one sequence's logits into its next token.
+
+Per request: a llama.cpp sampler chain (grammar, then greedy, or top-p, temperature and a seeded
+draw), compiled from the engine-neutral Constraint through a GBNF cache, and replaced once a lazy
+`auto` tool constraint sees the call opener. Per token: its text piece and, when asked, its
+logprobs. The slot scheduler (llamacpp.py) decides which sequences decode; this decides what
+they sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+from parley.engine.base import Constraint, SamplingParams, TokenLogprob
+from parley.engine.formats import ToolFormat
+from parley.engine.grammar import compile_call_continuation, compile_constraint, lazy
+
+GRAMMAR_CACHE_SIZE = 64
+
+
+class CallOpenerWatch:
+    """Spots the tool format's marker in streamed text, for the lazy `auto` constraint: the model
+    runs free until it writes the marker, then the rest of the calls is constrained, because a
+    grammar over free text costs more than half of decoding speed here."""
+
+    def __init__(self, marker: str) -> None:
+        self._marker = marker
+        self._window = ""
+
+    def opened(self, text: str) -> bool:
+        self._window = (self._window + text)[-4 * len(self._marker):]
+        return self._window.rstrip().endswith(self._marker)
+
+
+def grammar_text(constraint: Constraint | None, fmt: ToolFormat, reasoning: bool, opened: bool = False) -> str | None:
+    """The GBNF a sequence samples under: none for a lazy `auto` until its calls are opened, then
+    the rest of the calls; the whole-output grammar for every other constraint."""
+    if constraint is None:
+        return None
+    if lazy(constraint):
+        return compile_call_continuation(constraint, fmt) if opened else None
+    return compile_constraint(constraint, fmt, reasoning=reasoning)
+
+
+class Sampling:
+    """Owned by the engine's worker thread; not thread-safe."""
+
+    def __init__(self, llama_cpp, llm, tool_format: ToolFormat, reasoning: bool):
+        self._lib = llama_cpp
+        self._llm = llm
+        self.tool_format = tool_format
+        self._reasoning = reasoning
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.n_vocab = llm.n_vocab()
+        self.end_of_generation = frozenset(t for t in range(self.n_vocab)
+                                           if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        self._pieces: dict[int, bytes] = {}
+        self._grammars: dict[str, str | None] = {}
+
+    def chain(self, params: SamplingParams, opened: bool = False):
+        """A new sampler chain for `params`; `opened`: a lazy tool constraint saw its opener."""
+        grammar = self._grammar(params.constraint, opened)
+        chain = self._lib.llama_sampler_chain_init(self._lib.llama_sampler_chain_default_params())
+        if grammar is not None:
+            constrained = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constrained:
+                self._lib.llama_sampler_free(chain)
+                raise RuntimeError("llama.cpp rejected the constraint grammar")
+            self._lib.llama_sampler_chain_add(chain, constrained)
+        if params.temperature <= 0:
+            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_greedy())
+            return chain
+        if params.top_p < 1.0:
+            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_top_p(params.top_p, 1))
+        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def free(self, chain) -> None:
+        if chain is not None:
+            self._lib.llama_sampler_free(chain)
+
+    def _grammar(self, constraint: Constraint | None, opened: bool) -> str | None:
+        """grammar_text, cached: compiling a JSON schema to GBNF costs more than parsing it."""
+        if constraint is None:
+            return None
+        key = json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
+        if key not in self._grammars:
+            if len(self._grammars) >= GRAMMAR_CACHE_SIZE:
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = grammar_text(constraint, self.tool_format, self._reasoning, opened)
+        return self._grammars[key]
+
+    def piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._llm.detokenize([token])
+        return piece
+
+    def logprobs(self, ctx, index: int, token: int, top: int) -> TokenLogprob:
+        """Log-softmax of the logits the token was sampled from (before any grammar)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        alternatives = ()
+        if top:
+            best = np.argpartition(-logprobs, top)[:top]
+            best = best[np.argsort(-logprobs[best])]
+            alternatives = tuple(self._token_entry(int(t), float(logprobs[t])) for t in best)
+        text, _, raw = self._token_entry(token, float(logprobs[token]))
+        return TokenLogprob(text, float(logprobs[token]), raw, alternatives)
+
+    def _token_entry(self, token: int, logprob: float) -> tuple[str, float, tuple[int, ...]]:
+        raw = self.piece(token)
+        return raw.decode("utf-8", errors="replace"), logprob, tuple(raw)

@@ -1,0 +1,152 @@
+"""Running a generation: engine steps in, stamped event batches out.
+
+A run never raises after its first event: failures become `response.failed`. However it ends
+(finished, failed, the client gone, the server shutting down), it releases its generation slot,
+closes the engine's stream (which stops the engine within a token) and hands the final document
+to the event log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from parley.engine.base import Engine, Finished
+from parley.engine.formats import (
+    CallArguments,
+    CallEnd,
+    CallStart,
+    OutputParser,
+    Reasoning,
+    Segment,
+    Text,
+    tool_format,
+)
+from parley.errors import ApiError, ErrorKind
+from parley.log import get_logger
+from parley.service.event_log import EventBatch, EventLog
+from parley.service.events import ResponseBuilder
+from parley.service.preparation import PreparedResponse
+from parley.store.base import ACTIVE, ResponseStore
+
+log = get_logger(__name__)
+
+# `cancelled` is allowed: a cancel marks the row first, then the runner stores the partial output.
+FINALIZABLE = (*ACTIVE, "cancelled")
+SHUTDOWN_MESSAGE = "The server shut down before the response finished; retry the request."
+
+
+def segment_events(builder: ResponseBuilder, segments: list[Segment], logprobs) -> list[dict]:
+    """The events of parsed output segments; a token's logprobs go with the first text it produced."""
+    events: list[dict] = []
+    for segment in segments:
+        match segment:
+            case Text(text):
+                events += builder.text_delta(text, logprobs)
+                logprobs = ()
+            case Reasoning(text):
+                events += builder.reasoning_delta(text)
+            case CallStart(name):
+                events += builder.call_start(name)
+            case CallArguments(text):
+                events += builder.call_arguments(text)
+            case CallEnd():
+                events += builder.close("completed")
+    return events
+
+
+class Generation:
+    def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, *, log_prompts: bool,
+                 shutting_down: Callable[[], bool]):
+        self.engine = engine
+        self.store = store
+        self.events = events
+        self.log_prompts = log_prompts
+        self._shutting_down = shutting_down
+        self.tool_format = tool_format(engine.tool_format)
+
+    async def run(self, prepared: PreparedResponse):
+        """Yield the response's events in batches (each stamped, in order): one batch per engine
+        step, so events that are ready together travel together. Persisted as they go."""
+        builder, stream = prepared.builder, prepared.stream
+        response_id = builder.response["id"]
+        generation = None
+        finished = False
+        try:
+            if not stream.started:
+                yield stream.emit(builder.created())
+            await prepared.ticket.start()
+            started = builder.started()
+            if started and prepared.params.store:
+                await self.store.update(builder.response)
+            if started:
+                yield stream.emit(started)
+            parser = OutputParser(self.tool_format, self.engine.reasoning_format,
+                                  tools=bool(prepared.params.callable_tools) and prepared.params.tool_mode != "none")
+            # Plain text with no logprobs is the common case: a step's deltas become events at once.
+            plain = parser.plain and not builder.logprobs
+            reasoning_tokens = 0
+            generation = self.engine.generate(prepared.prompt, prepared.sampling)
+            result: Finished | None = None
+            async for step in generation:
+                if isinstance(step, Finished):
+                    result = step
+                    continue
+                if plain:
+                    texts = [delta.text for delta in step if delta.text] if isinstance(step, list) \
+                        else [step.text] if step.text else []
+                    if texts:
+                        yield stream.emit(builder.text_deltas(texts), plain_texts=texts)
+                    continue
+                batch: list[dict] = []
+                for delta in step if isinstance(step, list) else (step,):
+                    was_reasoning = parser.reasoning
+                    segments = list(parser.feed(delta.text)) if delta.text else []
+                    if was_reasoning or parser.reasoning:  # <think> markup counts as reasoning too
+                        reasoning_tokens += delta.tokens
+                    batch += segment_events(builder, segments, delta.logprobs)
+                if batch:
+                    yield stream.emit(batch)
+            if result is None:
+                raise RuntimeError("engine ended without a Finished event")
+            tail = segment_events(builder, list(parser.finish()), ())
+            closing = tail + builder.finish(result.reason, result.input_tokens, result.output_tokens,
+                                            result.cached_tokens, result.cache_write_tokens, reasoning_tokens)
+            finished = True
+            yield stream.emit(closing)
+            log.info("response.finished", response_id=response_id, status=builder.response["status"],
+                     input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+                     cached_tokens=result.cached_tokens)
+            if self.log_prompts:
+                log.debug("response.text", response_id=response_id, output=builder.response["output"])
+        except Exception as exc:  # after the first event, failures are in-band
+            log.exception("response.failed", response_id=response_id, error=type(exc).__name__)
+            finished = True
+            yield stream.emit(builder.fail("server_error", "The model failed while generating the response."))
+        finally:
+            prepared.ticket.release()
+            if generation is not None:
+                await generation.aclose()
+            if not finished:
+                if self._shutting_down():
+                    stream.emit(builder.fail("server_error", SHUTDOWN_MESSAGE))
+                    log.warning("response.failed", response_id=response_id, reason="server shutting down")
+                else:
+                    builder.cancel()
+                    log.info("response.cancelled", response_id=response_id)
+            if prepared.params.store:
+                self.events.finish(builder.response, FINALIZABLE)
+
+    async def complete(self, prepared: PreparedResponse) -> dict:
+        """Run to the end and return the final Response document (non-streaming create)."""
+        final: EventBatch | None = None
+        batches = self.run(prepared)
+        try:
+            async for batch in batches:
+                final = batch
+        finally:
+            await batches.aclose()
+        await self.events.flush(prepared.response["id"])
+        event = final[-1]
+        if event["type"] == "response.failed":
+            raise ApiError(ErrorKind.SERVER_ERROR, event["response"]["error"]["message"], None, "server_error")
+        return event["response"]

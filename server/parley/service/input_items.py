@@ -1,0 +1,116 @@
+"""Input items, as a request sends them, checked and normalized to their stored form (each with
+an id). Every rejection names the offending field the way OpenAI does (`input[2].content[0].type`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parley.errors import invalid, invalid_type
+from parley.ids import new_id
+
+ROLES = ("user", "assistant", "system", "developer")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
+def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
+    output_role = role == "assistant"
+    text_type = "output_text" if output_role else "input_text"
+    if isinstance(content, str):
+        return [_text_part(text_type, content)]
+    if not isinstance(content, list):
+        raise invalid_type(param, "a string or an array of content parts", content)
+    parts = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise invalid_type(where, "an object", part)
+        kind = part.get("type")
+        if kind in ("input_text", "output_text"):
+            if not isinstance(part.get("text"), str):
+                raise invalid_type(f"{where}.text", "a string", part.get("text"))
+            if output_role != (kind == "output_text"):
+                allowed = "'output_text' and 'refusal'" if output_role else "'input_text', 'input_image' and 'input_file'"
+                raise invalid(f"Invalid value: '{kind}'. Supported values for role '{role}' are: {allowed}.",
+                              f"{where}.type", "invalid_value")
+            parts.append(_text_part(kind, part["text"]))
+        elif kind == "refusal" and output_role:
+            if not isinstance(part.get("refusal"), str):
+                raise invalid_type(f"{where}.refusal", "a string", part.get("refusal"))
+            parts.append({"type": "refusal", "refusal": part["refusal"]})
+        elif kind in ("input_image", "input_file"):
+            raise invalid(f"The served model accepts text only; '{kind}' content is not supported.",
+                          f"{where}.type", "unsupported_content")
+        else:
+            raise invalid(f"Invalid value: {kind!r}. Supported content part types are 'input_text' and "
+                          "'output_text'.", f"{where}.type", "invalid_value")
+    return parts
+
+
+def _text_part(kind: str, text: str) -> dict:
+    if kind == "output_text":
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "input_text", "text": text}
+
+
+def _normalize_item(item: Any, index: int) -> dict:
+    param = f"input[{index}]"
+    if not isinstance(item, dict):
+        raise invalid_type(param, "an object", item)
+    kind = item.get("type", "message")  # EasyInputMessage may omit `type`
+    if kind == "message":
+        role = item.get("role")
+        if role not in ROLES:
+            raise invalid(f"Invalid value: {role!r}. Supported values are: 'user', 'assistant', 'system', "
+                          "and 'developer'.", f"{param}.role", "invalid_value")
+        if "content" not in item:
+            raise invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content",
+                          "missing_required_parameter")
+        content = _normalize_content(item["content"], role, f"{param}.content")
+        prefix = "msg"
+        normalized = {"type": "message", "id": item.get("id") or new_id(prefix), "role": role,
+                      "content": content, "status": item.get("status") or "completed"}
+        return normalized
+    if kind == "function_call":
+        for key in ("call_id", "name", "arguments"):
+            if not isinstance(item.get(key), str):
+                raise invalid_type(f"{param}.{key}", "a string", item.get(key))
+        return {"type": "function_call", "id": item.get("id") or new_id("fc"), "call_id": item["call_id"],
+                "name": item["name"], "arguments": item["arguments"], "status": item.get("status") or "completed"}
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise invalid_type(f"{param}.call_id", "a string", item.get("call_id"))
+        output = item.get("output")
+        if isinstance(output, list):
+            output = _normalize_content(output, "user", f"{param}.output")
+        elif not isinstance(output, str):
+            raise invalid_type(f"{param}.output", "a string or an array of content parts", output)
+        return {"type": "function_call_output", "id": item.get("id") or new_id("fco"),
+                "call_id": item["call_id"], "output": output, "status": item.get("status") or "completed"}
+    if kind == "reasoning":
+        if not isinstance(item.get("summary", []), list):
+            raise invalid_type(f"{param}.summary", "an array", item.get("summary"))
+        normalized = {"type": "reasoning", "id": item.get("id") or new_id("rs"), "summary": item.get("summary", [])}
+        if item.get("content") is not None:
+            normalized["content"] = item["content"]
+        encrypted = item.get("encrypted_content")
+        if encrypted is not None:
+            if not isinstance(encrypted, str):
+                raise invalid_type(f"{param}.encrypted_content", "a string", encrypted)
+            normalized["encrypted_content"] = encrypted
+        return normalized
+    if not isinstance(kind, str):
+        raise invalid_type(f"{param}.type", "a string", kind)
+    raise invalid(f"Input items of type '{kind}' are not supported by this server. Supported types: "
+                  + ", ".join(f"'{t}'" for t in SUPPORTED_ITEM_TYPES) + ".", f"{param}.type", "unsupported_item_type")
+
+
+def normalize_input(value: Any) -> list[dict]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "id": new_id("msg"), "role": "user",
+                 "content": [_text_part("input_text", value)], "status": "completed"}]
+    if not isinstance(value, list):
+        raise invalid_type("input", "a string or an array of input items", value)
+    return [_normalize_item(item, index) for index, item in enumerate(value)]

@@ -1,0 +1,148 @@
+"""Preparing a create request: everything that may still refuse it with an ApiError, before any
+byte is sent.
+
+validate -> assemble the context (the previous_response_id chain, sealed reasoning) -> render
+and fit the prompt (truncation) -> lower the request to the engine's sampling parameters ->
+admit (a generation slot or a place in the queue) -> open the response in the event log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from parley.engine.base import Engine, SamplingParams
+from parley.engine.formats import tool_format
+from parley.errors import ApiError, ErrorKind, invalid, not_found
+from parley.ids import new_id
+from parley.log import get_logger
+from parley.service.admission import Admission, Ticket
+from parley.service.conversation import to_messages
+from parley.service.event_log import EventLog, ResponseStream
+from parley.service.events import ResponseBuilder, new_response
+from parley.service.sealing import Sealer
+from parley.service.tools import unknown_call_outputs
+from parley.service.validation import CreateParams, validate_create
+from parley.store.base import ResponseStore
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class PreparedResponse:
+    """A create request that was accepted: what the generation needs, nothing sent yet."""
+
+    params: CreateParams
+    builder: ResponseBuilder
+    stream: ResponseStream
+    prompt: list[int]
+    sampling: SamplingParams
+    ticket: Ticket
+
+    @property
+    def response(self) -> dict:
+        return self.builder.response
+
+
+class Preparer:
+    def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, admission: Admission, *,
+                 replica_id: str, lease_seconds: float, default_max_output_tokens: int, log_prompts: bool,
+                 sealer: Sealer | None):
+        self.engine = engine
+        self.store = store
+        self.events = events
+        self.admission = admission
+        self.replica_id = replica_id
+        self.lease_seconds = lease_seconds
+        self.default_max_output_tokens = default_max_output_tokens
+        self.log_prompts = log_prompts
+        self.sealer = sealer
+        self.tool_format = tool_format(engine.tool_format)
+
+    async def prepare(self, body) -> PreparedResponse:
+        params = validate_create(body, [self.engine.model_id])
+        history = await self._history(params.previous_response_id) if params.previous_response_id else []
+        items = history + params.input_items
+        problem = unknown_call_outputs(items)
+        if problem is not None:
+            raise problem
+        self._open_sealed_reasoning(params.input_items)
+        prompt, dropped = self._fit(params, items)
+        if dropped:
+            log.info("prompt.truncated", dropped_items=dropped)
+        if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
+            log.debug("prompt.text", messages=[(m.role, m.content)
+                                               for m in to_messages(params.instructions, items, params.shown_tools,
+                                                                          self.tool_format)])
+        max_tokens = min(params.max_output_tokens or self.default_max_output_tokens,
+                         self.engine.context_window - len(prompt))
+        seal = self._sealer().seal if "reasoning.encrypted_content" in params.include else None
+        builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())),
+                                  logprobs=params.wants_logprobs, seal=seal)
+        response_id = builder.response["id"]
+        ticket = self.admission.enter()
+        try:
+            if params.store:
+                # A background response is durable before `queued` is returned: others may act on it.
+                await self.events.open(builder.response, params.input_items, self.replica_id,
+                                       time.time() + self.lease_seconds, durable=params.background)
+        except BaseException:
+            ticket.release()
+            raise
+        prepared = PreparedResponse(params, builder,
+                                    self.events.stream(response_id, persist=params.store,
+                                                       background=params.background),
+                                    prompt, params.sampling(max_tokens), ticket)
+        log.info("response.prepared", response_id=response_id, prompt_tokens=len(prompt), max_tokens=max_tokens,
+                 stream=params.stream, store=params.store, background=params.background)
+        return prepared
+
+    def _sealer(self) -> Sealer:
+        if self.sealer is None:
+            raise ApiError(ErrorKind.INVALID_REQUEST, "Encrypted reasoning is not configured on this server.",
+                           "include", "unsupported_value")
+        return self.sealer
+
+    def _open_sealed_reasoning(self, items: list[dict]) -> None:
+        """Reasoning sent back encrypted must be ours and intact (stateless multi-turn)."""
+        for index, item in enumerate(items):
+            if item["type"] == "reasoning" and item.get("encrypted_content"):
+                item["content"] = self._sealer().open(item["encrypted_content"], f"input[{index}].encrypted_content")
+
+    async def _history(self, response_id: str) -> list[dict]:
+        """Input and output items of the whole chain ending at response_id, oldest first."""
+        chain: list[tuple[list[dict], list[dict]]] = []
+        current: str | None = response_id
+        while current is not None:
+            await self.events.flush(current)  # its final document may still be on its way
+            document = await self.store.get(current)
+            inputs = await self.store.input_items(current) if document else None
+            if document is None or inputs is None:
+                if current == response_id:
+                    raise not_found(f"Previous response with id '{response_id}' not found.", "previous_response_id")
+                raise not_found(f"Response '{current}' in the chain of '{response_id}' no longer exists.",
+                                "previous_response_id")
+            chain.append((inputs, document["output"]))
+            current = document.get("previous_response_id")
+        items: list[dict] = []
+        for inputs, outputs in reversed(chain):
+            items.extend(inputs)
+            items.extend(outputs)
+        return items
+
+    def _fit(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:
+        """Render the prompt; with truncation=auto drop the oldest items until it fits."""
+        needed = params.max_output_tokens or 1
+        dropped = 0
+        while True:
+            prompt = self.engine.render_prompt(
+                to_messages(params.instructions, items, params.shown_tools, self.tool_format))
+            if len(prompt) + needed <= self.engine.context_window:
+                return prompt, dropped
+            if params.truncation != "auto" or len(items) <= 1:
+                raise invalid(
+                    f"The input ({len(prompt)} tokens) plus max_output_tokens ({needed}) exceeds the model's "
+                    f"context window of {self.engine.context_window} tokens. Shorten the input, or set "
+                    "truncation to 'auto' to drop the oldest items.", "input", "context_length_exceeded")
+            items = items[1:]
+            dropped += 1

@@ -1,0 +1,54 @@
+"""The llama.cpp engine's sampler: the lazy tool constraint and the grammars it samples under."""
+
+import pytest
+from llama_cpp import LlamaGrammar
+from parley.engine.base import Constraint
+from parley.engine.formats import HERMES, TOOL_FORMATS
+from parley.engine.grammar import compile_call_continuation, compile_constraint
+from parley.engine.llamacpp_sampling import CallOpenerWatch, grammar_text
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+          "additionalProperties": False}
+AUTO = Constraint("tools", tools=(("get_weather", SCHEMA),), mode="auto")
+
+
+def test_the_opener_watch_fires_once_the_call_opener_is_written_across_pieces():
+    watch = CallOpenerWatch(HERMES.marker)
+    assert [watch.opened(piece) for piece in ["Let me", " check.", "<tool", "_call>"]] == [False, False, False, True]
+
+
+def test_the_opener_watch_ignores_text_without_a_call():
+    watch = CallOpenerWatch(HERMES.marker)
+    assert not any(watch.opened(piece) for piece in ["Just", " text", " <b>tags</b>", " <tool", " use"])
+
+
+def test_auto_runs_free_until_the_opener_then_under_the_call_grammar():
+    assert grammar_text(AUTO, HERMES, reasoning=False) is None
+    assert grammar_text(AUTO, HERMES, reasoning=False, opened=True) == compile_call_continuation(AUTO, HERMES)
+    assert grammar_text(None, HERMES, reasoning=False) is None
+
+
+def test_required_and_schema_answers_are_constrained_from_the_first_token():
+    for constraint in (Constraint("tools", tools=AUTO.tools, mode="required"),
+                       Constraint("tools", tools=AUTO.tools, mode="auto", schema={"type": "object"}),
+                       Constraint("json_object")):
+        assert grammar_text(constraint, HERMES, reasoning=False) == compile_constraint(constraint, HERMES)
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FORMATS))
+def test_every_grammar_shape_compiles_in_every_family(family):
+    fmt = TOOL_FORMATS[family]
+    for constraint in (AUTO, Constraint("tools", tools=AUTO.tools + (("noop", None),), mode="required",
+                                        parallel=False), Constraint("json_schema", schema=SCHEMA),
+                       Constraint("tools", tools=AUTO.tools, mode="none")):
+        LlamaGrammar.from_string(compile_constraint(constraint, fmt), verbose=False)
+        LlamaGrammar.from_string(compile_constraint(constraint, fmt, reasoning=True), verbose=False)
+    LlamaGrammar.from_string(compile_call_continuation(AUTO, fmt), verbose=False)
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FORMATS))
+def test_the_watch_fires_on_each_familys_own_marker(family):
+    fmt = TOOL_FORMATS[family]
+    watch = CallOpenerWatch(fmt.marker)
+    pieces = ["Sure.", " ", fmt.marker[:3], fmt.marker[3:]]
+    assert [watch.opened(piece) for piece in pieces] == [False, False, False, True]
