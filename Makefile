@@ -7,14 +7,14 @@ PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
 GEN_DIR := server/parley/v1
 STAMP := $(VENV)/.parley-installed
 
-.PHONY: help install proto run serve test test-unit test-integration golden-update lint bench bench-serving bench-cpu bench-report clean
+.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto bench bench-serving bench-cpu bench-report clean
 
 help:
 	@echo "make run     set up (.venv, install, generate code) and serve on the CPU default"
 	@echo "make test    set up and run all tests (unit + integration through real Envoy and SmolLM2)"
 	@echo "make proto   regenerate Python code and the Envoy descriptor from proto/"
 	@echo "make golden-update   rewrite tests/golden/*.json from the current code"
-	@echo "make lint    ruff (pyflakes, bugbear, import order)"
+	@echo "make lint    ruff (pyflakes, bugbear, import order), buf lint, and buf breaking against BUF_AGAINST (HEAD~1)"
 	@echo "make bench   serving-path and CPU-engine benchmarks; results in bench/results/"
 
 # llama.cpp is compiled for this CPU (-march=native), except Intel AMX: sandboxes and some VMs
@@ -74,8 +74,34 @@ bench-report: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/report.py
 
-lint: $(STAMP)
+# buf (npm @bufbuild/buf) lints the contract and checks it against an earlier commit's: field
+# numbers and RPCs are forever (buf.yaml says which rules, and why).
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+BUF_AGAINST ?= HEAD~1
+PROTO_DEPS := build/proto-deps/google/api
+
+$(BUF):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+$(PROTO_DEPS): $(STAMP)
+	@mkdir -p $@
+	@SITE=$$($(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]))'); \
+	cp $$SITE/annotations.proto $$SITE/http.proto $$SITE/httpbody.proto $$SITE/field_behavior.proto $@/
+
+lint: $(STAMP) lint-proto
 	$(VENV)/bin/ruff check server tests bench
+
+lint-proto: $(BUF) $(PROTO_DEPS)
+	$(BUF) lint proto
+	@rm -rf build/buf-against && mkdir -p build/buf-against/build
+	@if git rev-parse -q --verify "$(BUF_AGAINST)^{commit}" >/dev/null; then \
+		git archive "$(BUF_AGAINST)" proto | tar -x -C build/buf-against && cp buf.yaml build/buf-against/ && \
+		cp -r build/proto-deps build/buf-against/build/ && \
+		(cd build/buf-against && ../../$(BUF) build -o ../buf-against.binpb) && \
+		$(BUF) breaking proto --against build/buf-against.binpb && \
+		echo "==> buf breaking: no breaking change against $(BUF_AGAINST)"; \
+	else echo "==> buf breaking skipped: $(BUF_AGAINST) is not in this clone's history"; fi
 
 golden-update: proto
 	PARLEY_UPDATE_GOLDEN=1 $(PY) -m pytest tests/unit -k golden $(PYTEST_ARGS)

@@ -132,7 +132,7 @@ async def test_two_replicas_on_one_postgres_behind_one_envoy(tmp_path):
                 assert fetched.id == created.id                                # retrieve on B
                 items = await on_b.ListInputItems(service_pb2.ListInputItemsRequest(response_id=created.id))
                 assert items.data[0].message.content.parts.items[0].input_text.text == "hello"  # list on B
-                follow = on_b.FollowResponse(service_pb2.GetResponseRequest(response_id=created.id,
+                follow = on_b.FollowResponse(service_pb2.FollowResponseRequest(response_id=created.id,
                                                                             starting_after=2))
                 seen = []
                 async for event in follow:                                     # resume on B, live

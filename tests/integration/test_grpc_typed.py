@@ -44,7 +44,7 @@ async def test_create_get_list_delete(stub):
 
 
 async def test_stream_typed_events(stub):
-    events = [typed.to_json(event) async for event in stub.StreamResponse(request(input="Count to three."))]
+    events = [typed.to_json(event) async for event in stub.StreamCreateResponse(request(input="Count to three."))]
     deltas = sum(e["type"] == "response.output_text.delta" for e in events)
     assert event_types(events) == text_message_sequence(deltas, events[-1]["type"])
     check_stream(events)
@@ -84,3 +84,11 @@ async def test_health_and_reflection(stack):
         replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name async for reply in replies for s in reply.list_services_response.service}
         assert {"parley.v1.Responses", "parley.v1.ResponsesHttp", "grpc.health.v1.Health"} <= names
+
+
+async def test_the_deprecated_stream_rpc_still_streams(stub):
+    """StreamResponse was renamed StreamCreateResponse; clients built before keep working."""
+    events = [typed.to_json(event) async for event in stub.StreamResponse(request(input="Hi.", max_output_tokens=16))]
+    assert events[0]["type"] == "response.created" and events[-1]["type"] in ("response.completed",
+                                                                             "response.incomplete")
+    check_stream(events)

@@ -165,12 +165,17 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
         return typed.from_json(document, responses_pb2.Response())
 
     @streaming
-    async def StreamResponse(self, request, context):
+    async def StreamCreateResponse(self, request, context):
         body = {**typed.to_json(request), "stream": True}  # the RPC, not a field, chooses streaming
         batches = await self.service.events_of(await self.service.prepare(body))
         async with contextlib.aclosing(_typed_events(batches)) as events:
             async for event in events:
                 yield event
+
+    async def StreamResponse(self, request, context):
+        """The deprecated name of StreamCreateResponse."""
+        async for event in self.StreamCreateResponse(request, context):
+            yield event
 
     @unary
     async def GetResponse(self, request, context):
