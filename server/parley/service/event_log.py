@@ -203,8 +203,9 @@ class EventLog:
                                   events=sum(run[1] - run[0] + 1 for runs in batches.values() for run in runs),
                                   finished=len(finishes))
                 finally:
+                    written, self._writing = self._writing, set()
                     self._round_done()
-                for response_id in self._writing:
+                for response_id in written:
                     await self.signals.publish(EVENTS, response_id)
         finally:
             self._writing = set()
@@ -235,6 +236,8 @@ class EventLog:
         elif response_id in self._writing:
             target = self._rounds_started
         else:
+            return
+        if target <= self._rounds_done:
             return
         future = asyncio.get_running_loop().create_future()
         self._round_waiters.append((target, future))

@@ -138,3 +138,17 @@ async def test_a_flush_does_not_wait_for_what_others_hand_over_later(store):
     stop.set()
     await streaming
     await log.flush_all()
+
+
+async def test_a_flush_while_a_write_wakes_its_followers_returns(store):
+    """PostgreSQL's NOTIFY is a round trip: a flush that comes while the log publishes what it
+    has just written must not wait for a write that already happened."""
+    class RoundTripSignals(LocalSignals):
+        async def publish(self, channel, response_id):
+            await asyncio.sleep(0.05)
+
+    log = EventLog(store, RoundTripSignals(), WritePolicy(interval=0.0, lazy_interval=0.0))
+    log.append("resp_a", [(0, 0, b"a")])
+    await written(store)  # written; its wake-up is under way
+    async with asyncio.timeout(1):
+        await log.flush("resp_a")
