@@ -48,6 +48,7 @@ def serving_section(result: dict) -> list[str]:
                   f"**{cost['server_us_per_response']} µs per response + {cost['server_us_per_message']} µs per "
                   f"message**, Envoy {cost['envoy_us_per_response']} µs + {cost['envoy_us_per_message']} µs.", ""]
     lines += paced_section(result)
+    lines += durability_section(result)
     ceiling = result.get("pipeline_ceiling")
     if ceiling:
         lines += [f"Pipeline alone (no gRPC, no Envoy; in-process, {ceiling['streams']} streams): "
@@ -57,6 +58,21 @@ def serving_section(result: dict) -> list[str]:
                   "However fast the transport, one core of this per-token work caps Parley there.", ""]
     lines += ["![serving](serving.png)", ""]
     return lines
+
+
+def durability_section(result: dict) -> list[str]:
+    """Acknowledged means durable, against write-behind: same server, same load, taking turns."""
+    runs = result.get("durability")
+    if not runs:
+        return []
+    lines = ["What durability costs: `acknowledged` (the default: a response's id and its terminal event leave "
+             "only once stored, SQLite synchronous=FULL, group commit) against `relaxed` (write-behind).", "",
+             "| durability | streams | tokens/s | TTFT p50 / p99 (ms) | server CPU s/1k tok |", "|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda run: (run["concurrency"], run["target"])):
+        lines.append(f"| {run['target'].removeprefix('parley, ')} | {run['concurrency']} | "
+                     f"{run['tokens_per_second']:,.0f} | {run['ttft_ms']['p50']} / {run['ttft_ms']['p99']} | "
+                     f"{run['server_cpu_s_per_1k_tokens']} |")
+    return lines + [""]
 
 
 def paced_section(result: dict) -> list[str]:

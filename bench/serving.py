@@ -10,7 +10,9 @@ paced as a small model on CPU emits them (one message per token): what the servi
 beside an engine that shares its cores. Then gRPC's and Envoy's own cost per response and per
 message (the baseline's frames regrouped into 3 to 32 messages), the resident memory of an
 idle open stream, and the pipeline's own CPU per token with no transport at all (the ceiling
-any transport meets).
+any transport meets). Last, what durability costs: Parley with `acknowledged` durability (the
+default: a response's id and its terminal event leave only once stored, SQLite synchronous=FULL)
+against `relaxed` (write-behind), taking turns at each level.
 The load generator shares the machine with what it measures (2 cores here): the numbers
 include that competition, for Parley and the baseline alike.
 """
@@ -41,8 +43,10 @@ from parley.v1 import service_pb2_grpc  # noqa: E402
 MODEL = "synthetic"
 
 
-def parley_command(port: int, store: str, tokens: int, rate: float = 0) -> tuple[list[str], dict]:
+def parley_command(port: int, store: str, tokens: int, rate: float = 0,
+                   durability: str = "acknowledged") -> tuple[list[str], dict]:
     env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port),
+           "PARLEY_DURABILITY": durability,
            "PARLEY_STORE_PATH": store, "PARLEY_SYNTHETIC_OUTPUT_TOKENS": str(tokens),
            "PARLEY_SYNTHETIC_TOKENS_PER_SECOND": str(rate), "PARLEY_LOG_LEVEL": "warning",
            "PARLEY_LOG_FORMAT": "json", "PARLEY_MAX_CONCURRENT_GENERATIONS": "1024",
@@ -220,6 +224,28 @@ async def message_cost(workdir: Path, body: bytes, batches: list[list[str]], lev
             "envoy_us_per_response": round(envoy_fixed), "envoy_us_per_message": round(envoy_per_message, 1)}
 
 
+async def durability_cost(workdir: Path, body: bytes, tokens: int, levels: list[int], seconds: float) -> list[dict]:
+    """Parley acknowledged (the default) and relaxed, each behind its own Envoy, taking turns."""
+    runs = []
+    servers, gateways = [], []
+    try:
+        for durability in ("acknowledged", "relaxed"):
+            port = free_port()
+            command, env = parley_command(port, str(workdir / f"durability-{durability}.sqlite3"), tokens,
+                                          durability=durability)
+            servers.append((durability, start(command, env, "listening on")))
+            gateways.append(gateway(port))
+        for level in levels:
+            for (durability, server), envoy in zip(servers, gateways, strict=True):
+                runs.append(await measure(f"parley, {durability}", server.pid, envoy, body, level, seconds))
+    finally:
+        for envoy in gateways:
+            envoy.stop()
+        for _, server in servers:
+            stop(server)
+    return runs
+
+
 def gateway(grpc_port: int) -> Envoy:
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
     envoy = Envoy(settings, grpc_port)
@@ -237,6 +263,7 @@ async def main() -> None:
                         help="tokens/s per stream of the paced runs (a small model on CPU: ~100)")
     parser.add_argument("--paced-levels", default="1,8")
     parser.add_argument("--message-cost-streams", type=int, default=64)
+    parser.add_argument("--durability-levels", default="1,64")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": args.tokens})
@@ -257,6 +284,8 @@ async def main() -> None:
     print(json.dumps({"message_cost": grpc_cost}), flush=True)
     memory = await idle_stream_memory(workdir, args.tokens, args.idle_streams)
     print(json.dumps(memory), flush=True)
+    durability_levels = [int(level) for level in args.durability_levels.split(",")]
+    durability = await durability_cost(workdir, body, args.tokens, durability_levels, args.seconds)
     ratios = {}
     for level in levels:
         parley_run = next(r for r in runs if r["target"] == "parley" and r["concurrency"] == level)
@@ -269,7 +298,7 @@ async def main() -> None:
                                            "events_per_response": sum(len(b) for b in batches)},
                             "runs": runs, "idle_stream_memory": memory, "pipeline_ceiling": ceiling,
                             "parley_vs_baseline": ratios,
-                            "message_cost": grpc_cost,
+                            "message_cost": grpc_cost, "durability": durability,
                             "paced": {"tokens_per_second_per_stream": args.paced_rate,
                                       "messages_per_response": len(paced_batches), "runs": paced_runs}})
     print(f"wrote {path}")

@@ -18,6 +18,7 @@ from parley.config import Settings
 from parley.engine.registry import build_engine
 from parley.log import get_logger
 from parley.service.admission import Admission
+from parley.service.event_log import WritePolicy
 from parley.service.responses import ResponsesService
 from parley.service.sealing import Sealer, load_key
 from parley.store.signals import LocalSignals, PostgresSignals
@@ -36,7 +37,8 @@ def build_store(settings: Settings):
         return PostgresStore(settings.store_dsn), PostgresSignals(settings.store_dsn)
     from parley.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.store_path), LocalSignals()
+    synchronous = "FULL" if settings.durability == "acknowledged" else "NORMAL"
+    return SqliteStore(settings.store_path, synchronous), LocalSignals()
 
 
 class App:
@@ -66,6 +68,7 @@ class App:
             admission=Admission(self.settings.max_concurrent_generations, self.settings.max_queued_generations),
             lease_seconds=self.settings.lease_seconds, default_max_output_tokens=self.settings.default_max_output_tokens,
             log_prompts=self.settings.log_prompts,
+            write_policy=WritePolicy(acknowledge_durably=self.settings.durability == "acknowledged"),
             sealer=Sealer(load_key(self.settings.reasoning_key, Path(self.settings.store_path).parent / "reasoning.key")))
         await self.service.maintain(self.settings.response_ttl_seconds)  # fail what a crash left running
         self._maintenance = asyncio.create_task(self._maintain_forever(), name="maintenance")

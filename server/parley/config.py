@@ -15,6 +15,9 @@ from pathlib import Path
 ENV_PREFIX = "PARLEY_"
 # The llama.cpp engine's KV cache: one pool all sequences share, or a cache for each sequence.
 KV_CACHE_LAYOUTS = ("shared", "per_sequence")
+# `acknowledged`: nothing a client sees (an id, a terminal event) before it is durable. `relaxed`:
+# write-behind; a crash may lose what clients saw (for measuring what durability costs).
+DURABILITY_MODES = ("acknowledged", "relaxed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Settings:
     kv_cache: str = "shared"
     store_path: str = "var/parley.sqlite3"
     store_dsn: str = ""
+    durability: str = "acknowledged"
     replica_id: str = ""
     lease_seconds: int = 30
     maintenance_interval_seconds: int = 10
@@ -64,6 +68,8 @@ class Settings:
             problems.append("engine_threads must be >= 0 (0 = all cores)")
         if self.kv_cache not in KV_CACHE_LAYOUTS:
             problems.append(f"kv_cache must be one of {', '.join(KV_CACHE_LAYOUTS)}, got {self.kv_cache!r}")
+        if self.durability not in DURABILITY_MODES:
+            problems.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
         if self.max_request_body_bytes < 1024:
             problems.append("max_request_body_bytes must be >= 1024")
         if self.default_max_output_tokens < 16:
@@ -117,6 +123,9 @@ HELP = {
                 "once, memory times max_concurrent_generations)",
     "store_path": "SQLite file holding responses, items and events (single node)",
     "store_dsn": "PostgreSQL DSN; when set, state lives there instead of SQLite (several replicas)",
+    "durability": "`acknowledged`: a response's id and its final event reach the client only once stored "
+                  "durably (SQLite synchronous=FULL); `relaxed`: written behind, a crash may lose what "
+                  "clients saw (for measuring what durability costs; not for production)",
     "replica_id": "this replica's name in leases; default: hostname-pid-random",
     "lease_seconds": "a running response's lease; a replica that stops renewing it (crash) has its "
                      "responses failed by others after this long",

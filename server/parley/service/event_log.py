@@ -21,6 +21,7 @@ import dataclasses
 
 import orjson
 
+from parley.errors import ApiError, ErrorKind
 from parley.log import get_logger
 from parley.service.events import Sequencer, expired_lease_failure, json_copy
 from parley.store.base import ACTIVE, EventRun, ResponseStore
@@ -29,6 +30,11 @@ from parley.store.signals import EVENTS, LocalSignals
 log = get_logger(__name__)
 
 TEXT_DELTA = "response.output_text.delta"
+
+
+def store_unavailable() -> ApiError:
+    return ApiError(ErrorKind.UNAVAILABLE, "The response store could not be written; retry the request.", None,
+                    "store_unavailable")
 
 
 # -- the stored form of events ------------------------------------------------------------------
@@ -74,15 +80,21 @@ def lease_recovery(document: dict, sequence_number: int) -> tuple[dict, bytes]:
 class WritePolicy:
     """When what the log is handed reaches the store.
 
-    Prompt writes (new rows, final documents, a background response's events, events someone on
-    this replica follows) go within `interval`. Lazy ones (a foreground stream's events, which
-    its own stream already carries) may wait `lazy_interval`, or until anything else is
-    written: at a model's pace of a token or two per write, each write's thread wake-ups cost
-    more CPU than the whole token's serving path, CPU the engine beside it needs.
+    Acknowledged means durable (`acknowledge_durably`): a response's first events (they carry
+    its id) and its final document with the terminal event are written, in a transaction shared
+    with whatever else is pending (group commit), before the client may see them; see
+    `ResponseStream.acknowledge`. Events in between may wait: prompt writes (new rows, a
+    background response's events, events someone on this replica follows) go within `interval`;
+    lazy ones (a foreground stream's events, which its own stream already carries) may wait
+    `lazy_interval`, or until anything else is written: at a model's pace of a token or two per
+    write, each write's thread wake-ups cost more CPU than the whole token's serving path, CPU
+    the engine beside it needs. A crash mid-stream may lose such a tail; the response then ends
+    `failed` by lease recovery, and no client was told otherwise.
     """
 
     interval: float = 0.02
     lazy_interval: float = 0.25
+    acknowledge_durably: bool = True
 
     def delay(self, lazy: bool) -> float:
         return self.lazy_interval if lazy else self.interval
@@ -110,6 +122,13 @@ class ResponseStream:
     @property
     def started(self) -> bool:
         return self.sequencer.next > 0
+
+    async def acknowledge(self) -> None:
+        """Return once everything emitted so far (and the final document, once handed over) is
+        written: await it before a client may see what these events acknowledge. Without a log
+        (store=false) nothing is kept, and nothing is waited for."""
+        if self._log is not None and self._log.policy.acknowledge_durably:
+            await self._log.flush(self.response_id)
 
     def emit(self, events: list[dict], plain_texts: list[str] | None = None) -> EventBatch:
         """`plain_texts`: the last events are plain text deltas of these texts, stored as one line."""
@@ -193,32 +212,38 @@ class EventLog:
                 finishes, self._finishes = self._finishes, {}
                 self._writing = batches.keys() | finishes.keys()
                 self._rounds_started += 1
+                failure = None
                 try:
                     await self.store.append_event_batches(
                         [(rid, runs) for rid, runs in batches.items() if runs], creates=creates,
                         finishes=list(finishes.values()))
-                except Exception:
-                    # The streams go on; what failed to persist cannot be resumed: say so loudly.
+                except Exception as exc:
+                    # Streams that wait for nothing go on; what failed to persist cannot be resumed:
+                    # say so loudly. Those waiting to acknowledge are told (StoreUnavailable).
+                    failure = exc
                     log.exception("events.write_failed", responses=list(self._writing),
                                   events=sum(run[1] - run[0] + 1 for runs in batches.values() for run in runs),
                                   finished=len(finishes))
                 finally:
                     written, self._writing = self._writing, set()
-                    self._round_done()
+                    self._round_done(failure)
                 for response_id in written:
                     await self.signals.publish(EVENTS, response_id)
         finally:
             self._writing = set()
             self._task = None
 
-    def _round_done(self) -> None:
+    def _round_done(self, failure: BaseException | None) -> None:
         self._rounds_done += 1
         waiting = []
         for target, future in self._round_waiters:
             if target > self._rounds_done:
                 waiting.append((target, future))
             elif not future.done():
-                future.set_result(None)
+                if failure is not None and target == self._rounds_done:
+                    future.set_exception(store_unavailable())
+                else:
+                    future.set_result(None)
         self._round_waiters = waiting
 
     def _write_now(self) -> None:
@@ -229,8 +254,9 @@ class EventLog:
             self._task = asyncio.create_task(self._write())
 
     async def flush(self, response_id: str) -> None:
-        """Return once everything of `response_id` handed over so far has been written (or has
-        failed to be: the write logs it). Writes of what others hand over later are not waited for."""
+        """Return once everything of `response_id` handed over so far has been written; raise
+        ApiError (503, `store_unavailable`) if that write failed. Writes of what others hand over
+        later are not waited for."""
         if response_id in self._pending or response_id in self._finishes:
             target = self._rounds_started + 1  # the next transaction takes it
         elif response_id in self._writing:

@@ -71,9 +71,23 @@ class Generation:
         response_id = builder.response["id"]
         generation = None
         finished = False
+        handed_over = False  # the final document went to the event log
+        if not stream.started:
+            created = stream.emit(builder.created())
+            try:
+                await stream.acknowledge()  # the row is durable before the client sees its id
+            except BaseException as exc:  # nothing was sent: the client gets the error itself
+                prepared.ticket.release()
+                if prepared.params.store:  # whatever reached the store must not stay in progress
+                    if isinstance(exc, Exception):
+                        builder.fail("server_error", "The response could not be stored.")
+                    else:
+                        builder.cancel()
+                    self.events.finish(builder.response, FINALIZABLE)
+                raise
+            yield created
+            del created  # a suspended stream must not pin what it already sent
         try:
-            if not stream.started:
-                yield stream.emit(builder.created())
             await prepared.ticket.start()
             started = builder.started()
             if started and prepared.params.store:
@@ -109,10 +123,12 @@ class Generation:
             if result is None:
                 raise RuntimeError("engine ended without a Finished event")
             tail = segment_events(builder, list(parser.finish()), ())
-            closing = tail + builder.finish(result.reason, result.input_tokens, result.output_tokens,
-                                            result.cached_tokens, result.cache_write_tokens, reasoning_tokens)
-            finished = True
-            yield stream.emit(closing)
+            closing = stream.emit(tail + builder.finish(result.reason, result.input_tokens, result.output_tokens,
+                                                        result.cached_tokens, result.cache_write_tokens,
+                                                        reasoning_tokens))
+            finished = handed_over = True
+            await self._hand_over(prepared)
+            yield closing
             log.info("response.finished", response_id=response_id, status=builder.response["status"],
                      input_tokens=result.input_tokens, output_tokens=result.output_tokens,
                      cached_tokens=result.cached_tokens)
@@ -120,8 +136,11 @@ class Generation:
                 log.debug("response.text", response_id=response_id, output=builder.response["output"])
         except Exception as exc:  # after the first event, failures are in-band
             log.exception("response.failed", response_id=response_id, error=type(exc).__name__)
-            finished = True
-            yield stream.emit(builder.fail("server_error", "The model failed while generating the response."))
+            if not finished:
+                finished = handed_over = True
+                failed = stream.emit(builder.fail("server_error", "The model failed while generating the response."))
+                await self._hand_over(prepared)
+                yield failed
         finally:
             prepared.ticket.release()
             if generation is not None:
@@ -133,8 +152,15 @@ class Generation:
                 else:
                     builder.cancel()
                     log.info("response.cancelled", response_id=response_id)
-            if prepared.params.store:
+            if prepared.params.store and not handed_over:
                 self.events.finish(builder.response, FINALIZABLE)
+
+    async def _hand_over(self, prepared: PreparedResponse) -> None:
+        """The final document to the log, durable with every event before it, before the
+        terminal event may leave."""
+        if prepared.params.store:
+            self.events.finish(prepared.builder.response, FINALIZABLE)
+        await prepared.stream.acknowledge()
 
     async def complete(self, prepared: PreparedResponse) -> dict:
         """Run to the end and return the final Response document (non-streaming create)."""

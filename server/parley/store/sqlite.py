@@ -132,8 +132,13 @@ def _replace_many(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
 
 
 class SqliteStore(InputItemPaging):
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, synchronous: str = "FULL"):
+        """`synchronous`: FULL (the default) makes every commit survive a power loss, not only a
+        crash of the process; NORMAL, in WAL mode, survives the process's crash only."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.path = Path(path)
+        self.synchronous = synchronous
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
 
@@ -156,7 +161,7 @@ class SqliteStore(InputItemPaging):
 
     async def open(self) -> None:
         await self._call(self._open)
-        log.info("store.open", backend="sqlite", path=str(self.path))
+        log.info("store.open", backend="sqlite", path=str(self.path), synchronous=self.synchronous)
 
     def _open(self) -> None:
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -166,7 +171,7 @@ class SqliteStore(InputItemPaging):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
         self._db = db

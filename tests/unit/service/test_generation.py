@@ -1,0 +1,109 @@
+"""Acknowledged means durable: what a client sees of a stored response is in the store first.
+
+The store is read directly (no flush) at the moment the client would see each event; a
+write-behind pipeline fails these tests (`relaxed` does, see the last test)."""
+
+import orjson
+import pytest
+from parley.errors import ApiError
+from parley.service.event_log import WritePolicy, decode_rows
+
+from tests.fakes.engines import ScriptedEngine
+from tests.support.pipeline import service_on, stream
+
+MODEL = "scripted"
+RELAXED = WritePolicy(acknowledge_durably=False)
+
+
+def engine() -> ScriptedEngine:
+    return ScriptedEngine(model_id=MODEL, context_window=256, script=["Hel", "lo", " there", "!"])
+
+
+async def test_the_row_is_stored_as_created_before_the_client_sees_its_id(tmp_path):
+    async with service_on(tmp_path / "g.sqlite3", engine()) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        batches = service.run(prepared)
+        first = await anext(batches)
+        assert first[0]["type"] == "response.created"
+        stored = await service.store.get(first[0]["response"]["id"])
+        assert stored is not None and stored["status"] == "in_progress" and stored["output"] == []
+        assert decode_rows(await service.store.event_rows(stored["id"])) == list(first)
+        async for _ in batches:
+            pass
+
+
+@pytest.mark.parametrize("script,terminal", [(["Hel", "lo"], "response.completed"),
+                                             (["tok"] * 40, "response.incomplete")])
+async def test_the_final_document_and_every_event_are_stored_before_the_terminal_event(tmp_path, script, terminal):
+    scripted = ScriptedEngine(model_id=MODEL, context_window=256, script=script)
+    async with service_on(tmp_path / "g.sqlite3", scripted) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True, "max_output_tokens": 16})
+        seen = []
+        async for batch in service.run(prepared):
+            seen += batch
+            if batch[-1]["type"] == terminal:
+                response_id = batch[-1]["response"]["id"]
+                assert await service.store.get(response_id) == batch[-1]["response"]
+                assert decode_rows(await service.store.event_rows(response_id)) == seen
+        assert seen[-1]["type"] == terminal
+
+
+async def test_a_failed_engine_is_stored_failed_before_the_client_sees_it(tmp_path):
+    failing = engine()
+    failing.fail_after = 2
+    async with service_on(tmp_path / "g.sqlite3", failing) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        async for batch in service.run(prepared):
+            if batch[-1]["type"] == "response.failed":
+                stored = await service.store.get(batch[-1]["response"]["id"])
+                assert stored["status"] == "failed" and stored == batch[-1]["response"]
+
+
+async def test_a_store_that_cannot_write_refuses_the_request_before_anything_is_sent(tmp_path, capsys):
+    from parley import log
+
+    async with service_on(tmp_path / "g.sqlite3", engine()) as service:
+        async def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        service.store.append_event_batches = broken
+        log.configure("json", "info")
+        try:
+            with pytest.raises(ApiError) as refused:
+                await stream(service, input="hi")
+            assert refused.value.kind.http_status == 503 and refused.value.code == "store_unavailable"
+            assert "disk full" in capsys.readouterr().err
+        finally:
+            log.configure("console", "warning")
+
+
+async def test_relaxed_writes_behind(tmp_path):
+    """The same check as the first test, on `relaxed`: the row is not there yet when the client
+    sees its id (what these tests guard against)."""
+    async with service_on(tmp_path / "g.sqlite3", engine(), write_policy=RELAXED) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        batches = service.run(prepared)
+        first = await anext(batches)
+        assert await service.store.get(first[0]["response"]["id"]) is None
+        await batches.aclose()
+
+
+async def test_relaxed_a_failed_write_is_logged_not_swallowed(tmp_path, capsys):
+    from parley import log
+
+    async with service_on(tmp_path / "g.sqlite3", engine(), write_policy=RELAXED) as service:
+        async def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        service.store.append_event_batches = broken  # the log's write (events and final document) fails
+        log.configure("json", "info")
+        try:
+            events = await stream(service, input="hi")  # the client still gets its whole stream
+            assert events[-1]["type"] == "response.completed"
+            await service.drain()
+            err = capsys.readouterr().err
+            failures = [orjson.loads(line) for line in err.splitlines() if "events.write_failed" in line]
+            assert sum(f["events"] for f in failures) == len(events) and sum(f["finished"] for f in failures) == 1
+            assert "disk full" in err
+        finally:
+            log.configure("console", "warning")
