@@ -26,6 +26,7 @@ from parley.transport.servicers import add_servicers
 
 log = get_logger(__name__)
 
+METADATA_LIMIT_BYTES = 256 * 1024
 # How often the engine's health is polled for the gRPC health service (a cheap in-process check).
 ENGINE_HEALTH_INTERVAL_SECONDS = 1.0
 
@@ -77,6 +78,11 @@ class App:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30000),
+            # Envoy refuses request headers over 32 KiB (431); the path it forwards twice (as :path
+            # and x-envoy-original-path) must then never trip gRPC's limit, which answers
+            # RESOURCE_EXHAUSTED, a 429 that clients retry.
+            ("grpc.max_metadata_size", METADATA_LIMIT_BYTES),
+            ("grpc.absolute_max_metadata_size", METADATA_LIMIT_BYTES),
             ("grpc.http2.min_ping_interval_without_data_ms", 10000),
         ])
         self._services = add_servicers(self.server, self.service)
@@ -144,26 +150,50 @@ class App:
         log.info("server.stopped")
 
 
-async def serve(settings: Settings, with_gateway: bool) -> None:
+# How often `parley run` checks that its Envoy still runs.
+GATEWAY_CHECK_SECONDS = 1.0
+
+
+async def _watch_gateway(envoy, stop: asyncio.Event) -> int | None:
+    """Envoy's exit status, once it has exited; it sets `stop`: without Envoy there is no REST
+    listener, and a server that looks alive but answers no one is worse than one that exits."""
+    while not stop.is_set():
+        await asyncio.sleep(GATEWAY_CHECK_SECONDS)
+        status = envoy.process.poll()
+        if status is not None:
+            log.error("envoy.exited", status=status,
+                      action="stopping: the REST listener is gone; a supervisor (or `make run` again) restarts it")
+            stop.set()
+            return status
+    return None
+
+
+async def serve(settings: Settings, with_gateway: bool) -> int:
+    """Run until SIGINT or SIGTERM (exit status 0), or until the gateway dies (1)."""
     app = App(settings)
     envoy = None
+    watcher = None
     try:
         await app.start()
+        stop = asyncio.Event()
         if with_gateway:
             from parley.gateway import Envoy
 
             envoy = Envoy(settings, app.grpc_port)
             await asyncio.to_thread(envoy.start)
+            watcher = asyncio.create_task(_watch_gateway(envoy, stop), name="gateway-watch")
             print(f"Parley is serving the OpenAI Responses API at {envoy.url}  "
                   f"(gRPC {settings.grpc_host}:{app.grpc_port}; Ctrl-C stops)", flush=True)
         else:
             print(f"Parley gRPC server listening on {settings.grpc_host}:{app.grpc_port}", flush=True)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        return 1 if watcher is not None and watcher.done() and watcher.result() is not None else 0
     finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
         if envoy is not None:
             await asyncio.to_thread(envoy.stop)
         await app.stop()

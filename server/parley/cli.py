@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     from parley.app import serve
 
-    asyncio.run(serve(settings, with_gateway=args.command == "run"))
+    raise SystemExit(asyncio.run(serve(settings, with_gateway=args.command == "run")))

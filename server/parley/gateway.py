@@ -41,23 +41,37 @@ def envoy_binary() -> str:
     return found
 
 
-def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = ()) -> str:
-    """The sidecar config; `extra_upstreams` ("host:port") join the cluster (several replicas)."""
+def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
+           admin_socket: Path | None = None) -> str:
+    """The sidecar config; `extra_upstreams` ("host:port") join the cluster (several replicas);
+    the admin API listens on `admin_socket` unless settings name a port."""
+    if settings.envoy_admin_port:
+        admin = f"{{ socket_address: {{ address: 127.0.0.1, port_value: {settings.envoy_admin_port} }} }}"
+    else:
+        if admin_socket is None:
+            raise ValueError("envoy_admin_port is 0: the admin API needs a unix socket path")
+        admin = f"{{ pipe: {{ path: {admin_socket}, mode: 384 }} }}"  # 0600: this user only
     values = {
         "PARLEY_HTTP_HOST": settings.http_host,
         "PARLEY_HTTP_PORT": str(settings.http_port),
-        "PARLEY_ENVOY_ADMIN_PORT": str(settings.envoy_admin_port),
+        "PARLEY_ENVOY_ADMIN_ADDRESS": admin,
+        "PARLEY_HTTP_REQUEST_TIMEOUT": str(settings.http_request_timeout_seconds),
+        "PARLEY_HTTP_MAX_CONNECTIONS": str(settings.http_max_connections),
         "PARLEY_GRPC_HOST": settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "[::]") else "127.0.0.1",
         "PARLEY_GRPC_PORT": str(grpc_port),
         "PARLEY_DESCRIPTOR_PATH": str(descriptor_path()),
         "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
-    if not extra_upstreams:
+    if settings.rest_port_serves_grpc and not extra_upstreams:
         return text
     import yaml
 
     config = yaml.safe_load(text)
+    if not settings.rest_port_serves_grpc:
+        [listener] = config["static_resources"]["listeners"]
+        [host] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+        host["routes"] = [route for route in host["routes"] if route.get("name") != "typed_grpc"]
     [cluster] = config["static_resources"]["clusters"]
     endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     for upstream in extra_upstreams:
@@ -104,7 +118,8 @@ class Envoy:
 
     def start(self, timeout: float = 30.0) -> None:
         config = Path(self._dir.name) / "envoy.yaml"
-        config.write_text(render(self.settings, self.grpc_port, self.extra_upstreams))
+        config.write_text(render(self.settings, self.grpc_port, self.extra_upstreams,
+                                 admin_socket=Path(self._dir.name) / "admin.sock"))
         # A distinct base id per instance: several Envoys on one host must not share memory.
         base_id = str(os.getpid() % 60000 + self.settings.http_port % 5000)
         command = [envoy_binary(), "-c", str(config), "--base-id", base_id, "--log-level", "warn",

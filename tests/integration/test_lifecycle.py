@@ -33,8 +33,7 @@ async def test_responses_survive_a_restart(tmp_path):
 def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path):
     http_port = free_port()
     env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0",
-           "PARLEY_ENVOY_ADMIN_PORT": str(free_port()), "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"),
-           "PARLEY_LOG_FORMAT": "json"}
+           "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"), "PARLEY_LOG_FORMAT": "json"}
     process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -60,3 +59,44 @@ def test_bad_configuration_stops_start_up_with_a_message(tmp_path):
                             env={**os.environ, "PARLEY_ENGINE": "quantum"}, timeout=60)
     assert result.returncode == 2
     assert "engine must be 'llamacpp', 'scripted' or 'synthetic'" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().split(")")[-1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+    return found
+
+
+def test_parley_run_exits_non_zero_soon_after_its_envoy_dies(tmp_path):
+    """No REST listener means no service: `parley run` must not look alive without one. Also:
+    the admin API is on a private unix socket, on no TCP port."""
+    http_port = free_port()
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_ENGINE": "scripted",
+           "PARLEY_MODEL_NAME": "scripted", "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"),
+           "PARLEY_LOG_FORMAT": "json"}
+    process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, process.stderr.read()
+        [envoy] = [pid for pid in _children(process.pid) if b"envoy" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        config_path = open(f"/proc/{envoy}/cmdline", "rb").read().split(b"\0")[2].decode()
+        config = open(config_path).read()
+        assert "pipe:" in config and "port_value: 9901" not in config
+        killed = time.monotonic()
+        os.kill(envoy, signal.SIGKILL)
+        assert process.wait(timeout=15) == 1
+        assert time.monotonic() - killed < 5
+        assert '"event": "envoy.exited"' in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()

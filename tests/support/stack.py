@@ -97,8 +97,8 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(store_path: Path, engine=None, gateway: bool = True, **overrides):
-    settings = config.load(environ={}, grpc_port=0, http_port=free_port(), envoy_admin_port=free_port(),
-                           store_path=str(store_path), **overrides)
+    settings = config.load(environ={}, grpc_port=0, http_port=free_port(), store_path=str(store_path),
+                           **overrides)
     server = ServerThread(settings, engine)
     await asyncio.to_thread(server.start)
     envoy = None

@@ -53,3 +53,16 @@ def test_the_launcher_runs_the_command_with_its_arguments():
     result = subprocess.run(gateway.guarded_command(["printf", "%s|%s", "a b", "c"]), capture_output=True,
                             text=True, timeout=30)
     assert (result.returncode, result.stdout) == (0, "a b|c")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"rest_port_serves_grpc": True, "envoy_admin_port": 9901}])
+def test_the_rendered_config_is_one_envoy_accepts(tmp_path, overrides):
+    from parley import config
+
+    rendered = tmp_path / "envoy.yaml"
+    rendered.write_text(gateway.render(config.load(environ={}, **overrides), 50051,
+                                       admin_socket=tmp_path / "admin.sock"))
+    result = subprocess.run([gateway.envoy_binary(), "--mode", "validate", "-c", str(rendered)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("typed_grpc" in rendered.read_text()) == bool(overrides)

@@ -10,7 +10,13 @@ JSON = "application/json"
 SSE = "text/event-stream"
 
 
-def decode_body(data: bytes):
+def decode_body(data: bytes, content_type: str = JSON):
+    """The JSON body of a POST. Only `application/json` is read as JSON: a page in a browser can
+    send `text/plain` across origins without asking, and must not reach a server on localhost."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != JSON and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise invalid(f"Unsupported content type {content_type[:100]!r}: send the body as application/json.",
+                      None, "unsupported_content_type")
     if not data.strip():
         raise invalid("The request body is empty; expected a JSON object.", None, "invalid_json")
     try:

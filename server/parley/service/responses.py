@@ -123,8 +123,9 @@ class ResponsesService:
         return {
             "object": "list",
             "data": page.items,
-            "first_id": page.items[0]["id"] if page.items else None,
-            "last_id": page.items[-1]["id"] if page.items else None,
+            # OpenAI's schema makes both required strings: an empty page has empty ones.
+            "first_id": page.items[0]["id"] if page.items else "",
+            "last_id": page.items[-1]["id"] if page.items else "",
             "has_more": page.has_more,
         }
 

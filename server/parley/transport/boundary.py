@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import uuid
 
 import grpc
-import orjson
 import structlog
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -31,6 +31,23 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return "req_" + uuid.uuid4().hex
 
 
+# Headers and trailers have size limits along the way (gRPC metadata, Envoy's header maps), and
+# messages may echo what a client sent: a message is cut to this many characters on the wire.
+MAX_MESSAGE_CHARS = 1024
+
+
+def _bounded(error: ApiError) -> ApiError:
+    if len(error.message) <= MAX_MESSAGE_CHARS:
+        return error
+    return ApiError(error.kind, error.message[:MAX_MESSAGE_CHARS] + "… (truncated)", error.param, error.code)
+
+
+def _metadata_json(document) -> str:
+    """JSON safe for a gRPC metadata value (printable ASCII): non-ASCII as \\u escapes, which a
+    JSON reader turns back into the same text, and DEL escaped as well."""
+    return json.dumps(document, ensure_ascii=True, separators=(",", ":")).replace("\x7f", "\\u007f")
+
+
 def _trailers(error: ApiError) -> tuple:
     code = getattr(code_pb2, error.kind.grpc_code_name)
     info = error_details_pb2.ErrorInfo(reason=error.code or error.kind.error_type, domain="parley.dev",
@@ -39,7 +56,7 @@ def _trailers(error: ApiError) -> tuple:
     status.details.add().Pack(info)
     trailers = [
         ("grpc-status-details-bin", status.SerializeToString()),
-        ("x-openai-error", orjson.dumps(error.to_openai()).decode("ascii", "replace")),
+        ("x-openai-error", _metadata_json(error.to_openai())),
     ]
     if error.kind.http_status == 429:
         trailers.append(("x-should-retry", "true"))
@@ -56,20 +73,11 @@ def _log_safely(method, event: str, **fields) -> None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
+    error = _bounded(error)
     _log_safely(log.info, "request.rejected", status=error.kind.http_status, param=error.param,
                 code=error.code, message=error.message)
     await context.abort(getattr(grpc.StatusCode, error.kind.grpc_code_name), error.message,
-                        trailing_metadata=_ascii_safe(_trailers(error)))
-
-
-def _ascii_safe(trailers: tuple) -> tuple:
-    # Non -bin metadata must be printable ASCII; orjson emits UTF-8, so escape it.
-    out = []
-    for key, value in trailers:
-        if isinstance(value, str) and not value.isascii():
-            value = value.encode("ascii", "backslashreplace").decode()
-        out.append((key, value))
-    return tuple(out)
+                        trailing_metadata=_trailers(error))
 
 
 async def _fail(context: grpc.aio.ServicerContext, failure: Exception) -> None:

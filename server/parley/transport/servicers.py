@@ -90,11 +90,15 @@ async def _coalesced(batches):
 
 
 async def _sse_messages(batches):
+    sent = False
     async with contextlib.aclosing(batches):
         async for batch in batches:
             message = _sse_body(batch)
             del batch
+            sent = True
             yield message
+    if not sent:  # no event to send (a resume after the last one): still an event stream, empty
+        yield httpbody_pb2.HttpBody(content_type=rest.SSE, data=b"")
 
 
 async def _typed_events(batches):
@@ -112,7 +116,7 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
 
     @streaming
     async def HttpCreateResponse(self, request, context):
-        prepared = await self.service.prepare(rest.decode_body(request.data))
+        prepared = await self.service.prepare(rest.decode_body(request.data, request.content_type))
         if not prepared.params.stream:
             yield _json_body(await self.service.create_prepared(prepared))
             return
