@@ -8,10 +8,13 @@ import contextlib
 from google.api import httpbody_pb2
 
 from parley.codec import rest, typed
+from parley.log import get_logger
 from parley.service.event_log import EventBatch
 from parley.service.responses import ResponsesService
 from parley.transport.boundary import streaming, unary
 from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
+
+log = get_logger(__name__)
 
 
 def _json_body(document) -> httpbody_pb2.HttpBody:
@@ -31,6 +34,15 @@ def _optional(message, field: str):
 # turn lets the producer add what the engine already delivered; under load a turn is long and
 # several steps leave as one message, idle it costs microseconds.
 COALESCE_TURNS = 2
+# Events a stream holds for a client that reads slower than the model writes (a few hundred KiB
+# at most); beyond, the pipeline is not read (backpressure). A client that takes nothing for
+# SLOW_READER_SECONDS while that many wait has its generation stopped.
+MAX_QUEUED_EVENTS = 1024
+SLOW_READER_SECONDS = 60.0
+
+
+class SlowReader(Exception):
+    """The client took nothing for SLOW_READER_SECONDS while MAX_QUEUED_EVENTS waited for it."""
 
 
 async def _coalesced(batches):
@@ -42,22 +54,42 @@ async def _coalesced(batches):
     messages instead of one message per engine step.
     """
     queue: asyncio.Queue = asyncio.Queue()
+    queued = 0  # events in the queue
+    taken = asyncio.Event()  # the writer took what was queued
 
     # An open stream waits here far longer than it works: no frame may keep a sent batch (its
     # events, their JSON bytes) alive while it waits, hence the `del`s and `None`s below.
     async def produce():
+        nonlocal queued
         try:
             async for batch in batches:
+                while queued >= MAX_QUEUED_EVENTS:
+                    taken.clear()
+                    try:
+                        await asyncio.wait_for(taken.wait(), SLOW_READER_SECONDS)
+                    except TimeoutError:
+                        log.warning("stream.slow_reader", queued_events=queued, waited_s=SLOW_READER_SECONDS,
+                                    action="the generation stops; what is queued is still sent")
+                        await batches.aclose()  # now, not when the client reads again
+                        raise SlowReader(f"the client read nothing for {SLOW_READER_SECONDS:g} s") from None
+                queued += len(batch)
                 queue.put_nowait(batch)
                 del batch
         finally:
             queue.put_nowait(None)
 
+    def took(item):
+        nonlocal queued
+        if item is not None:
+            queued -= len(item)
+            taken.set()
+        return item
+
     producer = asyncio.create_task(produce())
     try:
         ended = False
         while not ended:
-            batch = await queue.get()
+            batch = took(await queue.get())
             if batch is None:
                 break
             merged = None
@@ -69,7 +101,7 @@ async def _coalesced(batches):
                 if queue.qsize() == waiting:  # nothing came in that turn: the engine is not ahead
                     break
             while not queue.empty():
-                more = queue.get_nowait()
+                more = took(queue.get_nowait())
                 if more is None:
                     ended = True
                     break

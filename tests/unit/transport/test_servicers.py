@@ -76,3 +76,31 @@ async def test_a_waiting_stream_keeps_none_of_the_batches_it_sent(tmp_path):
         with pytest.raises(asyncio.CancelledError):
             await waiting
         await messages.aclose()
+
+
+async def test_a_client_that_stops_reading_stops_the_generation_and_bounds_what_waits(monkeypatch):
+    from parley.transport import servicers
+
+    monkeypatch.setattr(servicers, "MAX_QUEUED_EVENTS", 8)
+    monkeypatch.setattr(servicers, "SLOW_READER_SECONDS", 0.2)
+    produced, closed = [], asyncio.Event()
+
+    async def endless():  # a model far faster than its client
+        try:
+            for n in range(100_000):
+                produced.append(n)
+                yield batch(n)
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    messages = _coalesced(endless())
+    first = await anext(messages)  # then the client reads nothing
+    async with asyncio.timeout(5):
+        await closed.wait()  # the generation was stopped
+    assert len(produced) <= len(first) + 8 + 1  # what was sent, what may wait, the one held back
+    rest = []
+    with pytest.raises(servicers.SlowReader):
+        async for message in messages:  # the client reads again: what waited, then the end
+            rest += [event["sequence_number"] for event in message]
+    assert rest == list(range(len(first), len(first) + len(rest)))
