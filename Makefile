@@ -7,7 +7,7 @@ PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
 GEN_DIR := server/parley/v1
 STAMP := $(VENV)/.parley-installed
 
-.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto bench bench-serving bench-cpu bench-report clean
+.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-report clean
 
 help:
 	@echo "make run     set up (.venv, install, generate code) and serve on the CPU default"
@@ -16,6 +16,7 @@ help:
 	@echo "make golden-update   rewrite tests/golden/*.json from the current code"
 	@echo "make lint    ruff (pyflakes, bugbear, import order), buf lint, and buf breaking against BUF_AGAINST (HEAD~1)"
 	@echo "make bench   serving-path and CPU-engine benchmarks; results in bench/results/"
+	@echo "make reliability   fuzzing, timed kills, slow readers, big bodies, soak; results in tests/reliability/results/"
 
 # llama.cpp is compiled for this CPU (-march=native), except Intel AMX: sandboxes and some VMs
 # report AMX in cpuid but refuse its tile instructions (SIGILL at the first matrix product).
@@ -59,6 +60,12 @@ test-unit: proto
 
 test-integration: proto
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# The reliability run (never part of `make test`; schemathesis comes from PyPI): exits non-zero
+# when a rule breaks.
+reliability: proto
+	$(PY) -m pip install -q 'schemathesis>=4.3,<5'
+	$(PY) tests/reliability/run.py $(RELIABILITY_ARGS)
 
 # Benchmarks (never part of `make test`): results land in bench/results/ with a README and charts.
 bench: bench-serving bench-cpu bench-report
