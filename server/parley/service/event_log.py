@@ -48,6 +48,29 @@ def text_run_line(first: dict, texts: list[str]) -> bytes:
                          "content_index": first["content_index"], "sequence_number": first["sequence_number"]})
 
 
+class TextRun:
+    """A pending run of plain text deltas of one content part, still growing: a model at its pace
+    emits a token per step, and a stored line per token repeated the item id and indexes around a
+    few bytes of text (36 KB for a 200-token reply, 8.5 KB merged). Encoded once, when written."""
+
+    __slots__ = ("first", "texts")
+
+    def __init__(self, first: dict, texts: list[str]):
+        self.first = first  # the first delta event (stamped): item id, indexes, sequence number
+        self.texts = texts
+
+    @property
+    def last(self) -> int:
+        return self.first["sequence_number"] + len(self.texts) - 1
+
+    def encode(self) -> bytes:
+        return text_run_line(self.first, self.texts)
+
+
+def _encoded(runs: list) -> list[EventRun]:
+    return [(first, last, blob.encode() if isinstance(blob, TextRun) else blob) for first, last, blob in runs]
+
+
 def decode_rows(rows: list[bytes], starting_after: int = -1) -> list[dict]:
     """The events stored in `rows` (in order) after sequence number `starting_after`."""
     events = []
@@ -131,15 +154,22 @@ class ResponseStream:
             await self._log.flush(self.response_id)
 
     def emit(self, events: list[dict], plain_texts: list[str] | None = None) -> EventBatch:
-        """`plain_texts`: the last events are plain text deltas of these texts, stored as one line."""
+        """`plain_texts`: the last events are plain text deltas of these texts, stored as one
+        line with the deltas just before them, as long as those are not written yet."""
         batch = EventBatch(events)
         first = self.sequencer.stamp(batch)
         batch.encoded = list(map(orjson.dumps, batch))
-        if self._log is not None and batch:
-            lines = batch.encoded
-            if plain_texts:
-                lines = lines[:-len(plain_texts)] + [text_run_line(batch[-len(plain_texts)], plain_texts)]
-            self._log.append(self.response_id, [(first, first + len(batch) - 1, b"\n".join(lines))], lazy=self._lazy)
+        if self._log is None or not batch:
+            return batch
+        runs = []
+        others = len(batch) - len(plain_texts or ())
+        if others:
+            runs.append((first, first + others - 1, b"\n".join(batch.encoded[:others])))
+        if plain_texts:
+            deltas = batch[others]
+            if others or not self._log.extend_text_run(self.response_id, deltas, plain_texts):
+                runs.append((deltas["sequence_number"], first + len(batch) - 1, TextRun(deltas, list(plain_texts))))
+        self._log.append(self.response_id, runs, lazy=self._lazy)
         return batch
 
 
@@ -178,6 +208,20 @@ class EventLog:
         # A background response's followers read its stream from the store: its events go promptly.
         return ResponseStream(response_id, self if persist else None, lazy=not background)
 
+    def extend_text_run(self, response_id: str, first: dict, texts: list[str]) -> bool:
+        """Add deltas (`first` the first of their events) to the response's last pending run if it
+        is a text run of the same content part that they continue; False when it is not."""
+        pending = self._pending.get(response_id)
+        if not pending or not isinstance(pending[-1][2], TextRun):
+            return False
+        run = pending[-1][2]
+        if (run.first["item_id"], run.first["content_index"]) != (first["item_id"], first["content_index"]) \
+                or run.last + 1 != first["sequence_number"]:
+            return False
+        run.texts += texts
+        pending[-1] = (pending[-1][0], run.last, run)
+        return True
+
     def append(self, response_id: str, runs: list[EventRun], lazy: bool = False) -> None:
         self._pending.setdefault(response_id, []).extend(runs)
         lazy = lazy and not self.signals.watched(EVENTS, response_id)
@@ -215,7 +259,7 @@ class EventLog:
                 failure = None
                 try:
                     await self.store.append_event_batches(
-                        [(rid, runs) for rid, runs in batches.items() if runs], creates=creates,
+                        [(rid, _encoded(runs)) for rid, runs in batches.items() if runs], creates=creates,
                         finishes=list(finishes.values()))
                 except Exception as exc:
                     # Streams that wait for nothing go on; what failed to persist cannot be resumed:

@@ -40,3 +40,47 @@ def test_the_compact_line_is_a_fraction_of_the_full_events():
     Sequencer().stamp(many)
     full = b"\n".join(orjson.dumps(event) for event in many)
     assert len(text_run_line(many[0], [" tok"] * 256)) * 5 < len(full)
+
+
+async def test_a_token_per_step_is_stored_compactly_and_replays_as_it_was_streamed(tmp_path):
+    from tests.fakes.engines import ScriptedEngine
+
+    engine = ScriptedEngine(model_id="m", script=[" tok"] * 200)  # one token per step, as a model at c1
+    async with service_on(tmp_path / "s.sqlite3", engine) as service:
+        streamed = await stream(service, input="hi", max_output_tokens=300)
+        response_id = streamed[0]["response"]["id"]
+        for after in (-1, 0, 3, 4, 5, 100, len(streamed) - 2):
+            assert await service.events.read(response_id, after) == streamed[after + 1:]
+        stored = sum(map(len, await service.store.event_rows(response_id)))
+    full = sum(len(orjson.dumps(event)) for event in streamed)
+    assert stored * 4 < full  # a line per token was 36 KB of 44 KB
+
+
+async def test_text_runs_grow_only_while_pending_and_only_within_one_content_part():
+    from parley.service.event_log import EventLog, TextRun, WritePolicy
+    from parley.store.signals import LocalSignals
+
+    written = []
+
+    class Store:
+        async def append_event_batches(self, batches, creates=(), finishes=()):
+            written.extend(blob for _, runs in batches for _, _, blob in runs)
+
+    log = EventLog(Store(), LocalSignals(), WritePolicy(interval=60, lazy_interval=60))
+    stream_ = log.stream("resp_4", persist=True, background=False)
+    builder = ResponseBuilder({"id": "resp_4", "status": "in_progress", "output": []})
+    streamed = list(stream_.emit(builder.created()))
+    for texts in (["a"], ["b", "c"], ["d"]):
+        streamed += stream_.emit(builder.text_deltas(texts), plain_texts=texts)
+    pending = log._pending["resp_4"]
+    assert [type(run[2]) for run in pending] == [bytes, bytes, TextRun]  # created, the part's opening, one run
+    assert pending[-1][2].texts == ["a", "b", "c", "d"]
+    await log.flush("resp_4")  # the run is written: what follows starts a new one
+    streamed += stream_.emit(builder.text_deltas(["e"]), plain_texts=["e"])
+    streamed += stream_.emit(builder.reasoning_delta("r"))  # another item
+    streamed += stream_.emit(builder.text_deltas(["f"]), plain_texts=["f"])  # a new message: a new run
+    await log.flush("resp_4")
+    assert [run[2].texts for run in log._pending.get("resp_4", []) if isinstance(run[2], TextRun)] == []
+    for after in range(-1, len(streamed)):
+        assert decode_rows(written, after) == streamed[after + 1:]
+    assert sum(b'"text_deltas"' in blob for blob in written) == 3
