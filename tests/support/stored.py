@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from parley.service.event_log import decode_rows
+from parley.service.stored_events import decode_rows
 
 
 def encode_events(events: list[dict]) -> list[tuple[int, int, bytes]]:

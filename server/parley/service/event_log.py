@@ -10,7 +10,8 @@ are read back, owned by one component.
 - `read` and `follow` replay a stored stream, expanding compacted lines back to the very events
   that were streamed. A read flushes only the response it reads.
 
-Stores keep plain rows: (response id, first sequence number, last, the events as JSON lines).
+Stores keep plain rows: (response id, first sequence number, last, the events as JSON lines);
+service/stored_events.py is what those lines hold.
 """
 
 from __future__ import annotations
@@ -23,78 +24,16 @@ import orjson
 
 from parley.errors import ApiError, ErrorKind
 from parley.log import get_logger
-from parley.service.events import Sequencer, expired_lease_failure, json_copy
+from parley.service.events import Sequencer, json_copy
+from parley.service.stored_events import TextRun, decode_rows, encoded
 from parley.store.base import ACTIVE, EventRun, ResponseStore
 from parley.store.signals import EVENTS, LocalSignals
 
 log = get_logger(__name__)
 
-TEXT_DELTA = "response.output_text.delta"
-
-
 def store_unavailable() -> ApiError:
     return ApiError(ErrorKind.UNAVAILABLE, "The response store could not be written; retry the request.", None,
                     "store_unavailable")
-
-
-# -- the stored form of events ------------------------------------------------------------------
-
-def text_run_line(first: dict, texts: list[str]) -> bytes:
-    """The stored line of consecutive plain text deltas (no logprobs) of one content part:
-    `first` is the first of their events, `texts` their deltas. `decode_rows` expands it back to
-    the very same events. Deltas are most of what a response stores, and as full events each
-    repeats its type and item id around a few bytes of text."""
-    return orjson.dumps({"text_deltas": texts, "item_id": first["item_id"], "output_index": first["output_index"],
-                         "content_index": first["content_index"], "sequence_number": first["sequence_number"]})
-
-
-class TextRun:
-    """A pending run of plain text deltas of one content part, still growing: a model at its pace
-    emits a token per step, and a stored line per token repeated the item id and indexes around a
-    few bytes of text (36 KB for a 200-token reply, 8.5 KB merged). Encoded once, when written."""
-
-    __slots__ = ("first", "texts")
-
-    def __init__(self, first: dict, texts: list[str]):
-        self.first = first  # the first delta event (stamped): item id, indexes, sequence number
-        self.texts = texts
-
-    @property
-    def last(self) -> int:
-        return self.first["sequence_number"] + len(self.texts) - 1
-
-    def encode(self) -> bytes:
-        return text_run_line(self.first, self.texts)
-
-
-def _encoded(runs: list) -> list[EventRun]:
-    return [(first, last, blob.encode() if isinstance(blob, TextRun) else blob) for first, last, blob in runs]
-
-
-def decode_rows(rows: list[bytes], starting_after: int = -1) -> list[dict]:
-    """The events stored in `rows` (in order) after sequence number `starting_after`."""
-    events = []
-    for blob in rows:
-        for line in blob.split(b"\n"):
-            event = orjson.loads(line)
-            deltas = event.get("text_deltas")
-            if deltas is None:
-                if event["sequence_number"] > starting_after:
-                    events.append(event)
-                continue
-            first = event["sequence_number"]
-            for number in range(max(first, starting_after + 1), first + len(deltas)):
-                # The key order of ResponseBuilder's delta events: replayed bytes equal streamed ones.
-                events.append({"type": TEXT_DELTA, "item_id": event["item_id"], "output_index": event["output_index"],
-                               "content_index": event["content_index"], "delta": deltas[number - first],
-                               "logprobs": [], "sequence_number": number})
-    return events
-
-
-def lease_recovery(document: dict, sequence_number: int) -> tuple[dict, bytes]:
-    """The store's recovery of a response whose replica died: (failed document, stored line)."""
-    failed, event = expired_lease_failure(document, sequence_number)
-    return failed, orjson.dumps(event)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -259,7 +198,7 @@ class EventLog:
                 failure = None
                 try:
                     await self.store.append_event_batches(
-                        [(rid, _encoded(runs)) for rid, runs in batches.items() if runs], creates=creates,
+                        [(rid, encoded(runs)) for rid, runs in batches.items() if runs], creates=creates,
                         finishes=list(finishes.values()))
                 except Exception as exc:
                     # Streams that wait for nothing go on; what failed to persist cannot be resumed:

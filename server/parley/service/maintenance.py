@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from parley.log import get_logger
-from parley.service.event_log import lease_recovery
+from parley.service.stored_events import lease_recovery
 from parley.store.base import ResponseStore
 from parley.store.signals import EVENTS, LocalSignals
 

@@ -6,7 +6,8 @@ write-behind pipeline fails these tests (`relaxed` does, see the last test)."""
 import orjson
 import pytest
 from parley.errors import ApiError
-from parley.service.event_log import WritePolicy, decode_rows
+from parley.service.event_log import WritePolicy
+from parley.service.stored_events import decode_rows
 
 from tests.fakes.engines import ScriptedEngine
 from tests.support.pipeline import service_on, stream

@@ -5,7 +5,7 @@ import sqlite3
 
 import psycopg
 import pytest
-from parley.service.event_log import lease_recovery
+from parley.service.stored_events import lease_recovery
 from parley.store.postgres import PostgresStore
 from parley.store.sqlite import SqliteStore
 

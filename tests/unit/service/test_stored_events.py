@@ -3,8 +3,8 @@ the events that were streamed, from any point."""
 
 import orjson
 from parley.engine.synthetic import SyntheticEngine
-from parley.service.event_log import decode_rows, text_run_line
 from parley.service.events import ResponseBuilder, Sequencer
+from parley.service.stored_events import decode_rows, text_run_line
 
 from tests.support.pipeline import service_on, stream
 
@@ -57,7 +57,8 @@ async def test_a_token_per_step_is_stored_compactly_and_replays_as_it_was_stream
 
 
 async def test_text_runs_grow_only_while_pending_and_only_within_one_content_part():
-    from parley.service.event_log import EventLog, TextRun, WritePolicy
+    from parley.service.event_log import EventLog, WritePolicy
+    from parley.service.stored_events import TextRun
     from parley.store.signals import LocalSignals
 
     written = []
