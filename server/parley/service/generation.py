@@ -63,6 +63,7 @@ class Generation:
         self.log_prompts = log_prompts
         self._shutting_down = shutting_down
         self.tool_format = tool_format(engine.tool_format)
+        self.running: set[str] = set()  # stored responses whose run has not ended: their leases are renewed
 
     async def run(self, prepared: PreparedResponse):
         """Yield the response's events in batches (each stamped, in order): one batch per engine
@@ -72,12 +73,15 @@ class Generation:
         generation = None
         finished = False
         handed_over = False  # the final document went to the event log
+        if prepared.params.store:
+            self.running.add(response_id)
         if not stream.started:
             created = stream.emit(builder.created())
             try:
                 await stream.acknowledge()  # the row is durable before the client sees its id
             except BaseException as exc:  # nothing was sent: the client gets the error itself
                 prepared.ticket.release()
+                self.running.discard(response_id)
                 if prepared.params.store:  # whatever reached the store must not stay in progress
                     if isinstance(exc, Exception):
                         builder.fail("server_error", "The response could not be stored.")
@@ -154,6 +158,7 @@ class Generation:
                     log.info("response.cancelled", response_id=response_id)
             if prepared.params.store and not handed_over:
                 self.events.finish(builder.response, FINALIZABLE)
+            self.running.discard(response_id)
 
     async def _hand_over(self, prepared: PreparedResponse) -> None:
         """The final document to the log, durable with every event before it, before the

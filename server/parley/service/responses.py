@@ -42,7 +42,8 @@ class ResponsesService:
         self.generation = Generation(engine, store, self.events, log_prompts=log_prompts,
                                      shutting_down=lambda: self._shutting_down)
         self.background = BackgroundWork(self.generation, store, self.events, self.signals)
-        self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds)
+        self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds,
+                                       running=lambda: self.generation.running)
         self.created_at = int(time.time())
         self._shutting_down = False
 

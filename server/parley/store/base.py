@@ -8,7 +8,7 @@ renews; a response whose lease ran out is failed by whichever replica notices fi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import orjson
@@ -78,8 +78,9 @@ class ResponseStore(Protocol):
     async def delete(self, response_id: str) -> bool:
         """Remove the response, its items and its events; False when it did not exist."""
 
-    async def renew_leases(self, owner: str, lease_until: float) -> int:
-        """Extend the lease of every active response this owner runs."""
+    async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
+        """Extend the lease of those of `response_ids` that are active and this owner's. A response
+        its owner no longer runs (its final write failed) then expires, and recovery fails it."""
 
     async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:
         """Finish every active response whose lease ended before `now`; return their ids."""

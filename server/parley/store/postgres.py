@@ -7,6 +7,8 @@ Row locks (FOR UPDATE) make cancel and lease recovery atomic across replicas.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import orjson
 
 from parley.log import get_logger
@@ -194,11 +196,13 @@ class PostgresStore(InputItemPaging):
         async with self._pool.connection() as conn:
             return (await conn.execute("DELETE FROM responses WHERE id = %s", (response_id,))).rowcount > 0
 
-    async def renew_leases(self, owner: str, lease_until: float) -> int:
+    async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
+        if not response_ids:
+            return 0
         async with self._pool.connection() as conn:
             cursor = await conn.execute(
-                "UPDATE responses SET lease_until = %s WHERE owner = %s AND status = ANY(%s)",
-                (lease_until, owner, list(ACTIVE)))
+                "UPDATE responses SET lease_until = %s WHERE owner = %s AND status = ANY(%s) AND id = ANY(%s)",
+                (lease_until, owner, list(ACTIVE), list(response_ids)))
             return cursor.rowcount
 
     async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -265,10 +266,13 @@ class SqliteStore(InputItemPaging):
         return await self._transact(
             lambda db: db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0)
 
-    async def renew_leases(self, owner: str, lease_until: float) -> int:
+    async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
+        if not response_ids:
+            return 0
+        ids = orjson.dumps(list(response_ids))
         return await self._transact(lambda db: db.execute(
-            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {_in(ACTIVE)}",
-            (lease_until, owner, *ACTIVE)).rowcount)
+            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {_in(ACTIVE)} "
+            "AND id IN (SELECT value FROM json_each(?))", (lease_until, owner, *ACTIVE, ids)).rowcount)
 
     async def recover_expired(self, now: float, recovery: Recovery) -> list[str]:
         def _recover(db):

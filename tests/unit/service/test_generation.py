@@ -108,3 +108,33 @@ async def test_relaxed_a_failed_write_is_logged_not_swallowed(tmp_path, capsys):
             assert "disk full" in err
         finally:
             log.configure("console", "warning")
+
+
+async def test_a_response_whose_final_write_failed_is_left_to_expire_not_renewed(tmp_path):
+    import sqlite3
+
+    async with service_on(tmp_path / "g.sqlite3", engine()) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        response_id = prepared.response["id"]
+        batches = service.run(prepared)
+        await anext(batches)  # the row is stored
+        assert response_id in service.generation.running
+        working = service.store.append_event_batches
+
+        async def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        service.store.append_event_batches = broken
+        seen = [event async for batch in batches for event in batch]
+        assert not any(event["type"] == "response.completed" for event in seen)  # never acknowledged
+        service.store.append_event_batches = working
+
+        def lease() -> float:
+            with sqlite3.connect(tmp_path / "g.sqlite3") as db:
+                return db.execute("SELECT lease_until FROM responses WHERE id = ?", (response_id,)).fetchone()[0]
+
+        before = lease()
+        assert response_id not in service.generation.running
+        await service.maintain()  # renews what runs here: not this one, which recovery will fail
+        assert lease() == before
+        assert (await service.store.get(response_id))["status"] == "in_progress"

@@ -92,9 +92,11 @@ async def test_leases_renew_and_expired_ones_are_failed(store):
     await store.append_events("resp_dead", encode_events([{"type": "response.created", "sequence_number": 0},
                                                           {"type": "response.in_progress", "sequence_number": 1}]))
     await store.create(response("resp_done", "completed"), [], owner="dead", lease_until=50)
-    assert await store.renew_leases("alive", 1000) == 1
+    await store.create(response("resp_orphan"), [], owner="alive", lease_until=50)  # alive, but not running it
+    assert await store.renew_leases("alive", 1000, ["resp_live", "resp_dead", "resp_done"]) == 1
+    assert await store.renew_leases("alive", 1000, []) == 0
     recovered = await store.recover_expired(100, lease_recovery)
-    assert recovered == ["resp_dead"]
+    assert sorted(recovered) == ["resp_dead", "resp_orphan"]
     dead = await store.get("resp_dead")
     assert dead["status"] == "failed" and "lease expired" in dead["error"]["message"]
     events = await stored_events(store, "resp_dead")
