@@ -23,15 +23,6 @@ MODEL = "scripted"
 FAST_LEASES = {"lease_seconds": 2, "maintenance_interval_seconds": 1}
 
 
-@contextlib.contextmanager
-def store_for(kind, tmp_path):
-    if kind == "sqlite":
-        yield {"store_path": tmp_path / "crash.sqlite3"}
-    else:
-        with postgres.fresh_schema() as dsn:
-            yield {"store_dsn": dsn}
-
-
 @contextlib.asynccontextmanager
 async def gateway(*targets: str):
     first, *others = targets
@@ -57,7 +48,7 @@ async def wait_status(client, response_id, statuses, timeout=30):
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 async def test_sigkill_mid_generation_leaves_nothing_in_progress_forever(kind, tmp_path):
-    with store_for(kind, tmp_path) as store:
+    with postgres.store_for(kind, tmp_path) as store:
         server = ServerProcess(**store, **FAST_LEASES, scripted_output_tokens=2000, scripted_token_delay_ms=10,
                                grpc_port=free_port()).start()
         port = server.port

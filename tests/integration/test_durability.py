@@ -13,7 +13,7 @@ import pytest
 from parley.codec import typed
 from parley.v1 import responses_pb2, service_pb2, service_pb2_grpc
 
-from tests.integration.test_crash_and_replicas import store_for
+from tests.support.postgres import store_for
 from tests.support.processes import ServerProcess
 from tests.support.stack import free_port
 

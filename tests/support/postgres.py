@@ -46,3 +46,13 @@ def fresh_schema():
     finally:
         with psycopg.connect(BASE_DSN, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def store_for(kind: str, tmp_path):
+    """Settings of a store of `kind` ("sqlite" or "postgres", a throwaway schema) for a test."""
+    if kind == "sqlite":
+        yield {"store_path": tmp_path / "store.sqlite3"}
+    else:
+        with fresh_schema() as dsn:
+            yield {"store_dsn": dsn}

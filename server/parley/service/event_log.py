@@ -185,7 +185,7 @@ class EventLog:
 
     def _start(self) -> None:
         self._timer = None
-        self._task = asyncio.create_task(self._write())
+        self._write_now()
 
     async def _write(self) -> None:
         try:
@@ -202,7 +202,7 @@ class EventLog:
                         finishes=list(finishes.values()))
                 except Exception as exc:
                     # Streams that wait for nothing go on; what failed to persist cannot be resumed:
-                    # say so loudly. Those waiting to acknowledge are told (StoreUnavailable).
+                    # say so loudly. Those waiting to acknowledge are told (503 store_unavailable).
                     failure = exc
                     log.exception("events.write_failed", responses=list(self._writing),
                                   events=sum(run[1] - run[0] + 1 for runs in batches.values() for run in runs),
