@@ -52,6 +52,7 @@ class Settings:
     scripted_output_tokens: int = 0
     scripted_token_delay_ms: int = 0
     max_request_body_bytes: int = 16 * 1024 * 1024
+    large_bodies_at_once: int = 1
     default_max_output_tokens: int = 1024
     log_format: str = "console"
     log_level: str = "info"
@@ -80,7 +81,7 @@ class Settings:
         if self.store_dsn and not self.store_dsn.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
             problems.append("store_dsn must be a PostgreSQL DSN (postgresql://... or key=value)")
         for name in ("lease_seconds", "maintenance_interval_seconds", "max_concurrent_generations",
-                     "http_request_timeout_seconds", "http_max_connections"):
+                     "http_request_timeout_seconds", "http_max_connections", "large_bodies_at_once"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         for name in ("response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
@@ -150,7 +151,9 @@ HELP = {
     "synthetic_tokens_per_second": "synthetic engine: per-stream rate (0 = as fast as the server takes them)",
     "scripted_output_tokens": "scripted engine: tokens per response (0 = a fixed sentence)",
     "scripted_token_delay_ms": "scripted engine: delay before each token",
-    "max_request_body_bytes": "largest accepted request body (Envoy answers 413 above it)",
+    "max_request_body_bytes": "largest accepted request body (413 above it)",
+    "large_bodies_at_once": "request bodies over 1 MiB read, parsed and prepared at once; more wait, their "
+                            "bytes held back in Envoy and the client (server memory stays bounded)",
     "default_max_output_tokens": "output cap when a request sets no max_output_tokens",
     "log_format": "console (human) or json",
     "log_level": "debug, info, warning or error",

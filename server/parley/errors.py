@@ -14,6 +14,7 @@ import enum
 class ErrorKind(enum.Enum):
     # value: (http status, OpenAI error type, grpc.StatusCode name)
     INVALID_REQUEST = (400, "invalid_request_error", "INVALID_ARGUMENT")
+    TOO_LARGE = (413, "invalid_request_error", "INVALID_ARGUMENT")
     NOT_FOUND = (404, "invalid_request_error", "NOT_FOUND")
     CONFLICT = (409, "invalid_request_error", "ABORTED")
     RATE_LIMITED = (429, "rate_limit_error", "RESOURCE_EXHAUSTED")

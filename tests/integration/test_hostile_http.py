@@ -126,6 +126,20 @@ async def test_a_body_shorter_than_its_content_length_times_out_with_408(stack):
     openai_error(*await exchange(stack, request, timeout=10), 408)
 
 
+async def test_a_body_of_several_envoy_messages_is_served(stack):
+    """Envoy forwards a body in 1 MiB messages; the server joins them."""
+    body = orjson.dumps({"model": MODEL, "input": "x" * 2_500_000, "metadata": {"end": "here"}})
+    status, _, reply = await exchange(stack, http("POST", "/v1/responses", body))
+    assert status == 200, reply[:300]
+    assert orjson.loads(reply)["metadata"] == {"end": "here"}
+
+
+async def test_a_body_over_the_limit_is_a_413_in_openai_shape(stack):
+    body = b'{"model": "scripted", "input": "' + b"x" * stack.app.settings.max_request_body_bytes + b'"}'
+    error = openai_error(*await exchange(stack, http("POST", "/v1/responses", body)), 413)
+    assert error["code"] == "request_too_large"
+
+
 async def test_a_non_json_content_type_is_refused(stack):
     status, headers, body = await exchange(stack, http("POST", "/v1/responses", CREATE,
                                                        {"content-type": "text/plain"}))

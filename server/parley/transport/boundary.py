@@ -42,6 +42,12 @@ def _bounded(error: ApiError) -> ApiError:
     return ApiError(error.kind, error.message[:MAX_MESSAGE_CHARS] + "… (truncated)", error.param, error.code)
 
 
+# What Envoy's transcoder answers for a gRPC status (convert_grpc_status); a kind whose HTTP
+# status differs tells Envoy its own.
+_HTTP_STATUS_OF_GRPC_CODE = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429,
+                             "INTERNAL": 500, "UNAVAILABLE": 503}
+
+
 def _metadata_json(document) -> str:
     """JSON safe for a gRPC metadata value (printable ASCII): non-ASCII as \\u escapes, which a
     JSON reader turns back into the same text, and DEL escaped as well."""
@@ -58,6 +64,8 @@ def _trailers(error: ApiError) -> tuple:
         ("grpc-status-details-bin", status.SerializeToString()),
         ("x-openai-error", _metadata_json(error.to_openai())),
     ]
+    if error.kind.http_status != _HTTP_STATUS_OF_GRPC_CODE.get(error.kind.grpc_code_name):
+        trailers.append(("x-http-status", str(error.kind.http_status)))  # Envoy's Lua filter sets it
     if error.kind.http_status == 429:
         trailers.append(("x-should-retry", "true"))
     elif error.kind.http_status == 409:  # the SDK retries 409 by default; a finished response stays finished
@@ -82,9 +90,13 @@ async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
 
 async def _fail(context: grpc.aio.ServicerContext, failure: Exception) -> None:
     if isinstance(failure, ApiError):
+        # The abort raises from here with `failure` as its context, and its traceback holds the
+        # handler's frames: a refused 15 MB body would stay alive until the cyclic GC ran.
+        failure.__traceback__ = None
         await _abort(context, failure)
         return
     _log_safely(log.error, "request.crashed", exc_info=failure)
+    failure.__traceback__ = None
     await _abort(context, server_error())
 
 

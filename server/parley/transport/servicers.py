@@ -12,6 +12,7 @@ from parley.log import get_logger
 from parley.service.event_log import EventBatch
 from parley.service.responses import ResponsesService
 from parley.transport.boundary import streaming, unary
+from parley.transport.intake import BodyIntake
 from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
 
 log = get_logger(__name__)
@@ -143,12 +144,28 @@ async def _typed_events(batches):
 class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
     """The REST face (through Envoy): OpenAI's JSON and SSE bytes in HttpBody messages."""
 
-    def __init__(self, service: ResponsesService):
+    def __init__(self, service: ResponsesService, intake: BodyIntake):
         self.service = service
+        self.intake = intake
+
+    @streaming
+    async def HttpCreateResponseChunked(self, request_iterator, context):
+        async with self.intake.body(request_iterator) as (data, content_type):
+            prepared = await self.service.prepare(rest.decode_body(data, content_type))
+            del data
+        async with contextlib.aclosing(self._created(prepared)) as messages:
+            async for message in messages:
+                yield message
 
     @streaming
     async def HttpCreateResponse(self, request, context):
         prepared = await self.service.prepare(rest.decode_body(request.data, request.content_type))
+        del request
+        async with contextlib.aclosing(self._created(prepared)) as messages:
+            async for message in messages:
+                yield message
+
+    async def _created(self, prepared):
         if not prepared.params.stream:
             yield _json_body(await self.service.create_prepared(prepared))
             return
@@ -250,8 +267,8 @@ TYPED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Responses"].full_name
 HTTP_SERVICE = service_pb2.DESCRIPTOR.services_by_name["ResponsesHttp"].full_name
 
 
-def add_servicers(server, service: ResponsesService) -> list[str]:
+def add_servicers(server, service: ResponsesService, intake: BodyIntake) -> list[str]:
     """Register both faces on `server`; return their full service names."""
     service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service), server)
-    service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service), server)
+    service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service, intake), server)
     return [TYPED_SERVICE, HTTP_SERVICE]

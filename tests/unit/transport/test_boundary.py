@@ -2,6 +2,7 @@
 
 import httpx
 import pytest
+from parley.errors import ApiError, ErrorKind
 
 from tests.fakes.engines import ScriptedEngine
 from tests.support.stack import running_stack
@@ -43,3 +44,15 @@ async def test_scripted_engine_serves_through_envoy(stack):
         reply = await http.post(f"{stack.base_url}/responses", json={"model": "scripted", "input": "hi"})
     assert reply.status_code == 200
     assert reply.json()["output"][0]["content"][0]["text"] == "Hello from Parley's scripted engine."
+
+
+async def test_a_status_grpc_has_no_code_for_reaches_the_client(stack, monkeypatch):
+    async def too_large(response_id):
+        raise ApiError(ErrorKind.TOO_LARGE, "too large", None, "request_too_large")
+
+    monkeypatch.setattr(stack.app.service, "get", too_large)
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{stack.base_url}/responses/resp_x")
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["error"]["code"] == "request_too_large"
+    assert "x-http-status" not in reply.headers
