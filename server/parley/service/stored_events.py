@@ -2,10 +2,15 @@
 
 A stored row holds consecutive events as JSON lines: each event's bytes as the stream sent them,
 except that plain text deltas of one content part share one compact line, which `decode_rows`
-expands back to the very events (and bytes) that were streamed.
+expands back to the very events (and bytes) that were streamed. A row worth it is deflated with
+a preset dictionary of what events repeat (keys, types, a response's default fields): the
+lifecycle events each carry the response document, and the `done` events repeat the text the
+deltas carried, which deflate finds again within the row.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import orjson
 
@@ -43,15 +48,73 @@ class TextRun:
         return text_run_line(self.first, self.texts)
 
 
+# Rows written with a dictionary are read with the very same bytes: never edit one. A new one
+# takes a new marker byte. Deflate prefers what is nearest the dictionary's end.
+_ROW_DICTIONARIES = {
+    1: (b'{"type":"response.failed","response":{"id":"resp_","object":"response","created_at":'
+        b'"status":"queued","background":true,"completed_at":null,"error":{"code":"server_error","message":'
+        b'"incomplete_details":{"reason":"max_output_tokens"},"instructions":null,"max_output_tokens":null,'
+        b'"max_tool_calls":null,"model":"","output":[],"parallel_tool_calls":true,"previous_response_id":null,'
+        b'"prompt_cache_key":null,"prompt_cache_retention":null,"reasoning":{"effort":null,"summary":null},'
+        b'"safety_identifier":null,"service_tier":"default","store":true,"temperature":1.0,'
+        b'"text":{"format":{"type":"text"},"verbosity":"medium"},"tool_choice":"auto","tools":[],"top_logprobs":0,'
+        b'"top_p":1.0,"truncation":"disabled","usage":{"input_tokens":,"input_tokens_details":{"cached_tokens":0,'
+        b'"cache_write_tokens":0},"output_tokens":,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":'
+        b'},"user":null,"metadata":{}},"sequence_number":\n'
+        b'{"type":"response.function_call_arguments.delta","item_id":"fc_","output_index":,"delta":"\n'
+        b'{"type":"response.function_call_arguments.done","item_id":"fc_","output_index":,"arguments":"\n'
+        b'{"type":"response.reasoning_text.delta","item_id":"rs_","output_index":0,"content_index":0,"delta":"\n'
+        b'{"type":"response.output_item.added","output_index":0,"item":{"id":"msg_","type":"message",'
+        b'"status":"in_progress","content":[],"role":"assistant"},"sequence_number":\n'
+        b'{"type":"response.content_part.added","item_id":"msg_","output_index":0,"content_index":0,'
+        b'"part":{"type":"output_text","annotations":[],"logprobs":[],"text":""},"sequence_number":\n'
+        b'{"type":"response.output_text.done","item_id":"msg_","output_index":0,"content_index":0,"text":"'
+        b'","logprobs":[],"sequence_number":\n'
+        b'{"type":"response.content_part.done","item_id":"msg_","output_index":0,"content_index":0,'
+        b'"part":{"type":"output_text","annotations":[],"logprobs":[],"text":"\n'
+        b'{"type":"response.output_item.done","output_index":0,"item":{"id":"msg_","type":"message",'
+        b'"status":"completed","content":[{"type":"output_text","annotations":[],"logprobs":[],"text":"'
+        b'"}],"role":"assistant"},"sequence_number":\n'
+        b'{"type":"response.completed","response":{"id":"resp_","object":"response","created_at":'
+        b'"status":"in_progress","background":false,"completed_at":null,"error":null,\n'
+        b'{"type":"response.output_text.delta","item_id":"msg_","output_index":0,"content_index":0,"delta":"'
+        b'","logprobs":[],"sequence_number":\n'
+        b'{"text_deltas":["","item_id":"msg_","output_index":0,"content_index":0,"sequence_number":'),
+}
+_ROW_DICTIONARY = 1  # the one new rows are written with
+# Smaller rows (a delta or two) are left as they are: deflating them saves a few bytes at best.
+MIN_DEFLATED_ROW = 96
+
+
+def pack_row(lines: bytes) -> bytes:
+    """A stored row's bytes: `lines` as they are, or deflated behind its dictionary's marker byte
+    when that is smaller. Plain rows start with '{', so both kinds (and rows written before
+    deflating existed) read back alike."""
+    if len(lines) < MIN_DEFLATED_ROW:
+        return lines
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=_ROW_DICTIONARIES[_ROW_DICTIONARY])
+    packed = bytes((_ROW_DICTIONARY,)) + deflater.compress(lines) + deflater.flush()
+    return packed if len(packed) < len(lines) else lines
+
+
+def unpack_row(row: bytes) -> bytes:
+    if row[:1] == b"{":
+        return row
+    inflater = zlib.decompressobj(-15, zdict=_ROW_DICTIONARIES[row[0]])
+    return inflater.decompress(row[1:]) + inflater.flush()
+
+
 def encoded(runs: list) -> list[EventRun]:
-    return [(first, last, blob.encode() if isinstance(blob, TextRun) else blob) for first, last, blob in runs]
+    """A response's pending runs as the one stored row they become."""
+    lines = b"\n".join(blob.encode() if isinstance(blob, TextRun) else blob for _, _, blob in runs)
+    return [(runs[0][0], runs[-1][1], pack_row(lines))]
 
 
 def decode_rows(rows: list[bytes], starting_after: int = -1) -> list[dict]:
     """The events stored in `rows` (in order) after sequence number `starting_after`."""
     events = []
-    for blob in rows:
-        for line in blob.split(b"\n"):
+    for row in rows:
+        for line in unpack_row(row).split(b"\n"):
             event = orjson.loads(line)
             deltas = event.get("text_deltas")
             if deltas is None:

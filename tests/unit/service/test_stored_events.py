@@ -1,10 +1,21 @@
-"""How events are stored: a run of plain text deltas is one compact line that replays as exactly
-the events that were streamed, from any point."""
+"""How events are stored: a run of plain text deltas is one compact line, rows are deflated with
+a preset dictionary, and what is stored replays as exactly the events that were streamed, from
+any point."""
+
+import hashlib
+import random
 
 import orjson
 from parley.engine.synthetic import SyntheticEngine
 from parley.service.events import ResponseBuilder, Sequencer
-from parley.service.stored_events import decode_rows, text_run_line
+from parley.service.stored_events import (
+    _ROW_DICTIONARIES,
+    MIN_DEFLATED_ROW,
+    decode_rows,
+    pack_row,
+    text_run_line,
+    unpack_row,
+)
 
 from tests.support.pipeline import service_on, stream
 
@@ -58,7 +69,7 @@ async def test_a_token_per_step_is_stored_compactly_and_replays_as_it_was_stream
 
 async def test_text_runs_grow_only_while_pending_and_only_within_one_content_part():
     from parley.service.event_log import EventLog, WritePolicy
-    from parley.service.stored_events import TextRun
+    from parley.service.stored_events import TextRun, unpack_row
     from parley.store.signals import LocalSignals
 
     written = []
@@ -84,4 +95,43 @@ async def test_text_runs_grow_only_while_pending_and_only_within_one_content_par
     assert [run[2].texts for run in log._pending.get("resp_4", []) if isinstance(run[2], TextRun)] == []
     for after in range(-1, len(streamed)):
         assert decode_rows(written, after) == streamed[after + 1:]
-    assert sum(b'"text_deltas"' in blob for blob in written) == 3
+    assert sum(unpack_row(blob).count(b'"text_deltas"') for blob in written) == 3
+
+
+def test_rows_are_deflated_when_it_pays_and_read_back_as_they_were():
+    small = b'{"type":"x","sequence_number":1}'
+    assert len(small) < MIN_DEFLATED_ROW and pack_row(small) == small
+    row = b"\n".join(orjson.dumps({"type": "response.output_text.done", "text": "word " * 40, "sequence_number": n})
+                     for n in range(3))
+    packed = pack_row(row)
+    assert packed[:1] == b"\x01" and len(packed) * 4 < len(row)
+    assert unpack_row(packed) == row and unpack_row(row) == row  # rows stored before deflating read as before
+    rng = random.Random(7)
+    noise = bytes(rng.randrange(256) for _ in range(300))
+    assert pack_row(noise) == noise  # deflating would make it larger
+
+
+def test_no_row_dictionary_ever_changes():
+    """Rows deflated with a dictionary inflate only with the very same bytes: a change to one would
+    make every row written with it unreadable. Add a dictionary under a new marker instead."""
+    assert {marker: hashlib.sha256(data).hexdigest()[:16] for marker, data in _ROW_DICTIONARIES.items()} == {
+        1: "c845b3f29f5d41ba"}
+
+
+async def test_a_response_stores_at_most_twice_its_final_json(tmp_path):
+    """A 200-token answer streamed a token per step was 36 KB in the store, then 9.6 KB with text
+    runs: its lifecycle events carry the response document, and the done events repeat its text."""
+    from tests.fakes.engines import ScriptedEngine
+
+    rng = random.Random(3)
+    words = [" " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 8)))
+             for _ in range(200)]
+    engine = ScriptedEngine(model_id="m", script=words, delay=0.002)
+    async with service_on(tmp_path / "s.sqlite3", engine) as service:
+        streamed = await stream(service, input="hi", max_output_tokens=300)
+        response_id = streamed[0]["response"]["id"]
+        rows = await service.store.event_rows(response_id)
+        assert await service.events.read(response_id) == streamed
+        final = len(orjson.dumps(await service.store.get(response_id)))
+    assert len(rows) > 2  # written as it streamed, not in one piece
+    assert sum(map(len, rows)) <= 2 * final
