@@ -51,3 +51,18 @@ class InstrumentedLlamaCppEngine(LlamaCppEngine):
         super()._release(sequence, error)
         if stats is not None:
             stats.released.set()
+
+
+class EndlessLlamaCppEngine(InstrumentedLlamaCppEngine):
+    """The real engine with end-of-generation tokens taken as text: every request runs to its
+    budget, as a long generation does, so tests can fill the KV pool on purpose. Counts
+    preemptions."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sampling.end_of_generation = frozenset()
+        self.preempted_outputs: list[int] = []  # produced tokens of each preempted sequence
+
+    def _preempt(self, sequence, waiting, active):  # on the worker thread
+        self.preempted_outputs.append(sequence.produced)
+        super()._preempt(sequence, waiting, active)

@@ -6,6 +6,13 @@ of every decoding sequence plus chunks of newly arrived prompts (llama.cpp's con
 batching, as llama-server does it). Sampling, grammar included, runs in llama.cpp's sampler
 chains. Tokens cross to the event loop in one hand-off per step. Stopping is a flag checked
 before every step, so an aborted request costs at most one more token.
+
+In the shared KV pool a sequence is admitted for what it needs to start (its prompt and a few
+steps of growth), not for its whole output budget, and grows as it goes. When the pool runs out,
+the sequence holding the most cells is preempted: its cells are freed and it waits at the head
+of the queue, to be re-evaluated (prompt and output so far) and resumed where it stopped, its
+sampler and grammar state kept. One long generation can no longer keep a short request waiting
+for its whole budget.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ _CLOSE = object()
 # _trim_idle_prefixes): at a few to tens of milliseconds a step, long enough for a burst of
 # arrivals or a client's next turn, short against a response's length.
 PREFIX_GRACE_STEPS = 16
+# Cells a sequence is admitted with beyond its prompt: a few steps of growth before the pool can
+# run out on its account.
+ADMISSION_HEADROOM_CELLS = 32
+# Items (tokens, mostly) a sequence may have delivered that its consumer has not taken yet; a
+# sequence that far ahead of its reader sits out the steps, holding its slot and cells, until
+# the reader catches up. A slow client's backpressure thus reaches the model, and a stream held
+# in memory stays a few KiB.
+MAX_UNREAD_ITEMS = 256
+# How long the worker waits when every running sequence sits out (their readers are slow).
+IDLE_WAIT_SECONDS = 0.01
 
 
 def default_model_path() -> Path:
@@ -66,6 +83,11 @@ class _Sequence:
         self.next_token = -1     # sampled, to be evaluated in the next step
         self.cached = 0
         self.produced = 0
+        self.generated: list[int] = []  # sampled tokens; the last is next_token, not yet evaluated
+        self.preemptions = 0
+        # Items handed to the consumer and items it took: each written by one thread only.
+        self.delivered = 0
+        self.taken = 0
         self.sampler = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.watch = CallOpenerWatch(marker) if lazy(params.constraint) else None
@@ -75,6 +97,28 @@ class _Sequence:
     def reservation(self) -> int:
         """KV cells this sequence may come to hold: its prompt plus its whole output budget."""
         return len(self.prompt) + self.budget
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its KV cache must hold to go on: the prompt, then what it generated (a sequence
+        resumed after preemption evaluates both again, and samples on from the last)."""
+        return self.prompt + self.generated if self.generated else self.prompt
+
+    @property
+    def held(self) -> int:
+        """KV cells it holds (evaluated), or was admitted for (prompt still pending)."""
+        return self.position + len(self.pending)
+
+    @property
+    def behind_reader(self) -> bool:
+        """Whether its consumer has too much unread to give it more now."""
+        return self.delivered - self.taken >= MAX_UNREAD_ITEMS
+
+    @property
+    def start_need(self) -> int:
+        """KV cells it needs to be admitted: its tokens and a little growth, never more than its
+        reservation (what it can come to hold at most)."""
+        return min(len(self.tokens) + ADMISSION_HEADROOM_CELLS, self.reservation)
 
 
 class LlamaCppEngine:
@@ -169,7 +213,11 @@ class LlamaCppEngine:
         carried = None
         try:
             while True:
-                item, carried = (carried, None) if carried is not None else (await inbox.get(), None)
+                if carried is not None:
+                    item, carried = carried, None
+                else:
+                    item = await inbox.get()
+                    sequence.taken += 1
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
@@ -180,6 +228,7 @@ class LlamaCppEngine:
                 ready = [item]  # tokens that piled up while the consumer was busy go together
                 while not inbox.empty():
                     following = inbox.get_nowait()
+                    sequence.taken += 1
                     if not isinstance(following, TextDelta):
                         carried = following
                         break
@@ -219,12 +268,14 @@ class LlamaCppEngine:
             raise
 
     def _serve_until_closed(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
+        stalled = False  # every running sequence sat out the last step: its reader is slow
         while True:
-            block = not active and not waiting
+            # Nothing to do: sleep until work arrives. Stalled: look again shortly.
+            wait = None if not active and not waiting else IDLE_WAIT_SECONDS if stalled else 0
             try:
                 while True:
-                    item = self._inbox.get(block=block)
-                    block = False
+                    item = self._inbox.get(block=wait != 0, timeout=wait)
+                    wait = 0
                     if item is _CLOSE:
                         for sequence in waiting + active:
                             self._release(sequence, RuntimeError("the engine is shutting down"))
@@ -239,8 +290,10 @@ class LlamaCppEngine:
                     self._release(sequence)
                 self._admit(waiting, active)
                 self._trim_idle_prefixes(active)
+                self._make_room(waiting, active)
+                stalled = False
                 if active:
-                    self._step(active)
+                    stalled = not self._step(active)
                 elif waiting:
                     # Nothing runs and the first in line still does not fit: it never will, so it
                     # fails instead of spinning here (a reservation is at most context_window).
@@ -252,9 +305,9 @@ class LlamaCppEngine:
                 active.clear()
 
     def _admit(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
-        """Moves waiting sequences into free slots, first come first served, while their whole
-        reservation (prompt + output budget) fits in the shared KV pool; idle slots' cached
-        prefixes are dropped when room is needed."""
+        """Moves waiting sequences into free slots, first come first served, while what each needs
+        to start fits in the shared KV pool beside what the running ones hold; idle slots'
+        cached prefixes are dropped when room is needed."""
         while waiting:
             sequence = waiting[0]
             if sequence.budget <= 0:  # the prompt alone fills the context: nothing to generate
@@ -266,7 +319,8 @@ class LlamaCppEngine:
             free = [slot for slot in range(len(self._slot_tokens)) if slot not in busy]
             if not free:
                 return
-            slot = max(free, key=lambda candidate: self._slot_worth(candidate, sequence.prompt, busy))
+            tokens = sequence.tokens
+            slot = max(free, key=lambda candidate: self._slot_worth(candidate, tokens, busy))
             idle = self._idle_slots(busy | {slot})
             while idle and self._overflows(sequence, active, idle):
                 self._drop_prefix(idle.pop())
@@ -274,18 +328,20 @@ class LlamaCppEngine:
                 return  # waits for running sequences to finish
             waiting.pop(0)
             self._slot_used_at[slot] = self._steps
-            shared = _shared_prefix(self._slot_tokens[slot], sequence.prompt)
+            shared = _shared_prefix(self._slot_tokens[slot], tokens)
             if not self._lib.llama_memory_seq_rm(self._memory, slot, shared, -1):
                 self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
                 shared = 0
             del self._slot_tokens[slot][shared:]
-            sequence.slot, sequence.cached, sequence.position = slot, shared, shared
-            sequence.pending = sequence.prompt[shared:]
-            try:
-                sequence.sampler = self._sampling.chain(sequence.params)
-            except Exception as exc:
-                self._release(sequence, exc)
-                continue
+            sequence.slot, sequence.position = slot, shared
+            sequence.pending = tokens[shared:]
+            if sequence.sampler is None:  # first admission; a resumed sequence keeps its state
+                sequence.cached = shared
+                try:
+                    sequence.sampler = self._sampling.chain(sequence.params)
+                except Exception as exc:
+                    self._release(sequence, exc)
+                    continue
             active.append(sequence)
 
     def _slot_worth(self, slot: int, prompt: list[int], busy: set[int]) -> tuple[int, ...]:
@@ -328,17 +384,49 @@ class LlamaCppEngine:
         self._slot_tokens[slot] = []
 
     def _overflows(self, sequence: _Sequence, active: list[_Sequence], idle: list[int]) -> bool:
-        """Whether `sequence` would overflow the KV pool beside the running reservations and the
-        prefixes cached in the `idle` slots. A cache of its own always holds a sequence: its
-        reservation is at most context_window."""
+        """Whether `sequence` could not start in the KV pool beside what the running sequences
+        hold and the prefixes cached in the `idle` slots. A cache of its own always holds a
+        sequence: its reservation is at most context_window."""
         if not self._shared_kv:
             return False
-        held = sum(s.reservation for s in active) + sum(len(self._slot_tokens[slot]) for slot in idle)
-        return held + sequence.reservation > self.context_window
+        held = sum(s.held for s in active) + sum(len(self._slot_tokens[slot]) for slot in idle)
+        return held + sequence.start_need > self.context_window
 
-    def _step(self, active: list[_Sequence]) -> None:
-        """One llama_decode over the next token of every decoding sequence and as many pending
-        prompt tokens as fit, then one sample for every sequence whose logits came out."""
+    def _make_room(self, waiting: list[_Sequence], active: list[_Sequence]) -> None:
+        """Before a step: if the shared pool cannot hold one more cell for every decoding
+        sequence, drop idle prefixes, least recently used first, then preempt the sequence
+        holding the most cells until it can."""
+        if not self._shared_kv:
+            return
+        while active:
+            idle = self._idle_slots({s.slot for s in active})
+            growth = sum(1 for s in active if not s.pending)
+            held = sum(s.held for s in active) + sum(len(self._slot_tokens[slot]) for slot in idle)
+            if held + growth <= self.context_window:
+                return
+            if idle:
+                self._drop_prefix(idle[-1])
+            elif len(active) > 1:  # one sequence alone always fits: its reservation is at most the pool
+                self._preempt(max(active, key=lambda s: s.held), waiting, active)
+            else:
+                return
+
+    def _preempt(self, sequence: _Sequence, waiting: list[_Sequence], active: list[_Sequence]) -> None:
+        """Frees a running sequence's cells; it waits at the head of the queue and resumes where
+        it stopped (its tokens evaluated again, its sampler and grammar state kept)."""
+        log.info("engine.preempted", engine="llamacpp", held_cells=sequence.held, produced=sequence.produced,
+                 running=len(active) - 1, waiting=len(waiting))
+        active.remove(sequence)
+        self._drop_prefix(sequence.slot)
+        self._slot_used_at[sequence.slot] = self._steps
+        sequence.slot, sequence.position, sequence.pending = -1, 0, []
+        sequence.preemptions += 1
+        waiting.insert(0, sequence)
+
+    def _step(self, active: list[_Sequence]) -> bool:
+        """One llama_decode over the next token of every decoding sequence whose reader keeps up
+        and as many pending prompt tokens as fit, then one sample for every sequence whose
+        logits came out. False when there was nothing to evaluate."""
         batch = self._batch
         count = 0
         outputs: list[tuple[_Sequence, int]] = []
@@ -360,7 +448,8 @@ class LlamaCppEngine:
             evaluated.append((sequence, tokens))
 
         # Decoding sequences first: they never wait behind a long prompt.
-        plan = [(sequence, [sequence.next_token], True) for sequence in active if not sequence.pending]
+        plan = [(sequence, [sequence.next_token], True) for sequence in active
+                if not sequence.pending and not sequence.behind_reader]
         room = self._batch_capacity - len(plan)
         for sequence in active:
             if sequence.pending and room > 0:
@@ -369,6 +458,8 @@ class LlamaCppEngine:
                 plan.append((sequence, chunk, not sequence.pending))
         # In slot order: with a cache per sequence, llama.cpp evaluates a batch in one pass over
         # the weights per run of consecutive sequence ids, taken in the order they appear.
+        if not plan:
+            return False
         plan.sort(key=lambda entry: entry[0].slot)
         for sequence, tokens, wants_logits in plan:
             add(sequence, tokens, wants_logits)
@@ -386,8 +477,10 @@ class LlamaCppEngine:
                 self._release(sequence)
         for sequence in active:
             if sequence.outbox:
+                sequence.delivered += len(sequence.outbox)
                 sequence.deliver(sequence.outbox)
                 sequence.outbox = []
+        return True
 
     def _accept(self, sequence: _Sequence, token: int, index: int) -> bool:
         """Hands one sampled token to its sequence; True when the sequence is finished."""
@@ -398,6 +491,7 @@ class LlamaCppEngine:
         logprobs = () if sequence.params.top_logprobs is None else (
             self._sampling.logprobs(self._ctx, index, token, sequence.params.top_logprobs),)
         sequence.outbox.append(TextDelta(text, 1, logprobs))
+        sequence.generated.append(token)
         if sequence.produced >= sequence.budget:
             return self._finish(sequence, "length")
         if sequence.watch is not None and sequence.watch.opened(text):

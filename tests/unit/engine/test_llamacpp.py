@@ -4,7 +4,16 @@ import asyncio
 
 import pytest
 from parley.engine.base import ChatMessage, Finished, SamplingParams, TextDelta
-from parley.engine.llamacpp import PREFIX_GRACE_STEPS, LlamaCppEngine, _runs, _shared_prefix, default_model_path
+from parley.engine.llamacpp import (
+    MAX_UNREAD_ITEMS,
+    PREFIX_GRACE_STEPS,
+    LlamaCppEngine,
+    _runs,
+    _shared_prefix,
+    default_model_path,
+)
+
+from tests.fakes.llamacpp import EndlessLlamaCppEngine
 
 
 def test_runs_count_blocks_of_consecutive_slots():
@@ -213,3 +222,78 @@ async def test_a_failed_decode_fails_its_requests_and_the_engine_serves_the_next
     monkeypatch.setattr(llama_cpp, "llama_decode", real_decode)
     text, finished = await run(engine, PROMPTS[0])
     assert text and finished.output_tokens > 0
+
+
+# -- the shared KV pool: admission on need, growth, preemption ---------------------------------------
+
+async def collect(engine, prompt: list[int], max_tokens: int) -> tuple[list[str], Finished]:
+    texts, finished = [], None
+    async for step in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)):
+        for event in step if isinstance(step, list) else [step]:
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+            else:
+                finished = event
+    return texts, finished
+
+
+@pytest.fixture
+async def endless():
+    engine = EndlessLlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=512, threads=0,
+                                   sequences=2)
+    yield engine
+    await engine.close()
+
+
+@pytest.mark.model
+async def test_a_long_generation_does_not_keep_a_short_request_waiting_for_its_budget(endless):
+    """Its whole budget used to be reserved at admission: 470 of 512 cells, so a short request
+    waited until it ended."""
+    prompt = endless.render_prompt([ChatMessage("user", "Count.")])
+    budget = 512 - len(prompt) - 8
+    long_run = asyncio.create_task(collect(endless, prompt, budget))
+    await asyncio.sleep(0)
+    long_stats = endless.last_run
+    while long_stats.produced < 20:
+        await asyncio.sleep(0.01)
+    _, short_finished = await collect(endless, prompt, 8)
+    assert short_finished.output_tokens == 8
+    assert not long_run.done() and long_stats.produced < budget - 50
+    _, long_finished = await long_run
+    assert long_finished.reason == "length"
+
+
+@pytest.mark.model
+async def test_when_the_pool_runs_out_the_largest_sequence_is_preempted_and_resumes(endless):
+    prompt = endless.render_prompt([ChatMessage("user", "Count.")])
+    large, small = 512 - len(prompt), 300  # together they outgrow the 512 cells before either ends
+    (_, large_finished), (_, small_finished) = await asyncio.gather(
+        collect(endless, prompt, large), collect(endless, prompt, small))
+    assert len(endless.preempted_outputs) >= 1 and all(0 < n < large for n in endless.preempted_outputs)
+    # Both ran to their budgets; the preempted one went on where it stopped, nothing repeated.
+    assert (large_finished.reason, large_finished.output_tokens) == ("length", large)
+    assert (small_finished.reason, small_finished.output_tokens) == ("length", small)
+
+
+def tokens_in(step) -> int:
+    return sum(event.tokens for event in (step if isinstance(step, list) else [step]) if isinstance(event, TextDelta))
+
+
+@pytest.mark.model
+async def test_a_sequence_whose_reader_stops_reading_stops_generating_and_the_others_go_on(endless):
+    """Backpressure reaches the model: a sequence far ahead of its reader sits out the steps."""
+    prompt = endless.render_prompt([ChatMessage("user", "Count.")])
+    budget = 512 - len(prompt)  # all the context has room for, well past MAX_UNREAD_ITEMS
+    stalled = endless.generate(prompt, SamplingParams(max_tokens=budget, temperature=0))
+    produced = tokens_in(await anext(stalled))  # then nothing is read for a while
+    stalled_stats = endless.last_run
+    _, other = await collect(endless, prompt, 40)  # runs meanwhile, to its end
+    assert other.output_tokens == 40
+    seen = -1
+    while seen != stalled_stats.produced:  # until it stops growing
+        seen = stalled_stats.produced
+        await asyncio.sleep(1)
+    assert MAX_UNREAD_ITEMS <= stalled_stats.produced <= MAX_UNREAD_ITEMS + 2
+    async for step in stalled:  # the reader is back: the rest comes
+        produced += tokens_in(step)
+    assert produced == budget
