@@ -92,13 +92,14 @@ class ResponseStream:
         if self._log is not None and self._log.policy.acknowledge_durably:
             await self._log.flush(self.response_id)
 
-    def emit(self, events: list[dict], plain_texts: list[str] | None = None) -> EventBatch:
+    def emit(self, events: list[dict], plain_texts: list[str] | None = None, *, persist: bool = True) -> EventBatch:
         """`plain_texts`: the last events are plain text deltas of these texts, stored as one
-        line with the deltas just before them, as long as those are not written yet."""
+        line with the deltas just before them, as long as those are not written yet.
+        `persist=False`: stamped and sent, not stored (an error about the store itself)."""
         batch = EventBatch(events)
         first = self.sequencer.stamp(batch)
         batch.encoded = list(map(orjson.dumps, batch))
-        if self._log is None or not batch:
+        if self._log is None or not batch or not persist:
             return batch
         runs = []
         others = len(batch) - len(plain_texts or ())

@@ -71,6 +71,12 @@ class Sequencer:
         self.next = first + len(events)
         return first
 
+    def withdraw(self, events: list[dict]) -> None:
+        """`events`, the last stamped, were neither sent nor stored: what comes next takes their
+        numbers, so that a client still sees no gap."""
+        if events and events[-1]["sequence_number"] == self.next - 1:
+            self.next = events[0]["sequence_number"]
+
 
 def _delta_logprobs(logprobs) -> list[dict]:
     return [{"token": lp.token, "logprob": lp.logprob,
@@ -238,6 +244,16 @@ class ResponseBuilder:
 
 LEASE_EXPIRED = ("The server generating this response stopped before it finished (its lease expired); "
                  "retry the request.")
+
+
+def error_event(code: str, message: str, param: str | None = None) -> dict:
+    """The stream's `error` event (sequence number stamped by the stream): a failure that is not
+    the response's own outcome."""
+    return {"type": "error", "code": code, "message": message, "param": param}
+
+
+UNACKNOWLEDGED_MESSAGE = ("The response finished, but it could not be stored, so its outcome was not sent. Retrieving "
+                          "it later shows it failed.")
 
 
 def expired_lease_failure(response: dict, sequence_number: int) -> tuple[dict, dict]:

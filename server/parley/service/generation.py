@@ -8,6 +8,7 @@ to the event log.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from parley.engine.base import Engine, Finished
@@ -24,7 +25,7 @@ from parley.engine.formats import (
 from parley.errors import ApiError, ErrorKind
 from parley.log import get_logger
 from parley.service.event_log import EventBatch, EventLog
-from parley.service.events import ResponseBuilder
+from parley.service.events import UNACKNOWLEDGED_MESSAGE, ResponseBuilder, error_event
 from parley.service.preparation import PreparedResponse
 from parley.store.base import ACTIVE, ResponseStore
 
@@ -73,6 +74,7 @@ class Generation:
         generation = None
         finished = False
         handed_over = False  # the final document went to the event log
+        acknowledged = False  # ... and is durable: the terminal event may leave
         if prepared.params.store:
             self.running.add(response_id)
         if not stream.started:
@@ -132,6 +134,7 @@ class Generation:
                                                         reasoning_tokens))
             finished = handed_over = True
             await self._hand_over(prepared)
+            acknowledged = True
             yield closing
             log.info("response.finished", response_id=response_id, status=builder.response["status"],
                      input_tokens=result.input_tokens, output_tokens=result.output_tokens,
@@ -142,9 +145,17 @@ class Generation:
             log.exception("response.failed", response_id=response_id, error=type(exc).__name__)
             if not finished:
                 finished = handed_over = True
-                failed = stream.emit(builder.fail("server_error", "The model failed while generating the response."))
-                await self._hand_over(prepared)
-                yield failed
+                closing = stream.emit(builder.fail("server_error", "The model failed while generating the response."))
+                with contextlib.suppress(ApiError):  # the store failed too: said below
+                    await self._hand_over(prepared)
+                    acknowledged = True
+                if acknowledged:
+                    yield closing
+            # A terminal event leaves only once durable. One that could not be made so is not
+            # sent: the client is told instead (the stored response fails when its lease lapses).
+            if not acknowledged:
+                stream.sequencer.withdraw(closing)
+                yield stream.emit([error_event("store_unavailable", UNACKNOWLEDGED_MESSAGE)], persist=False)
         finally:
             prepared.ticket.release()
             if generation is not None:
@@ -178,6 +189,8 @@ class Generation:
             await batches.aclose()
         await self.events.flush(prepared.response["id"])
         event = final[-1]
+        if event["type"] == "error":
+            raise ApiError(ErrorKind.UNAVAILABLE, event["message"], None, event["code"])
         if event["type"] == "response.failed":
             raise ApiError(ErrorKind.SERVER_ERROR, event["response"]["error"]["message"], None, "server_error")
         return event["response"]

@@ -7,6 +7,7 @@ import orjson
 import pytest
 from parley.errors import ApiError
 from parley.service.event_log import WritePolicy
+from parley.service.events import UNACKNOWLEDGED_MESSAGE
 from parley.service.stored_events import decode_rows
 
 from tests.fakes.engines import ScriptedEngine
@@ -127,6 +128,9 @@ async def test_a_response_whose_final_write_failed_is_left_to_expire_not_renewed
         service.store.append_event_batches = broken
         seen = [event async for batch in batches for event in batch]
         assert not any(event["type"] == "response.completed" for event in seen)  # never acknowledged
+        # ...and the client is told, in the stream's own `error` event, numbered after the rest.
+        assert seen[-1] == {"type": "error", "code": "store_unavailable", "message": UNACKNOWLEDGED_MESSAGE,
+                            "param": None, "sequence_number": seen[-2]["sequence_number"] + 1}
         service.store.append_event_batches = working
 
         def lease() -> float:
@@ -138,3 +142,22 @@ async def test_a_response_whose_final_write_failed_is_left_to_expire_not_renewed
         await service.maintain()  # renews what runs here: not this one, which recovery will fail
         assert lease() == before
         assert (await service.store.get(response_id))["status"] == "in_progress"
+
+
+async def test_a_non_streaming_create_whose_final_write_failed_is_a_503(tmp_path):
+    async with service_on(tmp_path / "g.sqlite3", engine()) as service:
+        prepared = await service.prepare({"model": MODEL, "input": "hi"})
+        original = service.store.append_event_batches
+        writes = 0
+
+        async def fails_after_the_row(*args, **kwargs):
+            nonlocal writes
+            writes += 1
+            if writes > 1:  # the row is stored (the id acknowledged); the final write fails
+                raise OSError("disk full")
+            await original(*args, **kwargs)
+
+        service.store.append_event_batches = fails_after_the_row
+        with pytest.raises(ApiError) as refused:
+            await service.create_prepared(prepared)
+        assert refused.value.kind.http_status == 503 and refused.value.code == "store_unavailable"
