@@ -1,6 +1,7 @@
 """The baseline: the limit of this machine for the REST streaming path.
 
-A minimal grpc.aio server implementing `ResponsesHttp.HttpCreateResponse` that streams canned
+A minimal grpc.aio server implementing `ResponsesHttp.HttpCreateResponseChunked` (the RPC that
+POST /v1/responses maps to: it reads the body's messages, as Parley does) that streams canned
 SSE bytes, the same events and the same message grouping a Parley response on the synthetic
 engine produces, through the same Envoy config. No validation, no pipeline, no store.
 With TOKENS_PER_SECOND, each message leaves when the synthetic engine paced at that rate would
@@ -31,7 +32,13 @@ class CannedResponses(service_pb2_grpc.ResponsesHttpServicer):
         # Text deltas sent before each message: its token's due time when paced.
         self.deltas_before = list(itertools.accumulate((m.count(DELTA) for m in messages), initial=0))[:-1]
 
-    async def HttpCreateResponse(self, request, context):
+    async def HttpCreateResponseChunked(self, request_iterator, context):
+        async for _ in request_iterator:  # the body, read whole as Parley reads it
+            pass
+        async for message in self._canned():
+            yield message
+
+    async def _canned(self):
         loop = asyncio.get_running_loop()
         start = loop.time()
         for message, deltas_before in zip(self.messages, self.deltas_before, strict=True):
