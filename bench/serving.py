@@ -45,7 +45,7 @@ MODEL = "synthetic"
 
 def parley_command(port: int, store: str, tokens: int, rate: float = 0,
                    durability: str = "acknowledged") -> tuple[list[str], dict]:
-    env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port),
+    env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port), "PARLEY_METRICS_PORT": "0",
            "PARLEY_DURABILITY": durability,
            "PARLEY_STORE_PATH": store, "PARLEY_SYNTHETIC_OUTPUT_TOKENS": str(tokens),
            "PARLEY_SYNTHETIC_TOKENS_PER_SECOND": str(rate), "PARLEY_LOG_LEVEL": "warning",
@@ -132,7 +132,7 @@ async def pipeline_ceiling(workdir: Path, tokens: int, streams: int = 64, per_st
 
     async def stream() -> None:
         for _ in range(per_stream):
-            prepared = await service.prepare({"model": MODEL, "input": "Write a story.", "stream": True})
+            prepared = await service.prepare("default", {"model": MODEL, "input": "Write a story.", "stream": True})
             async for _message in _sse_messages(_coalesced(service.run(prepared))):
                 pass
 

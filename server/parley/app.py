@@ -14,14 +14,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from parley import metrics, tracing
 from parley.config import Settings
 from parley.engine.registry import build_engine
 from parley.log import get_logger
 from parley.service.admission import Admission
 from parley.service.event_log import WritePolicy
+from parley.service.keys import Authenticator
+from parley.service.limits import RateLimits
 from parley.service.responses import ResponsesService
 from parley.service.sealing import Sealer, load_key
 from parley.store.signals import LocalSignals, PostgresSignals
+from parley.transport.boundary import Gate
 from parley.transport.intake import BodyIntake
 from parley.transport.servicers import add_servicers
 
@@ -30,6 +34,10 @@ log = get_logger(__name__)
 METADATA_LIMIT_BYTES = 256 * 1024
 # How often the engine's health is polled for the gRPC health service (a cheap in-process check).
 ENGINE_HEALTH_INTERVAL_SECONDS = 1.0
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def build_store(settings: Settings):
@@ -55,6 +63,10 @@ class App:
         self.health = health.aio.HealthServicer()
         self.grpc_port: int | None = None
         self.service: ResponsesService | None = None
+        self.authenticator = Authenticator(self.store, settings.api_key)
+        self.limits = RateLimits(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute)
+        self.metrics_port: int | None = None
+        self._metrics_server = None
         self._maintenance: asyncio.Task | None = None
         self._engine_watch: asyncio.Task | None = None
         self._services: list[str] = []
@@ -63,10 +75,12 @@ class App:
         if self.engine is None:
             # Model loading blocks for a second or two; keep the loop free meanwhile.
             self.engine = await asyncio.to_thread(build_engine, self.settings)
+        tracing.configure()
         await self.store.open()
+        await self._check_auth()
         await self.signals.start()
         self.service = ResponsesService(
-            self.engine, self.store, signals=self.signals, replica_id=self.replica_id,
+            self.engine, self.store, signals=self.signals, replica_id=self.replica_id, limits=self.limits,
             admission=Admission(self.settings.max_concurrent_generations, self.settings.max_queued_generations),
             lease_seconds=self.settings.lease_seconds, default_max_output_tokens=self.settings.default_max_output_tokens,
             log_prompts=self.settings.log_prompts,
@@ -91,18 +105,46 @@ class App:
             ("grpc.http2.bdp_probe", 0),
         ])
         self._services = add_servicers(
-            self.server, self.service, BodyIntake(self.settings.max_request_body_bytes, self.settings.large_bodies_at_once))
+            self.server, self.service, Gate(self.authenticator, self.limits),
+            BodyIntake(self.settings.max_request_body_bytes, self.settings.large_bodies_at_once))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self._services, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
+        self._serve_metrics()
         await self._report_health(True)
         self._engine_watch = asyncio.create_task(self._watch_engine(), name="engine-health")
         log.info("server.started", grpc=f"{self.settings.grpc_host}:{self.grpc_port}", model=self.engine.model_id,
                  engine=self.settings.engine, store="postgres" if self.settings.store_dsn else self.settings.store_path,
                  replica=self.replica_id)
         return self.grpc_port
+
+    async def _check_auth(self) -> None:
+        """Auth is on when a key exists; off, the server says so, and binds only loopback
+        addresses unless the operator insists."""
+        if await self.authenticator.required():
+            log.info("auth.on", bootstrap_key=bool(self.settings.api_key))
+            return
+        exposed = [f"{name}={host}" for name, host in (("grpc_host", self.settings.grpc_host),
+                                                        ("http_host", self.settings.http_host))
+                   if not _loopback(host)]
+        if exposed and not self.settings.allow_unauthenticated:
+            raise RuntimeError(
+                f"no API key is configured, so anyone could use this server, and it would listen beyond this "
+                f"machine ({', '.join(exposed)}). Set PARLEY_API_KEY, create a key with `parley keys create "
+                "--project NAME`, or set PARLEY_ALLOW_UNAUTHENTICATED=true to serve without keys anyway.")
+        log.warning("auth.off", reason="no API key configured: every request is the `default` project",
+                    exposed=exposed or None)
+
+    def _serve_metrics(self) -> None:
+        metrics.LIVE.waiting = lambda: self.service.admission.waiting
+        metrics.LIVE.running = lambda: self.service.admission.running
+        metrics.LIVE.kv_usage = self.engine.kv_cache_usage
+        metrics.LIVE.engine_healthy = lambda: self.engine.health().ok
+        self._metrics_server = metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        self.metrics_port = self._metrics_server.server_address[1]
+        log.info("metrics.serving", url=f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics")
 
     async def _report_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -149,6 +191,9 @@ class App:
                     await task
         if self.service is not None:
             await self.service.drain()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.signals.stop()
         await self.store.close()
         if self.engine is not None:

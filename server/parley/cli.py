@@ -1,4 +1,4 @@
-"""`parley serve` (gRPC server only) and `parley run` (server + Envoy sidecar)."""
+"""`parley serve` (gRPC server only), `parley run` (server + Envoy sidecar), `parley keys` (API keys)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,25 @@ def main(argv: list[str] | None = None) -> None:
     for name, text in (("serve", "run the gRPC server only (Envoy runs beside it, e.g. in Kubernetes)"),
                        ("run", "run the gRPC server and the Envoy REST gateway, and print the URL")):
         config.add_arguments(commands.add_parser(name, help=text))
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (in the configured store)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key for a project; the key is printed once")
+    create.add_argument("--project", required=True, help="the project the key belongs to")
+    create.add_argument("--name", default="", help="a name to recognise the key by")
+    actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id (key_...)")
+    revoke.add_argument("key_id")
+    for action in actions.choices.values():
+        config.add_arguments(action)
     args = parser.parse_args(argv)
     try:
         settings = config.load(args)
     except ValueError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.command == "keys":
+        log.configure(settings.log_format, "warning")
+        raise SystemExit(asyncio.run(manage_keys(settings, args)))
     log.configure(settings.log_format, settings.log_level)
     try:
         import uvloop
@@ -56,3 +69,41 @@ def main(argv: list[str] | None = None) -> None:
     from parley.app import serve
 
     raise SystemExit(asyncio.run(serve(settings, with_gateway=args.command == "run")))
+
+
+async def manage_keys(settings: config.Settings, args: argparse.Namespace) -> int:
+    from parley.app import build_store
+    from parley.service.keys import create_key
+
+    store, _ = build_store(settings)
+    await store.open()
+    try:
+        if args.action == "create":
+            try:
+                key, record = await create_key(store, args.project, args.name)
+            except ValueError as exc:
+                print(f"parley: {exc}", file=sys.stderr)
+                return 2
+            print(f"id:      {record.id}\nproject: {record.project}\nkey:     {key}\n"
+                  "The key is shown this once; only its hash is stored.")
+        elif args.action == "list":
+            print(f"{'id':<56} {'project':<20} {'name':<16} {'created':<20} {'last used':<20} revoked")
+            for record in await store.list_keys():
+                print(f"{record.id:<56} {record.project:<20} {record.name:<16} {_when(record.created_at):<20} "
+                      f"{_when(record.last_used_at):<20} {_when(record.revoked_at)}")
+        elif not await store.revoke_key(args.key_id):
+            print(f"parley: no active key with id {args.key_id!r}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.key_id} (replicas stop accepting it within 10 s)")
+        return 0
+    finally:
+        await store.close()
+
+
+def _when(moment: float | None) -> str:
+    import datetime
+
+    if moment is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

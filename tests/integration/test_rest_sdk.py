@@ -229,7 +229,7 @@ async def test_disconnect_stops_generation_within_two_tokens(stack):
     assert run.produced_when_stopped is not None, "generation was not stopped"
     assert run.produced - run.produced_when_stopped <= 2
     assert run.produced < 2000
-    assert (await stack.call(stack.app.service.get, response_id))["status"] == "cancelled"
+    assert (await stack.call(stack.app.service.get, "default", response_id))["status"] == "cancelled"
 
 
 async def test_background_cancel_stops_the_real_model(stack, client):

@@ -48,7 +48,7 @@ class Server:
 
     def __init__(self, workdir: Path, **settings):
         self.port = free_port()
-        env = {**os.environ, "PARLEY_HTTP_PORT": str(self.port), "PARLEY_GRPC_PORT": "0", "PARLEY_ENGINE": "scripted",
+        env = {**os.environ, "PARLEY_HTTP_PORT": str(self.port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_ENGINE": "scripted",
                "PARLEY_MODEL_NAME": MODEL, "PARLEY_STORE_PATH": str(workdir / f"r{self.port}.sqlite3"),
                "PARLEY_LOG_LEVEL": "warning", **{f"PARLEY_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,

@@ -23,7 +23,7 @@ async def service_on(path: Path, engine, **options):
 
 async def stream(service: ResponsesService, **body) -> list[dict]:
     """All events of one streamed create, after its writes have landed."""
-    prepared = await service.prepare({"model": service.engine.model_id, "stream": True, **body})
+    prepared = await service.prepare("default", {"model": service.engine.model_id, "stream": True, **body})
     events = [event async for batch in service.run(prepared) for event in batch]
     await service.drain()
     return events

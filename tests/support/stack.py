@@ -91,13 +91,13 @@ class Stack:
         return grpc.aio.insecure_channel(self.grpc_target)
 
     async def call(self, function, *args):
-        """`await function(*args)` on the server's own loop (e.g. `stack.call(service.get, id)`)."""
+        """`await function(*args)` on the server's own loop (e.g. `stack.call(service.get, "default", id)`)."""
         return await asyncio.wrap_future(self.server.submit(function(*args)))
 
 
 @contextlib.asynccontextmanager
 async def running_stack(store_path: Path, engine=None, gateway: bool = True, **overrides):
-    settings = config.load(environ={}, grpc_port=0, http_port=free_port(), store_path=str(store_path),
+    settings = config.load(environ={}, grpc_port=0, metrics_port=0, http_port=free_port(), store_path=str(store_path),
                            **overrides)
     server = ServerThread(settings, engine)
     await asyncio.to_thread(server.start)

@@ -46,3 +46,17 @@ async def test_a_dead_engine_turns_health_not_serving_and_refuses_work_with_503(
         engine.dead = None
         await next_status(updates, SERVING)
         updates.cancel()
+
+
+async def test_without_keys_it_refuses_to_listen_beyond_loopback_unless_told(tmp_path):
+    engine = ScriptedEngine(model_id="scripted")
+    with pytest.raises(RuntimeError, match="PARLEY_ALLOW_UNAUTHENTICATED"):
+        async with running_stack(tmp_path / "open.sqlite3", engine=engine, gateway=False, grpc_host="0.0.0.0"):
+            pass
+    async with running_stack(tmp_path / "open.sqlite3", engine=engine, gateway=False, grpc_host="0.0.0.0",
+                             allow_unauthenticated=True) as stack:
+        assert stack.app.grpc_port
+    # With a key it may listen anywhere.
+    async with running_stack(tmp_path / "keyed.sqlite3", engine=engine, gateway=False, grpc_host="0.0.0.0",
+                             api_key="sk-a-long-enough-key") as stack:
+        assert stack.app.grpc_port

@@ -111,4 +111,8 @@ class Engine(Protocol):
         every new request. A dead engine makes the gRPC health service report NOT_SERVING (the
         pod's probes fail and it restarts) and new requests get 503."""
 
+    def kv_cache_usage(self) -> float | None:
+        """The share of KV cache cells in use (0..1), for metrics; None when the engine has no
+        such figure. Cheap, any thread."""
+
     async def close(self) -> None: ...

@@ -175,6 +175,8 @@ class LlamaCppEngine:
         # The step at which each slot was last taken or left: idle prefixes are dropped oldest first.
         self._slot_used_at: list[int] = [0] * sequences
         self._steps = 0
+        self._kv_cells = kv_cells
+        self._kv_used = 0  # cells holding tokens, as of the last step (written by the worker only)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._serve, name="llamacpp", daemon=True)
         self._worker.start()
@@ -246,6 +248,9 @@ class LlamaCppEngine:
         if not self._worker.is_alive():
             return EngineHealth(False, "the llama.cpp worker thread has stopped")
         return EngineHealth(True)
+
+    def kv_cache_usage(self) -> float | None:
+        return self._kv_used / self._kv_cells
 
     async def close(self) -> None:
         self._inbox.put(_CLOSE)
@@ -470,6 +475,7 @@ class LlamaCppEngine:
             raise RuntimeError(f"llama_decode failed with status {status}")
         for sequence, tokens in evaluated:
             self._slot_tokens[sequence.slot].extend(tokens)
+        self._kv_used = sum(map(len, self._slot_tokens))
         for sequence, index in outputs:
             token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, index)
             if self._accept(sequence, token, index):

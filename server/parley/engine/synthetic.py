@@ -51,6 +51,9 @@ class SyntheticEngine:
             sent = due
         yield Finished("length" if total < self.output_tokens else "stop", len(prompt), total)
 
+    def kv_cache_usage(self) -> float | None:
+        return None  # no KV cache
+
     def health(self) -> EngineHealth:
         return EngineHealth(True)
 

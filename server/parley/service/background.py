@@ -71,9 +71,9 @@ class BackgroundWork:
         if task is not None:
             task.cancel()
 
-    async def cancel(self, response_id: str) -> dict:
+    async def cancel(self, project: str, response_id: str) -> dict:
         await self.events.flush(response_id)
-        document = await self.store.get(response_id)
+        document = await self.store.get(response_id, project)
         if document is None:
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
         if not document.get("background"):
@@ -85,9 +85,9 @@ class BackgroundWork:
             raise ApiError(ErrorKind.CONFLICT, f"Cannot cancel a response whose status is '{document['status']}'.",
                            "response_id", "response_already_finished")
         with self.signals.watch(EVENTS, response_id) as written:
-            document, changed = await self.store.cancel(response_id)
+            document, changed = await self.store.cancel(response_id, project)
             if not changed:  # it finished while we looked
-                return await self.cancel(response_id) if document["status"] == "cancelled" else document
+                return await self.cancel(project, response_id) if document["status"] == "cancelled" else document
             await self.signals.publish(CANCEL, response_id)
             # Wait briefly for the runner (here or on another replica) to store the partial output.
             local = self._tasks.get(response_id)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 
 import orjson
 
+from parley import metrics
 from parley.errors import ApiError, ErrorKind
 from parley.log import get_logger
 from parley.service.events import Sequencer, json_copy
@@ -133,15 +135,15 @@ class EventLog:
     # -- producing ----------------------------------------------------------------------------
 
     async def open(self, response: dict, input_items: list[dict], owner: str, lease_until: float, *,
-                   durable: bool) -> None:
+                   durable: bool, project: str) -> None:
         """A new response's row. `durable`: written before this returns (others may act on it at
         once); else written ahead of its events in the next write, so a stream's first byte never
         waits for the disk."""
         if durable:
-            await self.store.create(response, input_items, owner=owner, lease_until=lease_until)
+            await self.store.create(response, input_items, owner=owner, lease_until=lease_until, project=project)
             return
         # A snapshot: the row must be the document as created, not as it is when the write runs.
-        self._creates.append((json_copy(response), input_items, owner, lease_until))
+        self._creates.append((json_copy(response), input_items, owner, lease_until, project))
         self.append(response["id"], [])
 
     def stream(self, response_id: str, *, persist: bool, background: bool) -> ResponseStream:
@@ -197,6 +199,7 @@ class EventLog:
                 self._writing = batches.keys() | finishes.keys()
                 self._rounds_started += 1
                 failure = None
+                started = time.perf_counter()
                 try:
                     await self.store.append_event_batches(
                         [(rid, encoded(runs)) for rid, runs in batches.items() if runs], creates=creates,
@@ -209,6 +212,7 @@ class EventLog:
                                   events=sum(run[1] - run[0] + 1 for runs in batches.values() for run in runs),
                                   finished=len(finishes))
                 finally:
+                    metrics.STORE_WRITE_SECONDS.observe(time.perf_counter() - started)
                     written, self._writing = self._writing, set()
                     self._round_done(failure)
                 for response_id in written:

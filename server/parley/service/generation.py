@@ -9,8 +9,10 @@ to the event log.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
+from parley import metrics, tracing
 from parley.engine.base import Engine, Finished
 from parley.engine.formats import (
     CallArguments,
@@ -80,9 +82,11 @@ class Generation:
         if not stream.started:
             created = stream.emit(builder.created())
             try:
-                await stream.acknowledge()  # the row is durable before the client sees its id
+                with _spanned("parley.store.ack", prepared):
+                    await stream.acknowledge()  # the row is durable before the client sees its id
             except BaseException as exc:  # nothing was sent: the client gets the error itself
                 prepared.ticket.release()
+                prepared.charge.settle(0)
                 self.running.discard(response_id)
                 if prepared.params.store:  # whatever reached the store must not stay in progress
                     if isinstance(exc, Exception):
@@ -93,8 +97,11 @@ class Generation:
                 raise
             yield created
             del created  # a suspended stream must not pin what it already sent
+        engine_span = None
         try:
-            await prepared.ticket.start()
+            with _spanned("parley.queue", prepared):
+                await prepared.ticket.start()
+            engine_span = tracing.child("parley.engine", prepared.span, **{"parley.response_id": response_id})
             started = builder.started()
             if started and prepared.params.store:
                 await self.store.update(builder.response)
@@ -107,10 +114,12 @@ class Generation:
             reasoning_tokens = 0
             generation = self.engine.generate(prepared.prompt, prepared.sampling)
             result: Finished | None = None
+            pace = _Pace(prepared.arrived_at)
             async for step in generation:
                 if isinstance(step, Finished):
                     result = step
                     continue
+                pace.step(step)
                 if plain:
                     texts = [delta.text for delta in step if delta.text] if isinstance(step, list) \
                         else [step.text] if step.text else []
@@ -133,6 +142,11 @@ class Generation:
                                                         result.cached_tokens, result.cache_write_tokens,
                                                         reasoning_tokens))
             finished = handed_over = True
+            engine_span.set_attributes({"parley.input_tokens": result.input_tokens,
+                                        "parley.output_tokens": result.output_tokens,
+                                        "parley.finish_reason": result.reason})
+            engine_span.end()
+            engine_span = None
             await self._hand_over(prepared)
             acknowledged = True
             yield closing
@@ -157,6 +171,8 @@ class Generation:
                 stream.sequencer.withdraw(closing)
                 yield stream.emit([error_event("store_unavailable", UNACKNOWLEDGED_MESSAGE)], persist=False)
         finally:
+            if engine_span is not None:  # it ended early (failed, cancelled)
+                engine_span.end()
             prepared.ticket.release()
             if generation is not None:
                 await generation.aclose()
@@ -170,13 +186,15 @@ class Generation:
             if prepared.params.store and not handed_over:
                 self.events.finish(builder.response, FINALIZABLE)
             self.running.discard(response_id)
+            _account(prepared)
 
     async def _hand_over(self, prepared: PreparedResponse) -> None:
         """The final document to the log, durable with every event before it, before the
         terminal event may leave."""
         if prepared.params.store:
             self.events.finish(prepared.builder.response, FINALIZABLE)
-        await prepared.stream.acknowledge()
+        with _spanned("parley.store.ack", prepared):
+            await prepared.stream.acknowledge()
 
     async def complete(self, prepared: PreparedResponse) -> dict:
         """Run to the end and return the final Response document (non-streaming create)."""
@@ -194,3 +212,46 @@ class Generation:
         if event["type"] == "response.failed":
             raise ApiError(ErrorKind.SERVER_ERROR, event["response"]["error"]["message"], None, "server_error")
         return event["response"]
+
+
+@contextlib.contextmanager
+def _spanned(name: str, prepared: PreparedResponse):
+    span = tracing.child(name, prepared.span)
+    try:
+        yield span
+    finally:
+        span.end()
+
+
+class _Pace:
+    """Time to first token and inter-token latency, observed once per engine step (a step's
+    gap divided among its tokens): a histogram observation per token would cost the hot path
+    more than it tells."""
+
+    __slots__ = ("arrived_at", "last")
+
+    def __init__(self, arrived_at: float):
+        self.arrived_at = arrived_at
+        self.last: float | None = None
+
+    def step(self, step) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - self.arrived_at)
+        else:
+            tokens = sum(delta.tokens for delta in step) if isinstance(step, list) else step.tokens
+            metrics.INTER_TOKEN.observe((now - self.last) / max(tokens, 1))
+        self.last = now
+
+
+def _account(prepared: PreparedResponse) -> None:
+    """A run's end in the metrics, and its rate-limit charge settled to what it used."""
+    response = prepared.builder.response
+    usage = response.get("usage") or {}
+    prepared.charge.settle(usage.get("total_tokens", prepared.charge.taken))
+    metrics.RESPONSE_SECONDS.observe(time.perf_counter() - prepared.arrived_at)
+    metrics.RESPONSES.labels(prepared.project, response["status"]).inc()
+    if usage:
+        metrics.INPUT_TOKENS.labels(prepared.project).inc(usage["input_tokens"])
+        metrics.OUTPUT_TOKENS.labels(prepared.project).inc(usage["output_tokens"])
+        metrics.CACHED_TOKENS.labels(prepared.project).inc(usage["input_tokens_details"]["cached_tokens"])

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from opentelemetry.trace import Span
+
+from parley import tracing
 from parley.engine.base import Engine, SamplingParams
 from parley.engine.formats import tool_format
 from parley.errors import ApiError, ErrorKind, invalid, not_found
@@ -20,6 +23,7 @@ from parley.service.admission import Admission, Ticket
 from parley.service.conversation import to_messages
 from parley.service.event_log import EventLog, ResponseStream
 from parley.service.events import ResponseBuilder, new_response
+from parley.service.limits import Charge, RateLimits
 from parley.service.sealing import Sealer
 from parley.service.tools import unknown_call_outputs
 from parley.service.validation import CreateParams, validate_create
@@ -38,6 +42,10 @@ class PreparedResponse:
     prompt: list[int]
     sampling: SamplingParams
     ticket: Ticket
+    project: str
+    charge: Charge  # what the project's rate limits were charged; settled when it ends
+    arrived_at: float  # time.perf_counter() when the request arrived (time to first token)
+    span: Span | None  # the request's RPC span (traces), parent of the run's spans
 
     @property
     def response(self) -> dict:
@@ -45,13 +53,14 @@ class PreparedResponse:
 
 
 class Preparer:
-    def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, admission: Admission, *,
-                 replica_id: str, lease_seconds: float, default_max_output_tokens: int, log_prompts: bool,
-                 sealer: Sealer | None):
+    def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, admission: Admission,
+                 limits: RateLimits, *, replica_id: str, lease_seconds: float, default_max_output_tokens: int,
+                 log_prompts: bool, sealer: Sealer | None):
         self.engine = engine
         self.store = store
         self.events = events
         self.admission = admission
+        self.limits = limits
         self.replica_id = replica_id
         self.lease_seconds = lease_seconds
         self.default_max_output_tokens = default_max_output_tokens
@@ -59,9 +68,23 @@ class Preparer:
         self.sealer = sealer
         self.tool_format = tool_format(engine.tool_format)
 
-    async def prepare(self, body) -> PreparedResponse:
+    async def prepare(self, project: str, body) -> PreparedResponse:
+        arrived_at = time.perf_counter()
+        span = tracing.child("parley.prepare", tracing.rpc_span())
+        try:
+            prepared = await self._prepare(project, body, arrived_at)
+            span.set_attributes({"parley.prompt_tokens": len(prepared.prompt),
+                                 "parley.response_id": prepared.response["id"]})
+            return prepared
+        except BaseException as failure:
+            span.set_attribute("error.type", getattr(failure, "code", None) or type(failure).__name__)
+            raise
+        finally:
+            span.end()
+
+    async def _prepare(self, project: str, body, arrived_at: float) -> PreparedResponse:
         params = validate_create(body, [self.engine.model_id])
-        history = await self._history(params.previous_response_id) if params.previous_response_id else []
+        history = await self._history(project, params.previous_response_id) if params.previous_response_id else []
         items = history + params.input_items
         problem = unknown_call_outputs(items)
         if problem is not None:
@@ -80,21 +103,28 @@ class Preparer:
         builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())),
                                   logprobs=params.wants_logprobs, seal=seal)
         response_id = builder.response["id"]
-        ticket = self.admission.enter()
+        charge = self.limits.take(project, len(prompt) + max_tokens)
+        try:
+            ticket = self.admission.enter(project)
+        except BaseException:
+            charge.settle(0)
+            raise
         try:
             if params.store:
                 # A background response is durable before `queued` is returned: others may act on it.
                 await self.events.open(builder.response, params.input_items, self.replica_id,
-                                       time.time() + self.lease_seconds, durable=params.background)
+                                       time.time() + self.lease_seconds, durable=params.background, project=project)
         except BaseException:
             ticket.release()
+            charge.settle(0)
             raise
         prepared = PreparedResponse(params, builder,
                                     self.events.stream(response_id, persist=params.store,
                                                        background=params.background),
-                                    prompt, params.sampling(max_tokens), ticket)
-        log.info("response.prepared", response_id=response_id, prompt_tokens=len(prompt), max_tokens=max_tokens,
-                 stream=params.stream, store=params.store, background=params.background)
+                                    prompt, params.sampling(max_tokens), ticket, project, charge, arrived_at,
+                                    tracing.rpc_span())
+        log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
+                 max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared
 
     def _sealer(self) -> Sealer:
@@ -109,14 +139,15 @@ class Preparer:
             if item["type"] == "reasoning" and item.get("encrypted_content"):
                 item["content"] = self._sealer().open(item["encrypted_content"], f"input[{index}].encrypted_content")
 
-    async def _history(self, response_id: str) -> list[dict]:
-        """Input and output items of the whole chain ending at response_id, oldest first."""
+    async def _history(self, project: str, response_id: str) -> list[dict]:
+        """Input and output items of the whole chain ending at response_id, oldest first (a
+        response of another project reads as absent)."""
         chain: list[tuple[list[dict], list[dict]]] = []
         current: str | None = response_id
         while current is not None:
             await self.events.flush(current)  # its final document may still be on its way
-            document = await self.store.get(current)
-            inputs = await self.store.input_items(current) if document else None
+            document = await self.store.get(current, project)
+            inputs = await self.store.input_items(current, project) if document else None
             if document is None or inputs is None:
                 if current == response_id:
                     raise not_found(f"Previous response with id '{response_id}' not found.", "previous_response_id")

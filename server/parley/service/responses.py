@@ -10,14 +10,17 @@ followed by the event log (service/event_log.py); leases and retention are maint
 
 from __future__ import annotations
 
+import contextlib
 import time
 
+from parley import metrics
 from parley.engine.base import Engine
 from parley.errors import ApiError, ErrorKind, invalid, not_found
 from parley.service.admission import Admission
 from parley.service.background import BackgroundWork
 from parley.service.event_log import DEFAULT_WRITE_POLICY, EventLog, WritePolicy
 from parley.service.generation import Generation
+from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
 from parley.service.preparation import PreparedResponse, Preparer
 from parley.service.sealing import Sealer
@@ -27,8 +30,12 @@ from parley.store.signals import LocalSignals
 
 
 class ResponsesService:
+    """Every method that reads or changes a response takes the caller's project first: another
+    project's responses read as absent (404), never as forbidden."""
+
     def __init__(self, engine: Engine, store: ResponseStore, *, signals: LocalSignals | None = None,
-                 admission: Admission | None = None, replica_id: str = "local", lease_seconds: float = 30,
+                 admission: Admission | None = None, limits: RateLimits | None = None,
+                 replica_id: str = "local", lease_seconds: float = 30,
                  default_max_output_tokens: int = 1024, log_prompts: bool = False, follow_poll_seconds: float = 1.0,
                  sealer: Sealer | None = None, write_policy: WritePolicy = DEFAULT_WRITE_POLICY):
         self.engine = engine
@@ -36,7 +43,8 @@ class ResponsesService:
         self.signals = signals or LocalSignals()
         self.events = EventLog(store, self.signals, write_policy, follow_poll_seconds)
         self.admission = admission or Admission(4, 64)
-        self.preparer = Preparer(engine, store, self.events, self.admission, replica_id=replica_id,
+        self.limits = limits or RateLimits()
+        self.preparer = Preparer(engine, store, self.events, self.admission, self.limits, replica_id=replica_id,
                                  lease_seconds=lease_seconds, default_max_output_tokens=default_max_output_tokens,
                                  log_prompts=log_prompts, sealer=sealer)
         self.generation = Generation(engine, store, self.events, log_prompts=log_prompts,
@@ -53,7 +61,7 @@ class ResponsesService:
 
     # -- create -------------------------------------------------------------------------------
 
-    async def prepare(self, body) -> PreparedResponse:
+    async def prepare(self, project: str, body) -> PreparedResponse:
         if self._shutting_down:
             raise ApiError(ErrorKind.UNAVAILABLE, "The server is shutting down; retry on another replica.",
                            None, "server_shutting_down")
@@ -61,13 +69,13 @@ class ResponsesService:
         if not health.ok:
             raise ApiError(ErrorKind.UNAVAILABLE, f"The model engine is not available ({health.detail}); retry "
                            "on another replica.", None, "engine_unavailable")
-        return await self.preparer.prepare(body)
+        return await self.preparer.prepare(project, body)
 
     def run(self, prepared: PreparedResponse):
         return self.generation.run(prepared)
 
-    async def create(self, body) -> dict:
-        return await self.create_prepared(await self.prepare(body))
+    async def create(self, project: str, body) -> dict:
+        return await self.create_prepared(await self.prepare(project, body))
 
     async def create_prepared(self, prepared: PreparedResponse) -> dict:
         """Non-streaming: the queued document (background) or the finished one."""
@@ -85,27 +93,36 @@ class ResponsesService:
 
     # -- stored responses ---------------------------------------------------------------------
 
-    def follow(self, response_id: str, starting_after: int = -1):
-        return self.events.follow(response_id, starting_after)
+    async def follow(self, project: str, response_id: str, starting_after: int = -1):
+        """The stored events of a response of `project` after `starting_after`, then the live
+        ones until it ends (404 before anything is sent when it is not there)."""
+        await self.get(project, response_id)
+        async with contextlib.aclosing(self.events.follow(response_id, starting_after)) as batches:
+            async for batch in batches:
+                yield batch
 
-    async def get(self, response_id: str) -> dict:
+    async def get(self, project: str, response_id: str) -> dict:
         await self.events.flush(response_id)
-        document = await self.store.get(response_id)
+        started = time.perf_counter()
+        document = await self.store.get(response_id, project)
+        metrics.STORE_READ_SECONDS.observe(time.perf_counter() - started)
         if document is None:
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
         return document
 
-    async def cancel(self, response_id: str) -> dict:
-        return await self.background.cancel(response_id)
+    async def cancel(self, project: str, response_id: str) -> dict:
+        return await self.background.cancel(project, response_id)
 
-    async def delete(self, response_id: str) -> dict:
+    async def delete(self, project: str, response_id: str) -> dict:
         await self.events.flush(response_id)
+        if await self.store.get(response_id, project) is None:
+            raise not_found(f"Response with id '{response_id}' not found.", "response_id")
         self.background.stop(response_id)
-        if not await self.store.delete(response_id):
+        if not await self.store.delete(response_id, project):
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
         return {"id": response_id, "object": "response", "deleted": True}
 
-    async def list_input_items(self, response_id: str, *, limit: int | None, order: str | None,
+    async def list_input_items(self, project: str, response_id: str, *, limit: int | None, order: str | None,
                                after: str | None, before: str | None, include: list[str]) -> dict:
         await self.events.flush(response_id)
         limit = 20 if limit is None else limit
@@ -118,7 +135,8 @@ class ResponsesService:
         for index, value in enumerate(include):
             if value not in INCLUDE_VALUES:
                 raise invalid(f"Invalid value: {value!r} for include.", f"include[{index}]", "invalid_value")
-        page = await self.store.list_input_items(response_id, limit=limit, order=order, after=after, before=before)
+        page = await self.store.list_input_items(response_id, limit=limit, order=order, after=after, before=before,
+                                                 project=project)
         if page is None:
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
         return {

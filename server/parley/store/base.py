@@ -1,8 +1,10 @@
-"""The store port: stored responses, their input items and their stream events.
+"""The store port: stored responses, their input items and their stream events, and API keys.
 
 Both implementations (SQLite, PostgreSQL) pass the same test suite. Documents are OpenAI JSON
 (dicts). A running response has an owner (the replica generating it) and a lease that the owner
-renews; a response whose lease ran out is failed by whichever replica notices first.
+renews; a response whose lease ran out is failed by whichever replica notices first. Every
+response belongs to a project: lookups given a project see only that project's responses
+(another project's id reads as absent); lookups given none are the server's own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ from typing import Protocol
 import orjson
 
 ACTIVE = ("queued", "in_progress")
+# The project of requests when auth is off, and of the bootstrap key (PARLEY_API_KEY).
+DEFAULT_PROJECT = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    """An API key as stored: never the key, only its hash (beside, not in, the record)."""
+
+    id: str
+    project: str
+    name: str
+    created_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
+KEY_COLUMNS = "id, project, name, created_at, last_used_at, revoked_at"  # KeyRecord's fields, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +62,8 @@ class ResponseStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
-                     lease_until: float | None = None) -> None:
-        """Persist a new response with its input items, atomically."""
+                     lease_until: float | None = None, project: str = DEFAULT_PROJECT) -> None:
+        """Persist a new response of `project` with its input items, atomically."""
 
     async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
         """Replace the document if the stored status is in `expected`; False otherwise."""
@@ -61,22 +80,39 @@ class ResponseStore(Protocol):
     async def finish(self, response: dict, events: list[EventRun], expected: tuple[str, ...] = ACTIVE) -> bool:
         """Append events and replace the document if the stored status is in `expected`."""
 
-    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+    async def cancel(self, response_id: str, project: str | None = None) -> tuple[dict | None, bool]:
         """Mark an active response cancelled. Returns (document, changed)."""
 
-    async def get(self, response_id: str) -> dict | None: ...
+    async def get(self, response_id: str, project: str | None = None) -> dict | None: ...
 
-    async def input_items(self, response_id: str) -> list[dict] | None:
+    async def input_items(self, response_id: str, project: str | None = None) -> list[dict] | None:
         """All input items in order, or None when the response does not exist."""
 
-    async def list_input_items(self, response_id: str, *, limit: int, order: str,
-                               after: str | None, before: str | None) -> ItemPage | None: ...
+    async def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
+                               before: str | None, project: str | None = None) -> ItemPage | None: ...
 
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         """The stored rows (as bytes, in order) that hold events after `starting_after`."""
 
-    async def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str, project: str | None = None) -> bool:
         """Remove the response, its items and its events; False when it did not exist."""
+
+    async def create_key(self, record: KeyRecord, digest: bytes) -> None:
+        """Store a new key's record and the SHA-256 of the key."""
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def key_by_hash(self, digest: bytes) -> KeyRecord | None: ...
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key now; False when no active key has that id."""
+
+    async def touch_key(self, key_id: str, when: float) -> None:
+        """Record that the key was used at `when`."""
+
+    async def has_keys(self) -> bool:
+        """Whether any key was ever created, revoked ones included: revoking the last key must
+        not turn auth off."""
 
     async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
         """Extend the lease of those of `response_ids` that are active and this owner's. A response
@@ -103,9 +139,9 @@ def cancel_transition(stored: bytes | None) -> tuple[dict | None, bool]:
 class InputItemPaging:
     """`list_input_items` for any store that can return all of a response's input items."""
 
-    async def list_input_items(self, response_id: str, *, limit: int, order: str,
-                               after: str | None, before: str | None) -> ItemPage | None:
-        items = await self.input_items(response_id)
+    async def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
+                               before: str | None, project: str | None = None) -> ItemPage | None:
+        items = await self.input_items(response_id, project)
         if items is None:
             return None
         return paginate(items, limit=limit, order=order, after=after, before=before)

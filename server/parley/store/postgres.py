@@ -14,8 +14,11 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    DEFAULT_PROJECT,
+    KEY_COLUMNS,
     EventRun,
     InputItemPaging,
+    KeyRecord,
     Recovery,
     cancel_transition,
     pack,
@@ -62,12 +65,29 @@ MIGRATIONS = {
             SELECT response_id, sequence_number, sequence_number, document FROM events;
         DROP TABLE events;
     """,
+    3: """
+        ALTER TABLE responses ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            name TEXT NOT NULL,
+            hash BYTEA NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _UPSERT_BATCH = ("INSERT INTO event_batches (response_id, first_seq, last_seq, events) VALUES (%s, %s, %s, %s) "
                  "ON CONFLICT (response_id, first_seq) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
                  "events = EXCLUDED.events")
+
+
+def _scoped(project: str | None) -> tuple[str, tuple]:
+    """The SQL condition (and its value) that keeps a lookup inside `project` (None: any)."""
+    return ("", ()) if project is None else (" AND project = %s", (project,))
 
 
 class PostgresStore(InputItemPaging):
@@ -121,17 +141,17 @@ class PostgresStore(InputItemPaging):
             await conn.execute(_UPSERT_BATCH, (response_id, *pack(events)))
 
     async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
-                     lease_until: float | None = None) -> None:
+                     lease_until: float | None = None, project: str = DEFAULT_PROJECT) -> None:
         async with self._pool.connection() as conn, conn.transaction():
-            await self._insert(conn, response, input_items, owner, lease_until)
+            await self._insert(conn, response, input_items, owner, lease_until, project)
 
     @staticmethod
-    async def _insert(conn, response: dict, input_items: list[dict], owner, lease_until) -> None:
+    async def _insert(conn, response: dict, input_items: list[dict], owner, lease_until, project) -> None:
         await conn.execute(
-            "INSERT INTO responses (id, created_at, status, document, owner, lease_until) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
+            "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (response["id"], response["created_at"], response["status"], orjson.dumps(response), owner,
-             lease_until))
+             lease_until, project))
         if input_items:
             async with conn.cursor() as cursor:
                 await cursor.executemany(
@@ -165,22 +185,26 @@ class PostgresStore(InputItemPaging):
             await self._append(conn, response["id"], events)
             return True
 
-    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+    async def cancel(self, response_id: str, project: str | None = None) -> tuple[dict | None, bool]:
+        where, values = _scoped(project)
         async with self._pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute("SELECT document FROM responses WHERE id = %s FOR UPDATE",
-                                            (response_id,))).fetchone()
+            row = await (await conn.execute(f"SELECT document FROM responses WHERE id = %s{where} FOR UPDATE",
+                                            (response_id, *values))).fetchone()
             document, changed = cancel_transition(row[0] if row else None)
             if changed:
                 await self._replace(conn, document, ACTIVE)
             return document, changed
 
-    async def get(self, response_id: str) -> dict | None:
-        row = await self._fetchone("SELECT document FROM responses WHERE id = %s", (response_id,))
+    async def get(self, response_id: str, project: str | None = None) -> dict | None:
+        where, values = _scoped(project)
+        row = await self._fetchone("SELECT document FROM responses WHERE id = %s" + where, (response_id, *values))
         return orjson.loads(row[0]) if row else None
 
-    async def input_items(self, response_id: str) -> list[dict] | None:
+    async def input_items(self, response_id: str, project: str | None = None) -> list[dict] | None:
+        where, values = _scoped(project)
         async with self._pool.connection() as conn:
-            if not await (await conn.execute("SELECT 1 FROM responses WHERE id = %s", (response_id,))).fetchone():
+            if not await (await conn.execute("SELECT 1 FROM responses WHERE id = %s" + where,
+                                             (response_id, *values))).fetchone():
                 return None
             rows = await (await conn.execute(
                 "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
@@ -192,9 +216,39 @@ class PostgresStore(InputItemPaging):
             (response_id, starting_after))
         return [bytes(blob) for (blob,) in rows]
 
-    async def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str, project: str | None = None) -> bool:
+        where, values = _scoped(project)
         async with self._pool.connection() as conn:
-            return (await conn.execute("DELETE FROM responses WHERE id = %s", (response_id,))).rowcount > 0
+            return (await conn.execute("DELETE FROM responses WHERE id = %s" + where,
+                                       (response_id, *values))).rowcount > 0
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    async def create_key(self, record: KeyRecord, digest: bytes) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("INSERT INTO api_keys (id, project, name, hash, created_at) VALUES (%s, %s, %s, %s, %s)",
+                               (record.id, record.project, record.name, digest, record.created_at))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return [KeyRecord(*row) for row in await self._fetchall(
+            f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at")]
+
+    async def key_by_hash(self, digest: bytes) -> KeyRecord | None:
+        row = await self._fetchone(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = %s", (digest,))
+        return KeyRecord(*row) if row else None
+
+    async def revoke_key(self, key_id: str) -> bool:
+        async with self._pool.connection() as conn:
+            return (await conn.execute(
+                "UPDATE api_keys SET revoked_at = extract(epoch from now()) WHERE id = %s AND revoked_at IS NULL",
+                (key_id,))).rowcount > 0
+
+    async def touch_key(self, key_id: str, when: float) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("UPDATE api_keys SET last_used_at = %s WHERE id = %s", (when, key_id))
+
+    async def has_keys(self) -> bool:
+        return await self._fetchone("SELECT 1 FROM api_keys LIMIT 1") is not None
 
     async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
         if not response_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +19,11 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    DEFAULT_PROJECT,
+    KEY_COLUMNS,
     EventRun,
     InputItemPaging,
+    KeyRecord,
     Recovery,
     cancel_transition,
     pack,
@@ -67,11 +71,23 @@ MIGRATIONS = {
             SELECT response_id, sequence_number, sequence_number, document FROM events;
         DROP TABLE events;
     """,
+    4: """
+        ALTER TABLE responses ADD COLUMN project TEXT NOT NULL DEFAULT 'default';
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL,
+            name TEXT NOT NULL,
+            hash BLOB NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            revoked_at REAL
+        );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
-_INSERT_RESPONSES = "INSERT INTO responses (id, created_at, status, document, owner, lease_until)"
+_INSERT_RESPONSES = "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project)"
 _INSERT_ITEMS = "INSERT INTO input_items (response_id, position, item_id, document)"
 _UPSERT_RUNS = "INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events)"
 # UPDATE ... FROM, which writes many final documents in one statement, came in SQLite 3.33.
@@ -84,8 +100,9 @@ def _in(statuses: tuple[str, ...]) -> str:
     return "(" + ",".join("?" * len(statuses)) + ")"
 
 
-def _response_row(response: dict, owner, lease_until) -> tuple:
-    return response["id"], response["created_at"], response["status"], orjson.dumps(response), owner, lease_until
+def _response_row(response: dict, owner, lease_until, project) -> tuple:
+    return (response["id"], response["created_at"], response["status"], orjson.dumps(response), owner, lease_until,
+            project)
 
 
 def _input_item_rows(response_id: str, items: list[dict]) -> list[tuple]:
@@ -109,10 +126,16 @@ def _insert_rows(db, insert: str, rows: list[tuple]) -> None:
 
 
 def _insert_responses(db, creates: list[tuple]) -> None:
-    """New responses with their input items; each create is (response, input_items, owner, lease_until)."""
-    _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, owner, lease) for response, _, owner, lease in creates])
+    """New responses with their input items; each create is (response, input_items, owner, lease_until,
+    project)."""
+    _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, *row) for response, _, *row in creates])
     _insert_rows(db, _INSERT_ITEMS,
-                 [row for response, items, _, _ in creates for row in _input_item_rows(response["id"], items)])
+                 [row for response, items, *_ in creates for row in _input_item_rows(response["id"], items)])
+
+
+def _scoped(project: str | None) -> tuple[str, tuple]:
+    """The SQL condition (and its value) that keeps a lookup inside `project` (None: any)."""
+    return ("", ()) if project is None else (" AND project = ?", (project,))
 
 
 def _append_runs(db, batches: list[tuple[str, list[EventRun]]]) -> None:
@@ -195,8 +218,8 @@ class SqliteStore(InputItemPaging):
         self._executor.shutdown(wait=True)
 
     async def create(self, response: dict, input_items: list[dict], owner: str | None = None,
-                     lease_until: float | None = None) -> None:
-        await self._transact(lambda db: _insert_responses(db, [(response, input_items, owner, lease_until)]))
+                     lease_until: float | None = None, project: str = DEFAULT_PROJECT) -> None:
+        await self._transact(lambda db: _insert_responses(db, [(response, input_items, owner, lease_until, project)]))
 
     @staticmethod
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
@@ -229,24 +252,31 @@ class SqliteStore(InputItemPaging):
             return True
         return await self._transact(_finish)
 
-    async def cancel(self, response_id: str) -> tuple[dict | None, bool]:
+    async def cancel(self, response_id: str, project: str | None = None) -> tuple[dict | None, bool]:
+        where, values = _scoped(project)
+
         def _cancel(db):
-            row = db.execute("SELECT document FROM responses WHERE id = ?", (response_id,)).fetchone()
+            row = db.execute("SELECT document FROM responses WHERE id = ?" + where, (response_id, *values)).fetchone()
             document, changed = cancel_transition(row[0] if row else None)
             if changed:
                 self._replace(db, document, ACTIVE)
             return document, changed
         return await self._transact(_cancel)
 
-    async def get(self, response_id: str) -> dict | None:
+    async def get(self, response_id: str, project: str | None = None) -> dict | None:
+        where, values = _scoped(project)
+
         def _get():
-            row = self._db.execute("SELECT document FROM responses WHERE id = ?", (response_id,)).fetchone()
+            row = self._db.execute("SELECT document FROM responses WHERE id = ?" + where,
+                                   (response_id, *values)).fetchone()
             return orjson.loads(row[0]) if row else None
         return await self._call(_get)
 
-    async def input_items(self, response_id: str) -> list[dict] | None:
+    async def input_items(self, response_id: str, project: str | None = None) -> list[dict] | None:
+        where, values = _scoped(project)
+
         def _items():
-            if not self._db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
+            if not self._db.execute("SELECT 1 FROM responses WHERE id = ?" + where, (response_id, *values)).fetchone():
                 return None
             rows = self._db.execute("SELECT document FROM input_items WHERE response_id = ? ORDER BY position",
                                     (response_id,)).fetchall()
@@ -262,9 +292,42 @@ class SqliteStore(InputItemPaging):
             return [blob.encode() if isinstance(blob, str) else bytes(blob) for (blob,) in rows]
         return await self._call(_rows)
 
-    async def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str, project: str | None = None) -> bool:
+        where, values = _scoped(project)
         return await self._transact(
-            lambda db: db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0)
+            lambda db: db.execute("DELETE FROM responses WHERE id = ?" + where, (response_id, *values)).rowcount > 0)
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    async def create_key(self, record: KeyRecord, digest: bytes) -> None:
+        await self._transact(lambda db: db.execute(
+            "INSERT INTO api_keys (id, project, name, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+            (record.id, record.project, record.name, digest, record.created_at)))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        def _list():
+            rows = self._db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
+            return [KeyRecord(*row) for row in rows]
+        return await self._call(_list)
+
+    async def key_by_hash(self, digest: bytes) -> KeyRecord | None:
+        def _find():
+            row = self._db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ?", (digest,)).fetchone()
+            return KeyRecord(*row) if row else None
+        return await self._call(_find)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return await self._transact(lambda db: db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (time.time(), key_id)).rowcount > 0)
+
+    async def touch_key(self, key_id: str, when: float) -> None:
+        await self._transact(lambda db: db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+                                                   (when, key_id)))
+
+    async def has_keys(self) -> bool:
+        return await self._call(lambda: self._db.execute(
+            "SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None)
 
     async def renew_leases(self, owner: str, lease_until: float, response_ids: Collection[str]) -> int:
         if not response_ids:

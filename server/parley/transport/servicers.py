@@ -11,7 +11,7 @@ from parley.codec import rest, typed
 from parley.log import get_logger
 from parley.service.event_log import EventBatch
 from parley.service.responses import ResponsesService
-from parley.transport.boundary import streaming, unary
+from parley.transport.boundary import Gate, streaming, unary
 from parley.transport.intake import BodyIntake
 from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
 
@@ -144,22 +144,23 @@ async def _typed_events(batches):
 class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
     """The REST face (through Envoy): OpenAI's JSON and SSE bytes in HttpBody messages."""
 
-    def __init__(self, service: ResponsesService, intake: BodyIntake):
+    def __init__(self, service: ResponsesService, gate: Gate, intake: BodyIntake):
         self.service = service
+        self.gate = gate
         self.intake = intake
 
     @streaming
-    async def HttpCreateResponseChunked(self, request_iterator, context):
+    async def HttpCreateResponseChunked(self, request_iterator, context, project):
         async with self.intake.body(request_iterator) as (data, content_type):
-            prepared = await self.service.prepare(rest.decode_body(data, content_type))
+            prepared = await self.service.prepare(project, rest.decode_body(data, content_type))
             del data
         async with contextlib.aclosing(self._created(prepared)) as messages:
             async for message in messages:
                 yield message
 
     @streaming
-    async def HttpCreateResponse(self, request, context):
-        prepared = await self.service.prepare(rest.decode_body(request.data, request.content_type))
+    async def HttpCreateResponse(self, request, context, project):
+        prepared = await self.service.prepare(project, rest.decode_body(request.data, request.content_type))
         del request
         async with contextlib.aclosing(self._created(prepared)) as messages:
             async for message in messages:
@@ -176,51 +177,51 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
                 yield message
 
     @streaming
-    async def HttpGetResponse(self, request, context):
-        document = await self.service.get(request.response_id)
+    async def HttpGetResponse(self, request, context, project):
         if not request.stream:
-            yield _json_body(document)
+            yield _json_body(await self.service.get(project, request.response_id))
             return
         starting_after = _optional(request, "starting_after")
-        batches = self.service.follow(request.response_id, -1 if starting_after is None else starting_after)
+        batches = self.service.follow(project, request.response_id, -1 if starting_after is None else starting_after)
         async with contextlib.aclosing(_sse_messages(batches)) as messages:
             async for message in messages:
                 yield message
 
     @unary
-    async def HttpDeleteResponse(self, request, context):
-        return _json_body(await self.service.delete(request.response_id))
+    async def HttpDeleteResponse(self, request, context, project):
+        return _json_body(await self.service.delete(project, request.response_id))
 
     @unary
-    async def HttpCancelResponse(self, request, context):
-        return _json_body(await self.service.cancel(request.response_id))
+    async def HttpCancelResponse(self, request, context, project):
+        return _json_body(await self.service.cancel(project, request.response_id))
 
     @unary
-    async def HttpListInputItems(self, request, context):
+    async def HttpListInputItems(self, request, context, project):
         return _json_body(await self.service.list_input_items(
-            request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            project, request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
             after=_optional(request, "after"), before=_optional(request, "before"), include=list(request.include)))
 
     @unary
-    async def HttpListModels(self, request, context):
+    async def HttpListModels(self, request, context, project):
         return _json_body({"object": "list", "data": self.service.models})
 
 
 class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     """The typed face: parley.v1 messages in and out, the same pipeline underneath."""
 
-    def __init__(self, service: ResponsesService):
+    def __init__(self, service: ResponsesService, gate: Gate):
         self.service = service
+        self.gate = gate
 
     @unary
-    async def CreateResponse(self, request, context):
-        document = await self.service.create(typed.to_json(request))
+    async def CreateResponse(self, request, context, project):
+        document = await self.service.create(project, typed.to_json(request))
         return typed.from_json(document, responses_pb2.Response())
 
     @streaming
-    async def StreamCreateResponse(self, request, context):
+    async def StreamCreateResponse(self, request, context, project):
         body = {**typed.to_json(request), "stream": True}  # the RPC, not a field, chooses streaming
-        batches = await self.service.events_of(await self.service.prepare(body))
+        batches = await self.service.events_of(await self.service.prepare(project, body))
         async with contextlib.aclosing(_typed_events(batches)) as events:
             async for event in events:
                 yield event
@@ -231,33 +232,33 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
             yield event
 
     @unary
-    async def GetResponse(self, request, context):
-        return typed.from_json(await self.service.get(request.response_id), responses_pb2.Response())
+    async def GetResponse(self, request, context, project):
+        return typed.from_json(await self.service.get(project, request.response_id), responses_pb2.Response())
 
     @unary
-    async def DeleteResponse(self, request, context):
-        return typed.from_json(await self.service.delete(request.response_id), service_pb2.DeleteResponseResponse())
+    async def DeleteResponse(self, request, context, project):
+        return typed.from_json(await self.service.delete(project, request.response_id),
+                               service_pb2.DeleteResponseResponse())
 
     @unary
-    async def ListInputItems(self, request, context):
+    async def ListInputItems(self, request, context, project):
         page = await self.service.list_input_items(
-            request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            project, request.response_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
             after=_optional(request, "after"), before=_optional(request, "before"), include=list(request.include))
         return typed.from_json(page, service_pb2.ListInputItemsResponse())
 
     @unary
-    async def ListModels(self, request, context):
+    async def ListModels(self, request, context, project):
         return typed.from_json({"object": "list", "data": self.service.models}, service_pb2.ListModelsResponse())
 
     @unary
-    async def CancelResponse(self, request, context):
-        return typed.from_json(await self.service.cancel(request.response_id), responses_pb2.Response())
+    async def CancelResponse(self, request, context, project):
+        return typed.from_json(await self.service.cancel(project, request.response_id), responses_pb2.Response())
 
     @streaming
-    async def FollowResponse(self, request, context):
-        await self.service.get(request.response_id)
+    async def FollowResponse(self, request, context, project):
         starting_after = _optional(request, "starting_after")
-        batches = self.service.follow(request.response_id, -1 if starting_after is None else starting_after)
+        batches = self.service.follow(project, request.response_id, -1 if starting_after is None else starting_after)
         async with contextlib.aclosing(_typed_events(batches)) as events:
             async for event in events:
                 yield event
@@ -267,8 +268,8 @@ TYPED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Responses"].full_name
 HTTP_SERVICE = service_pb2.DESCRIPTOR.services_by_name["ResponsesHttp"].full_name
 
 
-def add_servicers(server, service: ResponsesService, intake: BodyIntake) -> list[str]:
+def add_servicers(server, service: ResponsesService, gate: Gate, intake: BodyIntake) -> list[str]:
     """Register both faces on `server`; return their full service names."""
-    service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service), server)
-    service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service, intake), server)
+    service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service, gate), server)
+    service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service, gate, intake), server)
     return [TYPED_SERVICE, HTTP_SERVICE]

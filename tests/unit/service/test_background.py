@@ -35,20 +35,20 @@ async def wait_for_status(service, response_id, statuses, timeout=10):
 
 
 async def test_background_returns_queued_at_once_and_completes(service):
-    queued = await service.create({"model": MODEL, "input": "hi", "background": True})
+    queued = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     assert queued["status"] == "queued" and queued["background"] is True and queued["output"] == []
     done = await wait_for_status(service, queued["id"], ("completed",))
     assert done["output"][0]["content"][0]["text"] == "w " * 40
-    events = [e async for batch in service.follow(queued["id"]) for e in batch]
+    events = [e async for batch in service.follow("default", queued["id"]) for e in batch]
     assert event_types(events)[:4] == ["response.created", "response.queued", "response.in_progress",
                                        "response.output_item.added"]
     assert check_stream(events)["status"] == "completed"
 
 
 async def test_follow_from_the_middle_then_live(service):
-    queued = await service.create({"model": MODEL, "input": "hi", "background": True})
+    queued = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     await asyncio.sleep(0.1)
-    events = [e async for batch in service.follow(queued["id"], starting_after=5) for e in batch]
+    events = [e async for batch in service.follow("default", queued["id"], starting_after=5) for e in batch]
     assert events[0]["sequence_number"] == 6
     numbers = [e["sequence_number"] for e in events]
     assert numbers == list(range(6, 6 + len(numbers)))
@@ -56,8 +56,8 @@ async def test_follow_from_the_middle_then_live(service):
 
 
 async def test_dropping_a_follower_does_not_stop_the_generation(service):
-    queued = await service.create({"model": MODEL, "input": "hi", "background": True})
-    follower = service.follow(queued["id"])
+    queued = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
+    follower = service.follow("default", queued["id"])
     async for batch in follower:
         if any(event["type"] == "response.output_text.delta" for event in batch):
             break
@@ -66,58 +66,58 @@ async def test_dropping_a_follower_does_not_stop_the_generation(service):
 
 
 async def test_cancel_stops_the_engine_and_is_idempotent(service):
-    queued = await service.create({"model": MODEL, "input": "hi", "background": True})
+    queued = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     while service.engine.emitted_tokens < 3:
         await asyncio.sleep(0.01)
-    cancelled = await service.cancel(queued["id"])
+    cancelled = await service.cancel("default", queued["id"])
     assert cancelled["status"] == "cancelled"
     produced = service.engine.emitted_tokens
     assert produced < 40 and service.engine.aborted == 1
     await asyncio.sleep(0.1)
     assert service.engine.emitted_tokens == produced  # no token after the cancel
-    again = await service.cancel(queued["id"])
+    again = await service.cancel("default", queued["id"])
     assert again["status"] == "cancelled"
-    stored = await service.get(queued["id"])
+    stored = await service.get("default", queued["id"])
     assert stored["status"] == "cancelled" and stored["output"][0]["status"] == "incomplete"
 
 
 async def test_cancel_rules(service):
-    foreground = await service.create({"model": MODEL, "input": "hi"})
+    foreground = await service.create("default", {"model": MODEL, "input": "hi"})
     with pytest.raises(ApiError) as info:
-        await service.cancel(foreground["id"])
+        await service.cancel("default", foreground["id"])
     assert info.value.kind.http_status == 400
-    finished = await service.create({"model": MODEL, "input": "hi", "background": True})
+    finished = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     await wait_for_status(service, finished["id"], ("completed",))
     with pytest.raises(ApiError) as info:
-        await service.cancel(finished["id"])
+        await service.cancel("default", finished["id"])
     assert info.value.kind.http_status == 409
     with pytest.raises(ApiError) as info:
-        await service.cancel("resp_missing")
+        await service.cancel("default", "resp_missing")
     assert info.value.kind.http_status == 404
 
 
 async def test_admission_refuses_beyond_running_plus_queued(service):
-    ids = [(await service.create({"model": MODEL, "input": "hi", "background": True}))["id"] for _ in range(4)]
+    ids = [(await service.create("default", {"model": MODEL, "input": "hi", "background": True}))["id"] for _ in range(4)]
     with pytest.raises(ApiError) as info:
-        await service.create({"model": MODEL, "input": "hi", "background": True})
+        await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     assert info.value.kind.http_status == 429 and info.value.code == "server_busy"
     assert service.admission.running + service.admission.waiting == 4
     for response_id in ids:
         await wait_for_status(service, response_id, ("completed",))
     assert service.admission.running == service.admission.waiting == 0
-    await service.create({"model": MODEL, "input": "hi", "background": True})
+    await service.create("default", {"model": MODEL, "input": "hi", "background": True})
 
 
 async def test_shutdown_fails_what_outlives_the_grace(service):
     service.engine.delay = 0.2
-    queued = await service.create({"model": MODEL, "input": "hi", "background": True})
+    queued = await service.create("default", {"model": MODEL, "input": "hi", "background": True})
     await asyncio.sleep(0.3)
     await service.shutdown(0.2)
     stored = await service.store.get(queued["id"])
     assert stored["status"] == "failed" and "shut down" in stored["error"]["message"]
     assert (await service.events.read(queued["id"]))[-1]["type"] == "response.failed"
     with pytest.raises(ApiError) as info:
-        await service.create({"model": MODEL, "input": "hi"})
+        await service.create("default", {"model": MODEL, "input": "hi"})
     assert info.value.kind.http_status == 503
 
 
@@ -125,7 +125,7 @@ async def test_expired_lease_of_a_dead_replica_is_failed_by_maintenance(tmp_path
     store = SqliteStore(tmp_path / "lease.sqlite3")
     await store.open()
     dead = ResponsesService(ScriptedEngine(model_id=MODEL), store, replica_id="dead", lease_seconds=-1)
-    prepared = await dead.prepare({"model": MODEL, "input": "hi"})
+    prepared = await dead.prepare("default", {"model": MODEL, "input": "hi"})
     await dead.drain()  # its row reached the store; then the replica died before generating
     alive = ResponsesService(ScriptedEngine(model_id=MODEL), store, replica_id="alive")
     await alive.maintain()
@@ -138,7 +138,7 @@ async def test_retention_through_maintenance(tmp_path):
     store = SqliteStore(tmp_path / "ttl.sqlite3")
     await store.open()
     service = ResponsesService(ScriptedEngine(model_id=MODEL), store)
-    old = await service.create({"model": MODEL, "input": "hi"})
+    old = await service.create("default", {"model": MODEL, "input": "hi"})
     await service.maintain(response_ttl_seconds=3600)
     assert await store.get(old["id"]) is not None
     document = await store.get(old["id"])

@@ -98,8 +98,8 @@ async def test_foreground_events_are_lazy_and_background_ones_are_not(tmp_path, 
     async with service_on(tmp_path / "s.sqlite3", engine) as service:
         events = await stream(service, input="hi")
         foreground = events[0]["response"]["id"]
-        queued = await service.create({"model": "scripted", "input": "hi", "background": True})
-        async for _batch in service.follow(queued["id"]):
+        queued = await service.create("default", {"model": "scripted", "input": "hi", "background": True})
+        async for _batch in service.follow("default", queued["id"]):
             pass
     assert {lazy for response_id, lazy in handed if response_id == foreground} == {True}
     assert {lazy for response_id, lazy in handed if response_id == queued["id"]} == {False}

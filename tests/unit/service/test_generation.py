@@ -23,7 +23,7 @@ def engine() -> ScriptedEngine:
 
 async def test_the_row_is_stored_as_created_before_the_client_sees_its_id(tmp_path):
     async with service_on(tmp_path / "g.sqlite3", engine()) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi", "stream": True})
         batches = service.run(prepared)
         first = await anext(batches)
         assert first[0]["type"] == "response.created"
@@ -39,7 +39,7 @@ async def test_the_row_is_stored_as_created_before_the_client_sees_its_id(tmp_pa
 async def test_the_final_document_and_every_event_are_stored_before_the_terminal_event(tmp_path, script, terminal):
     scripted = ScriptedEngine(model_id=MODEL, context_window=256, script=script)
     async with service_on(tmp_path / "g.sqlite3", scripted) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True, "max_output_tokens": 16})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi", "stream": True, "max_output_tokens": 16})
         seen = []
         async for batch in service.run(prepared):
             seen += batch
@@ -54,7 +54,7 @@ async def test_a_failed_engine_is_stored_failed_before_the_client_sees_it(tmp_pa
     failing = engine()
     failing.fail_after = 2
     async with service_on(tmp_path / "g.sqlite3", failing) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi", "stream": True})
         async for batch in service.run(prepared):
             if batch[-1]["type"] == "response.failed":
                 stored = await service.store.get(batch[-1]["response"]["id"])
@@ -83,7 +83,7 @@ async def test_relaxed_writes_behind(tmp_path):
     """The same check as the first test, on `relaxed`: the row is not there yet when the client
     sees its id (what these tests guard against)."""
     async with service_on(tmp_path / "g.sqlite3", engine(), write_policy=RELAXED) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi", "stream": True})
         batches = service.run(prepared)
         first = await anext(batches)
         assert await service.store.get(first[0]["response"]["id"]) is None
@@ -115,7 +115,7 @@ async def test_a_response_whose_final_write_failed_is_left_to_expire_not_renewed
     import sqlite3
 
     async with service_on(tmp_path / "g.sqlite3", engine()) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi", "stream": True})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi", "stream": True})
         response_id = prepared.response["id"]
         batches = service.run(prepared)
         await anext(batches)  # the row is stored
@@ -146,7 +146,7 @@ async def test_a_response_whose_final_write_failed_is_left_to_expire_not_renewed
 
 async def test_a_non_streaming_create_whose_final_write_failed_is_a_503(tmp_path):
     async with service_on(tmp_path / "g.sqlite3", engine()) as service:
-        prepared = await service.prepare({"model": MODEL, "input": "hi"})
+        prepared = await service.prepare("default", {"model": MODEL, "input": "hi"})
         original = service.store.append_event_batches
         writes = 0
 

@@ -70,12 +70,12 @@ async def test_parallel_calls_become_separate_items(service):
 
 
 async def test_tools_are_shown_to_the_model_and_round_trip_outputs(service):
-    first = await service.create({"model": MODEL, "input": "weather?", "tools": [WEATHER]})
+    first = await service.create("default", {"model": MODEL, "input": "weather?", "tools": [WEATHER]})
     [call] = first["output"]
     system = service.engine.prompts[-1][0]
     assert system.role == "developer" and "<tools>" in system.content and "get_weather" in system.content
     service.engine.script = ["It is sunny."]
-    second = await service.create({"model": MODEL, "previous_response_id": first["id"], "tools": [WEATHER],
+    second = await service.create("default", {"model": MODEL, "previous_response_id": first["id"], "tools": [WEATHER],
                                    "input": [{"type": "function_call_output", "call_id": call["call_id"],
                                               "output": "sunny, 21C"}]})
     assert second["output"][0]["content"][0]["text"] == "It is sunny."
@@ -83,7 +83,7 @@ async def test_tools_are_shown_to_the_model_and_round_trip_outputs(service):
     assert prompt[-2].role == "assistant" and '"name": "get_weather"' in prompt[-2].content
     assert prompt[-1].role == "user" and "<tool_response>\nsunny, 21C\n</tool_response>" == prompt[-1].content
     # Stateless: the call item itself in the input works as well.
-    third = await service.create({"model": MODEL, "tools": [WEATHER], "input": [
+    third = await service.create("default", {"model": MODEL, "tools": [WEATHER], "input": [
         {"type": "function_call", "call_id": "call_x", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
         {"type": "function_call_output", "call_id": "call_x", "output": "cold"}]})
     assert third["status"] == "completed"
@@ -91,7 +91,7 @@ async def test_tools_are_shown_to_the_model_and_round_trip_outputs(service):
 
 async def test_an_output_for_an_unknown_call_is_400(service):
     with pytest.raises(ApiError) as info:
-        await service.prepare({"model": MODEL, "input": [{"type": "function_call_output", "call_id": "call_nope",
+        await service.prepare("default", {"model": MODEL, "input": [{"type": "function_call_output", "call_id": "call_nope",
                                                           "output": "x"}]})
     assert (info.value.kind.http_status, info.value.code) == (400, "invalid_call_id")
 
@@ -117,20 +117,20 @@ async def test_reasoning_becomes_a_reasoning_item_and_is_counted(service):
 async def test_encrypted_reasoning_round_trips_statelessly_and_rejects_tampering(service):
     service.engine.reasoning_format = "think"
     service.engine.script = ["<think>", "secret thoughts", "</think>", "Done."]
-    first = await service.create({"model": MODEL, "input": "go", "store": False,
+    first = await service.create("default", {"model": MODEL, "input": "go", "store": False,
                                   "include": ["reasoning.encrypted_content"]})
     reasoning = first["output"][0]
     assert reasoning["encrypted_content"] and "secret" not in reasoning["encrypted_content"]
     returned = {"type": "reasoning", "id": reasoning["id"], "summary": [],
                 "encrypted_content": reasoning["encrypted_content"]}
-    second = await service.create({"model": MODEL, "store": False, "input": [
+    second = await service.create("default", {"model": MODEL, "store": False, "input": [
         {"role": "user", "content": "go"}, returned, {"role": "user", "content": "again"}]})
     assert second["status"] == "completed"
     raw = bytearray(base64.urlsafe_b64decode(reasoning["encrypted_content"]))
     raw[-1] ^= 1
     tampered = {**returned, "encrypted_content": base64.urlsafe_b64encode(bytes(raw)).decode()}
     with pytest.raises(ApiError) as info:
-        await service.create({"model": MODEL, "store": False, "input": [tampered]})
+        await service.create("default", {"model": MODEL, "store": False, "input": [tampered]})
     assert info.value.code == "invalid_encrypted_content" and info.value.param == "input[0].encrypted_content"
 
 

@@ -65,7 +65,7 @@ async def test_writes_larger_than_one_statement_are_split(tmp_path, monkeypatch)
     try:
         ids = [f"resp_{n}" for n in range(7)]
         creates = [({"id": rid, "created_at": 1, "status": "in_progress", "output": []},
-                    [{"id": f"msg_{rid}_{k}", "type": "message"} for k in range(3)], "r1", 10.0) for rid in ids]
+                    [{"id": f"msg_{rid}_{k}", "type": "message"} for k in range(3)], "r1", 10.0, "default") for rid in ids]
         batches = [(rid, [(0, 0, b'{"sequence_number":0}')]) for rid in ids]
         finishes = [({"id": rid, "created_at": 1, "status": "completed", "output": [rid]}, ("in_progress",))
                     for rid in ids]

@@ -161,7 +161,7 @@ async def test_one_write_creates_appends_and_finishes_only_what_is_expected(stor
     await store.create(response("resp_old"), [])
     await store.append_event_batches(
         list(runs.items()),
-        creates=[(response("resp_new"), [item(1), item(2)], "r1", 10.0)],
+        creates=[(response("resp_new"), [item(1), item(2)], "r1", 10.0, "default")],
         finishes=[(response("resp_new", "completed", output=["x"]), ("in_progress",)),
                   (response("resp_old", "cancelled"), ("queued",)),          # not expected: untouched
                   (response("resp_done", "failed"), ("in_progress",))])      # finished: untouched
@@ -178,7 +178,7 @@ async def test_a_failed_write_leaves_nothing_half_written(store):
     await store.create(response("resp_dup"), [])
     with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
         await store.append_event_batches([("resp_dup", [(0, 0, b'{"type":"a","sequence_number":0}')])],
-                                         creates=[(response("resp_dup"), [], None, None)],  # a duplicate id
+                                         creates=[(response("resp_dup"), [], None, None, "default")],  # a duplicate id
                                          finishes=[(response("resp_dup", "completed"), ("in_progress",))])
     assert await stored_events(store, "resp_dup") == []
     assert (await store.get("resp_dup"))["status"] == "in_progress"

@@ -18,7 +18,7 @@ async def stack(tmp_path_factory):
 
 
 async def test_unexpected_crash_is_a_generic_500_without_internals(stack, monkeypatch):
-    async def explode(response_id):
+    async def explode(project, response_id):
         raise RuntimeError("secret internal detail /etc/passwd")
 
     monkeypatch.setattr(stack.app.service, "get", explode)
@@ -47,7 +47,7 @@ async def test_scripted_engine_serves_through_envoy(stack):
 
 
 async def test_a_status_grpc_has_no_code_for_reaches_the_client(stack, monkeypatch):
-    async def too_large(response_id):
+    async def too_large(project, response_id):
         raise ApiError(ErrorKind.TOO_LARGE, "too large", None, "request_too_large")
 
     monkeypatch.setattr(stack.app.service, "get", too_large)

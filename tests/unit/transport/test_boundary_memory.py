@@ -9,7 +9,9 @@ import weakref
 import grpc
 import pytest
 from parley.errors import invalid
-from parley.transport.boundary import streaming, unary
+from parley.service.keys import Authenticator
+from parley.service.limits import RateLimits
+from parley.transport.boundary import Gate, streaming, unary
 
 
 class Body:  # stands for a large request body a handler still holds when it refuses the request
@@ -24,18 +26,24 @@ class Context:
         raise grpc.aio.AbortError()
 
 
+class NoKeys:  # a store without API keys: auth is off
+    async def has_keys(self):
+        return False
+
+
 class Servicer:
     def __init__(self):
         self.body = None
+        self.gate = Gate(Authenticator(NoKeys()), RateLimits())
 
     @unary
-    async def Unary(self, request, context):
+    async def Unary(self, request, context, project):
         body = Body()
         self.body = weakref.ref(body)
         raise invalid("refused")
 
     @streaming
-    async def Streaming(self, request, context):
+    async def Streaming(self, request, context, project):
         body = Body()
         self.body = weakref.ref(body)
         raise invalid("refused")

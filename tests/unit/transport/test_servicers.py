@@ -62,7 +62,7 @@ async def test_a_waiting_stream_keeps_none_of_the_batches_it_sent(tmp_path):
     their JSON bytes, tens of KiB) must be garbage by then, not pinned by a suspended frame."""
     engine = SyntheticEngine(output_tokens=8, tokens_per_second=0.05)  # a token now, the next in 20 s
     async with service_on(tmp_path / "s.sqlite3", engine) as service:
-        prepared = await service.prepare({"model": engine.model_id, "input": "hi", "stream": True})
+        prepared = await service.prepare("default", {"model": engine.model_id, "input": "hi", "stream": True})
         messages = _sse_messages(_coalesced(service.run(prepared)))
         sent = b""
         while b"response.output_text.delta" not in sent:
