@@ -111,7 +111,7 @@ lint-proto: $(BUF) $(PROTO_DEPS)
 	else echo "==> buf breaking skipped: $(BUF_AGAINST) is not in this clone's history"; fi
 
 golden-update: proto
-	PARLEY_UPDATE_GOLDEN=1 $(PY) -m pytest tests/unit -k golden $(PYTEST_ARGS)
+	PARLEY_UPDATE_GOLDEN=1 $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(GEN_DIR) build .pytest_cache

@@ -36,7 +36,8 @@ async def test_wire_events_match_the_spec(http):
     async with http.stream("POST", "/responses", json={"model": MODEL, "input": "Hi", "stream": True,
                                                         "max_output_tokens": 16, "temperature": 0}) as reply:
         lines = [line async for line in reply.aiter_lines() if line.startswith("data: ")]
-    events = [orjson.loads(line[6:]) for line in lines]
+    assert lines[-1] == "data: [DONE]"  # Open Responses: the terminal event is the literal [DONE]
+    events = [orjson.loads(line[6:]) for line in lines[:-1]]
     for event in events:
         openapi.validate(EVENT_SCHEMAS[event["type"]], event)
     assert {e["type"] for e in events} >= {"response.created", "response.output_text.delta"}

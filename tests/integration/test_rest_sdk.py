@@ -80,6 +80,8 @@ async def test_raw_sse_framing(stack):
             assert reply.headers["content-type"].startswith("text/event-stream")
             raw = b"".join([chunk async for chunk in reply.aiter_bytes()])
     frames = [f for f in raw.split(b"\n\n") if f]
+    assert frames[-1] == b"data: [DONE]" and raw.endswith(b"\n\n")  # the Open Responses terminal frame
+    frames = frames[:-1]
     for frame in frames:
         event_line, data_line = frame.split(b"\n")
         event = orjson.loads(data_line.removeprefix(b"data: "))
@@ -210,6 +212,11 @@ async def test_cancel_of_a_foreground_response_is_a_clear_400(client):
 
 async def test_disconnect_stops_generation_within_two_tokens(stack):
     engine = stack.engine
+    # Alone on the engine: a generation left by an earlier test (a background one taking its
+    # turn) would become `last_run`.
+    while stack.app.service.admission.running or stack.app.service.admission.waiting:
+        await asyncio.sleep(0.05)
+    run = None
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{stack.base_url}/responses", json={
                 "model": MODEL, "input": "Write a very long essay about the history of computing.",
@@ -217,15 +224,15 @@ async def test_disconnect_stops_generation_within_two_tokens(stack):
             deltas = 0
             response_id = None
             async for line in reply.aiter_lines():
-                if line.startswith("data: "):
+                if line.startswith("data: {"):
                     event = orjson.loads(line[6:])
                     response_id = response_id or event.get("response", {}).get("id")
                     deltas += event["type"] == "response.output_text.delta"
+                    run = run or (engine.last_run if deltas else None)  # this request's run, while it runs
                     if deltas == 5:
                         break
     # The abort reaches the engine thread asynchronously: wait for the sequence to leave the batch.
-    assert await asyncio.to_thread(engine.last_run.released.wait, 30), "the sequence never left the batch"
-    run = engine.last_run
+    assert await asyncio.to_thread(run.released.wait, 30), "the sequence never left the batch"
     assert run.produced_when_stopped is not None, "generation was not stopped"
     assert run.produced - run.produced_when_stopped <= 2
     assert run.produced < 2000

@@ -180,3 +180,48 @@ async def test_auto_gives_text_or_valid_calls(client, prompt):
     for call in calls_of(response):
         jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
     assert calls_of(response) or response.output_text
+
+
+class Place(__import__("pydantic").BaseModel):
+    name: str
+    code: str
+
+
+class Trip(__import__("pydantic").BaseModel):
+    origin: Place
+    destination: Place
+    nights: int
+
+
+async def test_a_nested_pydantic_model_with_refs_parses(client):
+    """`responses.parse` sends a strict schema whose nested models are `$defs` behind `$ref`s."""
+    response = await client.responses.parse(model=MODEL, input="Plan a trip from Paris to Rome for 3 nights.",
+                                            text_format=Trip, temperature=0, max_output_tokens=200)
+    assert response.status == "completed" and isinstance(response.output_parsed, Trip)
+
+
+async def test_an_unanchored_pattern_is_enforced_anywhere_in_the_string(client):
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "[0-9]{3}"}},
+              "required": ["code"], "additionalProperties": False}
+    response = await client.responses.create(
+        model=MODEL, input="Reply with the code 123.", temperature=0, max_output_tokens=100,
+        text={"format": {"type": "json_schema", "name": "code", "schema": schema, "strict": True}})
+    # The grammar holds the string to the pattern; a 135M model may still ramble before it until
+    # the budget runs out (then the response says so). Never a failed response.
+    assert response.status in ("completed", "incomplete")
+    if response.status == "completed":
+        assert __import__("re").search("[0-9]{3}", json.loads(response.output_text)["code"])
+
+
+async def test_a_plain_tool_schema_without_strict_is_taken_as_non_strict(client):
+    plain = {"type": "function", "name": "lookup", "description": "Look a word up.",
+             "parameters": {"type": "object", "properties": {"word": {"type": "string"},
+                                                             "language": {"type": "string"}}, "required": ["word"]}}
+    response = await client.responses.create(model=MODEL, input="Look up the word 'cat'.", tools=[plain],
+                                             tool_choice="required", temperature=0, max_output_tokens=100)
+    assert response.tools[0].strict is False
+    [call] = calls_of(response)[:1]
+    jsonschema.validate(json.loads(call.arguments), plain["parameters"])
+    with pytest.raises(openai.BadRequestError) as refused:  # strict asked for explicitly: the schema must fit it
+        await client.responses.create(model=MODEL, input="x", tools=[{**plain, "strict": True}])
+    assert refused.value.body["param"].startswith("tools[0].parameters")

@@ -26,6 +26,10 @@ def decode_body(data: bytes, content_type: str = JSON):
                       None, "invalid_json") from None
 
 
+# The last frame of every event stream.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
 def encode_json(document) -> bytes:
     return orjson.dumps(document)
 

@@ -42,6 +42,8 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from a token that appeared in the output
+    frequency_penalty: float = 0.0  # ... and times the number of times it appeared
     seed: int | None = None
     constraint: Constraint | None = None
     top_logprobs: int | None = None  # None: no logprobs; 0..20: the sampled token plus that many alternatives
@@ -110,6 +112,10 @@ class Engine(Protocol):
         """Cheap and non-blocking; polled by the server's health reporting and checked before
         every new request. A dead engine makes the gRPC health service report NOT_SERVING (the
         pod's probes fail and it restarts) and new requests get 503."""
+
+    def check_constraint(self, constraint: Constraint | None) -> None:
+        """Raise ValueError (its message says why) when the engine cannot enforce `constraint`:
+        called before a request is stored, so that it is a 400, never a failed response."""
 
     def kv_cache_usage(self) -> float | None:
         """The share of KV cache cells in use (0..1), for metrics; None when the engine has no

@@ -8,7 +8,9 @@ an optional leading reasoning block.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 from parley.engine.base import Constraint
 from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
@@ -45,6 +47,79 @@ def text_without(literal: str, name: str) -> dict[str, str]:
     return rules
 
 
+# What an unanchored side of a pattern may hold: any characters but those a JSON string must
+# escape (`.` would let the model close the string early).
+ANY_JSON_CHARACTERS = '[^"\\\\\\x00-\\x1f]*'
+
+
+_QUANTIFIER = re.compile(r"\{\d+(,\d*)?\}|\{,\d+\}")
+
+
+def check_pattern(pattern: str) -> None:
+    """Raise ValueError for what the schema converter cannot translate: it rejects some of it
+    itself, but loops forever on some (a stray `]`, a POSIX class `[[:alpha:]]`), so only a plain
+    subset gets there: literals and escapes, `.`, classes without nested `[`, capturing groups,
+    `|`, and the `* + ? {m,n}` quantifiers."""
+    i, depth, n = 0, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 >= n or pattern[i + 1] in "pPkKbBAzZG0123456789":
+                raise ValueError(f"pattern {pattern!r}: '\\{pattern[i + 1:i + 2]}' is not supported")
+            i += 2
+            continue
+        if c == "[":
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            if pattern[j:j + 1] == "]":
+                raise ValueError(f"pattern {pattern!r}: escape a ']' that opens a character class")
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "[":
+                    raise ValueError(f"pattern {pattern!r}: nested or POSIX character classes are not supported")
+                j += 2 if pattern[j] == "\\" else 1
+            if j >= n:
+                raise ValueError(f"pattern {pattern!r}: a character class is not closed")
+            i = j + 1
+            continue
+        if c == "{":
+            quantifier = _QUANTIFIER.match(pattern, i)
+            if quantifier is None:
+                raise ValueError(f"pattern {pattern!r}: '{{' must start a quantifier like {{2,5}}; escape it")
+            i = quantifier.end()
+            continue
+        if c in "]}":
+            raise ValueError(f"pattern {pattern!r}: escape the '{c}'")
+        if c in "^$":
+            raise ValueError(f"pattern {pattern!r}: '{c}' is supported only at the pattern's start or end")
+        if c == "(":
+            if pattern[i + 1:i + 2] == "?":
+                raise ValueError(f"pattern {pattern!r}: lookarounds and (?...) groups are not supported")
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"pattern {pattern!r}: unbalanced parentheses")
+        i += 1
+    if depth:
+        raise ValueError(f"pattern {pattern!r}: unbalanced parentheses")
+
+
+def _anchored(schema):
+    """JSON Schema patterns match anywhere in the string; the converter takes only whole-string
+    patterns (`^...$`), so an unanchored side gets ANY_JSON_CHARACTERS."""
+    if isinstance(schema, list):
+        return [_anchored(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: _anchored(value) for key, value in schema.items()}
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
+        core = pattern[1 if start else 0:len(pattern) - 1 if end else len(pattern)]
+        check_pattern(core)
+        result["pattern"] = f"^{'' if start else ANY_JSON_CHARACTERS}({core}){'' if end else ANY_JSON_CHARACTERS}$"
+    return result
+
+
 class GrammarBuilder:
     def __init__(self) -> None:
         from llama_cpp.llama_grammar import SchemaConverter  # part of llama-cpp-python
@@ -53,7 +128,9 @@ class GrammarBuilder:
         self._rules: dict[str, str] = {}
 
     def schema_rule(self, schema: dict, name: str) -> str:
-        return self._converter.visit(schema, name)
+        """`schema` as a rule: its `$ref`s resolved (against its own `$defs`), its patterns anchored."""
+        prepared = self._converter.resolve_refs(_anchored(copy.deepcopy(schema)), name)
+        return self._converter.visit(prepared, name)
 
     def add(self, rules: dict[str, str]) -> None:
         self._rules.update(rules)

@@ -249,6 +249,9 @@ class LlamaCppEngine:
             return EngineHealth(False, "the llama.cpp worker thread has stopped")
         return EngineHealth(True)
 
+    def check_constraint(self, constraint) -> None:
+        self._sampling.check(constraint)
+
     def kv_cache_usage(self) -> float | None:
         return self._kv_used / self._kv_cells
 

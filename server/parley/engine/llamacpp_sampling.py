@@ -58,6 +58,7 @@ class Sampling:
                                            if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, str | None] = {}
+        self._checked: set[str] = set()  # grammars llama.cpp parsed (check(), on the event loop)
 
     def chain(self, params: SamplingParams, opened: bool = False):
         """A new sampler chain for `params`; `opened`: a lazy tool constraint saw its opener."""
@@ -69,6 +70,11 @@ class Sampling:
                 self._lib.llama_sampler_free(chain)
                 raise RuntimeError("llama.cpp rejected the constraint grammar")
             self._lib.llama_sampler_chain_add(chain, constrained)
+        if params.presence_penalty or params.frequency_penalty:
+            # OpenAI's penalties count the output so far: the chain sees only sampled tokens, and
+            # its window is the whole output budget. Only when asked: it costs a pass over the vocabulary.
+            self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_penalties(
+                self.n_vocab, max(params.max_tokens, 1), 1.0, params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
             self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_greedy())
             return chain
@@ -78,6 +84,26 @@ class Sampling:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         self._lib.llama_sampler_chain_add(chain, self._lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    def check(self, constraint: Constraint | None) -> None:
+        """Compile `constraint`'s grammar now (any thread), raising ValueError if it cannot be
+        enforced; the worker's cache then has it."""
+        if constraint is None:
+            return
+        for opened in (False, True) if lazy(constraint) else (False,):
+            try:
+                text = grammar_text(constraint, self.tool_format, self._reasoning, opened)
+            except Exception as exc:  # the schema converter asserts on what it cannot express
+                raise ValueError(str(exc) or type(exc).__name__) from None
+            if text is None or text in self._checked:
+                continue
+            sampler = self._lib.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+            if not sampler:
+                raise ValueError("llama.cpp could not parse the grammar the schema compiles to")
+            self._lib.llama_sampler_free(sampler)
+            if len(self._checked) >= GRAMMAR_CACHE_SIZE:
+                self._checked.clear()
+            self._checked.add(text)
 
     def free(self, chain) -> None:
         if chain is not None:

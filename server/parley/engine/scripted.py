@@ -56,6 +56,9 @@ class ScriptedEngine:
         raw = tuple(piece.encode())
         return (TokenLogprob(piece, -0.5, raw, tuple((piece, -0.5, raw) for _ in range(params.top_logprobs))),)
 
+    def check_constraint(self, constraint) -> None:
+        pass  # constraints are not enforced here (no sampler)
+
     def kv_cache_usage(self) -> float | None:
         return None  # no KV cache
 

@@ -51,6 +51,9 @@ class SyntheticEngine:
             sent = due
         yield Finished("length" if total < self.output_tokens else "stop", len(prompt), total)
 
+    def check_constraint(self, constraint) -> None:
+        pass  # constraints are not enforced here (no sampler)
+
     def kv_cache_usage(self) -> float | None:
         return None  # no KV cache
 

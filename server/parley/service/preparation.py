@@ -99,6 +99,13 @@ class Preparer:
                                                                           self.tool_format)])
         max_tokens = min(params.max_output_tokens or self.default_max_output_tokens,
                          self.engine.context_window - len(prompt))
+        sampling = params.sampling(max_tokens)
+        try:
+            self.engine.check_constraint(sampling.constraint)
+        except ValueError as exc:
+            where = "text.format.schema" if sampling.constraint.kind == "json_schema" else "tools"
+            raise invalid(f"This server cannot enforce the schema in '{where}': {exc}", where,
+                          "unsupported_schema") from None
         seal = self._sealer().seal if "reasoning.encrypted_content" in params.include else None
         builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())),
                                   logprobs=params.wants_logprobs, seal=seal)
@@ -121,7 +128,7 @@ class Preparer:
         prepared = PreparedResponse(params, builder,
                                     self.events.stream(response_id, persist=params.store,
                                                        background=params.background),
-                                    prompt, params.sampling(max_tokens), ticket, project, charge, arrived_at,
+                                    prompt, sampling, ticket, project, charge, arrived_at,
                                     tracing.rpc_span())
         log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)

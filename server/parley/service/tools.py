@@ -2,7 +2,10 @@
 
 Strict mode follows the JSON-schema subset OpenAI documents for Structured Outputs: the root is
 an object, every object sets additionalProperties: false and requires all its properties, and
-only the listed keywords are allowed. Anything else is a 400 naming the keyword and its path.
+only the listed keywords are allowed. With `strict: true` anything else is a 400 naming the
+keyword and its path; a function tool that leaves `strict` out and whose schema is not
+strict-compatible is taken as `strict: false` (and echoed so). Either way the output is
+constrained to the schema as far as the grammar can express it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ def _check_strict(schema: Any, param: str, depth: int = 0) -> None:
             _check_strict(child, f"{param}.{key}.{name}", depth + 1)
 
 
+def strict_compatible(schema: dict, param: str) -> bool:
+    try:
+        _check_strict(schema, param)
+    except ApiError:
+        return False
+    return True
+
+
 def check_root_schema(schema: Any, param: str, strict: bool) -> dict:
     if not isinstance(schema, dict):
         raise invalid(f"Invalid schema for '{param}': expected a JSON schema object.", param, "invalid_schema")
@@ -95,13 +106,16 @@ def validate_tools(tools: Any) -> list[dict]:
             raise invalid(f"Duplicate function name {name!r} in tools.", f"{where}.name", "invalid_value")
         names.add(name)
         strict = tool.get("strict")
-        if strict is None:
-            strict = True  # OpenAI's default for function tools
-        if not isinstance(strict, bool):
+        if strict is not None and not isinstance(strict, bool):
             raise invalid(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict", "invalid_type")
         parameters = tool.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+        if strict is None:
+            # OpenAI defaults function tools to strict; a plain JSON schema (optional properties, no
+            # additionalProperties: false) is then taken as non-strict, and the echo says so.
+            check_root_schema(parameters, f"{where}.parameters", False)
+            strict = strict_compatible(parameters, f"{where}.parameters")
         check_root_schema(parameters, f"{where}.parameters", strict)
         description = tool.get("description")
         if description is not None and not isinstance(description, str):

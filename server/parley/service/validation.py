@@ -36,7 +36,7 @@ KNOWN_FIELDS = frozenset({
     "tool_choice", "text", "reasoning", "include", "parallel_tool_calls", "truncation", "user",
     "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
     "max_tool_calls", "prompt", "conversation", "prompt_cache_options", "context_management",
-    "moderation",
+    "moderation", "presence_penalty", "frequency_penalty",
 }) | REST_ONLY_FIELDS
 NOT_YET = {
     "conversation": "The Conversations API is not implemented in this Parley release; use previous_response_id.",
@@ -56,6 +56,8 @@ class CreateParams:
     max_output_tokens: int | None
     temperature: float
     top_p: float
+    presence_penalty: float
+    frequency_penalty: float
     top_logprobs: int | None
     metadata: dict[str, str]
     store: bool
@@ -86,6 +88,7 @@ class CreateParams:
         """This request lowered to the engine's terms; `max_tokens` is already fitted to the window."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             constraint=build_constraint(self.tool_mode, self.callable_tools, self.parallel_tool_calls,
                                         self.text["format"]),
             top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None)
@@ -186,6 +189,10 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
     _range("temperature", temperature, 0, 2)
     top_p = _optional(body, "top_p", _is_number, "a number")
     _range("top_p", top_p, 0, 1)
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalties[name] = _optional(body, name, _is_number, "a number")
+        _range(name, penalties[name], -2, 2)
     max_output_tokens = _optional(body, "max_output_tokens", _is_int, "an integer")
     if max_output_tokens is not None and max_output_tokens < 16:
         raise invalid(f"Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, "
@@ -259,6 +266,8 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
         max_output_tokens=max_output_tokens,
         temperature=1.0 if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p),
+        presence_penalty=float(penalties["presence_penalty"] or 0),
+        frequency_penalty=float(penalties["frequency_penalty"] or 0),
         top_logprobs=top_logprobs,
         metadata=_validate_metadata(body.get("metadata")),
         store=booleans["store"],

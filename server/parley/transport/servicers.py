@@ -123,15 +123,14 @@ async def _coalesced(batches):
 
 
 async def _sse_messages(batches):
-    sent = False
+    """The stream's SSE messages, ended by `data: [DONE]` (an Open Responses MUST; OpenAI's SDKs
+    stop on it). A resume after the last event is an event stream of [DONE] alone."""
     async with contextlib.aclosing(batches):
         async for batch in batches:
             message = _sse_body(batch)
             del batch
-            sent = True
             yield message
-    if not sent:  # no event to send (a resume after the last one): still an event stream, empty
-        yield httpbody_pb2.HttpBody(content_type=rest.SSE, data=b"")
+    yield httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.SSE_DONE)
 
 
 async def _typed_events(batches):

@@ -297,3 +297,12 @@ async def test_a_sequence_whose_reader_stops_reading_stops_generating_and_the_ot
     async for step in stalled:  # the reader is back: the rest comes
         produced += tokens_in(step)
     assert produced == budget
+
+
+@pytest.mark.model
+async def test_a_frequency_penalty_changes_greedy_output(engine):
+    prompt = "Repeat the word 'apple' twenty times."
+    plain, _ = await run(engine, prompt, max_tokens=40)
+    penalised, _ = await run(engine, prompt, max_tokens=40, frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain != penalised
+    assert penalised.lower().count("apple") < plain.lower().count("apple")

@@ -52,3 +52,25 @@ def test_the_watch_fires_on_each_familys_own_marker(family):
     watch = CallOpenerWatch(fmt.marker)
     pieces = ["Sure.", " ", fmt.marker[:3], fmt.marker[3:]]
     assert [watch.opened(piece) for piece in pieces] == [False, False, False, True]
+
+
+NESTED = {"type": "object", "additionalProperties": False, "required": ["origin", "code"],
+          "properties": {"origin": {"$ref": "#/$defs/Place"}, "code": {"type": "string", "pattern": "[A-Z]{3}"}},
+          "$defs": {"Place": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+                              "additionalProperties": False}}}
+
+
+def test_refs_and_unanchored_patterns_compile_and_the_schema_is_left_as_it_was():
+    before = repr(NESTED)
+    grammar = compile_constraint(Constraint("json_schema", schema=NESTED), HERMES)
+    LlamaGrammar.from_string(grammar, verbose=False)
+    assert "Place" in grammar and repr(NESTED) == before  # resolved on a copy
+
+
+def test_patterns_are_anchored_without_letting_the_string_close_early():
+    from parley.engine.grammar import ANY_JSON_CHARACTERS, _anchored
+
+    assert _anchored({"pattern": "^a$"}) == {"pattern": "^(a)$"}
+    assert _anchored({"pattern": "a|b"}) == {"pattern": f"^{ANY_JSON_CHARACTERS}(a|b){ANY_JSON_CHARACTERS}$"}
+    assert _anchored({"pattern": "^a\\$"})["pattern"].endswith(f"(a\\$){ANY_JSON_CHARACTERS}$")
+    assert _anchored({"properties": {"pattern": {"type": "string"}}}) == {"properties": {"pattern": {"type": "string"}}}

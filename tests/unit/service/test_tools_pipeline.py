@@ -145,3 +145,13 @@ async def test_logprobs_only_when_included(service):
     plain = await stream(service, input="x", top_logprobs=2)
     assert all(e["logprobs"] == [] for e in plain if e["type"] == "response.output_text.delta")
     assert service.engine.last_params.top_logprobs is None
+
+
+async def test_penalties_reach_the_engine_and_are_echoed(service):
+    events = await stream(service, input="x", presence_penalty=0.5, frequency_penalty=-1)
+    params = service.engine.last_params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    response = check_stream(events)
+    assert (response["presence_penalty"], response["frequency_penalty"]) == (0.5, -1.0)
+    events = await stream(service, input="x")  # Open Responses requires both on every response
+    assert (check_stream(events)["presence_penalty"], service.engine.last_params.frequency_penalty) == (0.0, 0.0)

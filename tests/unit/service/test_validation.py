@@ -70,6 +70,9 @@ BAD = [
     ({"model": MODEL, "input": "x", "temperature": "hot"}, 400, "temperature", "invalid_type"),
     ({"model": MODEL, "input": "x", "temperature": True}, 400, "temperature", "invalid_type"),
     ({"model": MODEL, "input": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ({"model": MODEL, "input": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+    ({"model": MODEL, "input": "x", "frequency_penalty": -2.1}, 400, "frequency_penalty", "invalid_value"),
+    ({"model": MODEL, "input": "x", "frequency_penalty": "high"}, 400, "frequency_penalty", "invalid_type"),
     ({"model": MODEL, "input": "x", "max_output_tokens": 15}, 400, "max_output_tokens", "integer_below_min_value"),
     ({"model": MODEL, "input": "x", "max_output_tokens": 16.5}, 400, "max_output_tokens", "invalid_type"),
     ({"model": MODEL, "input": "x", "top_logprobs": 21}, 400, "top_logprobs", "integer_out_of_range"),
@@ -90,13 +93,14 @@ BAD = [
     ({"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "f", "parameters": "object"}]},
      400, "tools[0].parameters", "invalid_schema"),
     ({"model": MODEL, "input": "x", "tools": [FN, FN]}, 400, "tools[1].name", "invalid_value"),
-    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {**OBJ, "properties": {
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "strict": True, "parameters": {**OBJ, "properties": {
         "s": {"type": "string", "minLength": 2}}, "required": ["s"]}}]}, 400,
      "tools[0].parameters.properties.s.minLength", "unsupported_schema_keyword"),
-    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {"type": "object", "properties": {}}}]}, 400,
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "strict": True, "parameters": {"type": "object",
+                                                                                  "properties": {}}}]}, 400,
      "tools[0].parameters.additionalProperties", "invalid_schema"),
-    ({"model": MODEL, "input": "x", "tools": [{**FN, "parameters": {**OBJ, "properties": {"a": {"type": "string"}}}}]},
-     400, "tools[0].parameters.required", "invalid_schema"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "strict": True, "parameters": {
+        **OBJ, "properties": {"a": {"type": "string"}}}}]}, 400, "tools[0].parameters.required", "invalid_schema"),
     ({"model": MODEL, "input": "x", "tools": [FN], "tool_choice": {"type": "function", "name": "nope"}}, 400,
      "tool_choice.name", "invalid_value"),
     ({"model": MODEL, "input": "x", "tools": [FN], "tool_choice": {"type": "allowed_tools", "mode": "required",
@@ -166,3 +170,10 @@ def test_structured_output_formats_are_echoed():
     assert params.text == {"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True},
                            "verbosity": "low"}
     assert create(input="x", text={"format": {"type": "json_object"}}).text["format"] == {"type": "json_object"}
+
+
+def test_a_tool_without_strict_is_strict_when_its_schema_allows_and_non_strict_otherwise():
+    plain = {**FN, "parameters": {"type": "object", "properties": {"a": {"type": "string", "minLength": 2}}}}
+    fitting = {**FN, "name": "g", "parameters": {**OBJ, "properties": {"a": {"type": "string"}}, "required": ["a"]}}
+    params = validate_create({"model": MODEL, "input": "x", "tools": [plain, fitting]}, [MODEL])
+    assert [tool["strict"] for tool in params.tools] == [False, True]

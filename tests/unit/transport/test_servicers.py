@@ -104,3 +104,18 @@ async def test_a_client_that_stops_reading_stops_the_generation_and_bounds_what_
         async for message in messages:  # the client reads again: what waited, then the end
             rest += [event["sequence_number"] for event in message]
     assert rest == list(range(len(first), len(first) + len(rest)))
+
+
+async def test_an_event_stream_ends_with_done_even_when_it_has_no_event():
+    async def two():
+        for n in range(2):
+            events = EventBatch([{"type": "response.in_progress", "sequence_number": n}])
+            events.encoded = [b"{}"]
+            yield events
+
+    async def none():
+        return
+        yield
+
+    assert [m.data for m in [m async for m in _sse_messages(two())]][-1] == b"data: [DONE]\n\n"
+    assert [m.data async for m in _sse_messages(none())] == [b"data: [DONE]\n\n"]
