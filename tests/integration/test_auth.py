@@ -10,8 +10,7 @@ import pytest
 from parley.service.keys import create_key
 from parley.v1 import service_pb2, service_pb2_grpc
 
-from tests.fakes.engines import ScriptedEngine
-from tests.support.stack import running_stack
+from tests.support.stack import scripted_stack
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +19,8 @@ MODEL = "scripted"
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
-    engine = ScriptedEngine(model_id=MODEL, script=["Hel", "lo"])
-    async with running_stack(tmp_path_factory.mktemp("auth") / "a.sqlite3", engine=engine,
-                             api_key="sk-bootstrap-0123456789", rate_limit_requests_per_minute=1000) as running:
+    async with scripted_stack(tmp_path_factory, "auth", api_key="sk-bootstrap-0123456789",
+                              rate_limit_requests_per_minute=1000) as running:
         running.keys = {}
         for project in ("alpha", "beta"):
             running.keys[project], _ = await running.call(create_key, running.app.store, project)

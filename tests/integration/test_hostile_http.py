@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from tests.fakes.engines import ScriptedEngine
-from tests.support.stack import running_stack
+from tests.support.stack import running_stack, scripted_stack
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +18,7 @@ MODEL = "scripted"
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
-    engine = ScriptedEngine(model_id=MODEL, script=["Hel", "lo"])
-    async with running_stack(tmp_path_factory.mktemp("hostile") / "h.sqlite3", engine=engine,
-                             http_request_timeout_seconds=2) as running:
+    async with scripted_stack(tmp_path_factory, "hostile", http_request_timeout_seconds=2) as running:
         yield running
 
 

@@ -6,8 +6,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes.engines import ScriptedEngine
-from tests.support.stack import running_stack
+from tests.support.stack import scripted_stack
 
 pytestmark = pytest.mark.integration
 
@@ -16,8 +15,7 @@ MODEL = "scripted"
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
-    engine = ScriptedEngine(model_id=MODEL, script=["Hel", "lo"])
-    async with running_stack(tmp_path_factory.mktemp("metrics") / "m.sqlite3", engine=engine) as running:
+    async with scripted_stack(tmp_path_factory, "metrics") as running:
         yield running
 
 

@@ -8,8 +8,7 @@ import openai
 import pytest
 from parley.service.keys import create_key
 
-from tests.fakes.engines import ScriptedEngine
-from tests.support.stack import running_stack
+from tests.support.stack import scripted_stack
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +18,7 @@ PER_MINUTE = 120  # two a second come back
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory):
-    engine = ScriptedEngine(model_id=MODEL, script=["Hel", "lo"])
-    async with running_stack(tmp_path_factory.mktemp("limits") / "l.sqlite3", engine=engine,
-                             rate_limit_requests_per_minute=PER_MINUTE) as running:
+    async with scripted_stack(tmp_path_factory, "limits", rate_limit_requests_per_minute=PER_MINUTE) as running:
         running.keys = {}
         for project in ("busy", "quiet"):
             running.keys[project], _ = await running.call(create_key, running.app.store, project)

@@ -7,8 +7,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from parley import tracing
 
-from tests.fakes.engines import ScriptedEngine
-from tests.support.stack import running_stack
+from tests.support.stack import scripted_stack
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +20,8 @@ PARENT_ID = "b7ad6b7169203331"
 async def traced(tmp_path_factory):
     exporter = InMemorySpanExporter()
     tracing.configure(exporter=exporter)
-    engine = ScriptedEngine(model_id=MODEL, script=["Hel", "lo"])
     try:
-        async with running_stack(tmp_path_factory.mktemp("trace") / "t.sqlite3", engine=engine) as running:
+        async with scripted_stack(tmp_path_factory, "trace") as running:
             yield running, exporter
     finally:
         tracing.tracer = trace.get_tracer("parley")  # back to no-op for the other tests

@@ -111,3 +111,17 @@ async def running_stack(store_path: Path, engine=None, gateway: bool = True, **o
         if envoy is not None:
             await asyncio.to_thread(envoy.stop)
         await asyncio.to_thread(server.stop)
+
+
+SCRIPTED_MODEL = "scripted"
+
+
+@contextlib.asynccontextmanager
+async def scripted_stack(tmp_path_factory, name: str, **overrides):
+    """Server and Envoy on the scripted engine (it answers "Hello"), with a store of its own."""
+    from tests.fakes.engines import ScriptedEngine
+
+    engine = ScriptedEngine(model_id=SCRIPTED_MODEL, script=["Hel", "lo"])
+    async with running_stack(tmp_path_factory.mktemp(name) / f"{name}.sqlite3", engine=engine,
+                             **overrides) as running:
+        yield running

@@ -11,6 +11,26 @@ from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
 SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+# The fields each item and content part may carry; anything else is refused by name, never
+# dropped unseen. `phase` (an assistant message's commentary or final answer; Open Responses and
+# OpenAI) is kept as sent.
+ITEM_FIELDS = {
+    "message": {"type", "id", "role", "content", "status", "phase"},
+    "function_call": {"type", "id", "call_id", "name", "arguments", "status"},
+    "function_call_output": {"type", "id", "call_id", "output", "status"},
+    "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+}
+PART_FIELDS = {
+    "input_text": {"type", "text"},
+    "output_text": {"type", "text", "annotations", "logprobs"},
+    "refusal": {"type", "refusal"},
+}
+
+
+def _no_unknown_fields(value: dict, allowed: set[str], param: str) -> None:
+    for key in value:
+        if key not in allowed:
+            raise invalid(f"Unknown parameter: '{param}.{key}'.", f"{param}.{key}", "unknown_parameter")
 
 
 def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
@@ -26,6 +46,8 @@ def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
         if not isinstance(part, dict):
             raise invalid_type(where, "an object", part)
         kind = part.get("type")
+        if kind in PART_FIELDS:
+            _no_unknown_fields(part, PART_FIELDS[kind], where)
         if kind in ("input_text", "output_text"):
             if not isinstance(part.get("text"), str):
                 raise invalid_type(f"{where}.text", "a string", part.get("text"))
@@ -58,6 +80,8 @@ def _normalize_item(item: Any, index: int) -> dict:
     if not isinstance(item, dict):
         raise invalid_type(param, "an object", item)
     kind = item.get("type", "message")  # EasyInputMessage may omit `type`
+    if kind in ITEM_FIELDS:
+        _no_unknown_fields(item, ITEM_FIELDS[kind], param)
     if kind == "message":
         role = item.get("role")
         if role not in ROLES:
@@ -70,6 +94,12 @@ def _normalize_item(item: Any, index: int) -> dict:
         prefix = "msg"
         normalized = {"type": "message", "id": item.get("id") or new_id(prefix), "role": role,
                       "content": content, "status": item.get("status") or "completed"}
+        phase = item.get("phase")
+        if phase is not None:
+            if phase not in ("commentary", "final_answer"):
+                raise invalid(f"Invalid value: {phase!r}. Supported values are: 'commentary' and 'final_answer'.",
+                              f"{param}.phase", "invalid_value")
+            normalized["phase"] = phase
         return normalized
     if kind == "function_call":
         for key in ("call_id", "name", "arguments"):

@@ -23,6 +23,9 @@ STRICT_KEYWORDS = {
     "$defs", "definitions", "$ref", "description", "title", "pattern", "format", "multipleOf", "maximum",
     "exclusiveMaximum", "minimum", "exclusiveMinimum", "minItems", "maxItems",
 }
+# What a function tool may carry here; others (`output_schema`, `defer_loading`, `allowed_callers`,
+# ...) are refused by name rather than ignored.
+FUNCTION_TOOL_FIELDS = {"type", "name", "description", "parameters", "strict"}
 STRICT_TYPES = {"string", "number", "integer", "boolean", "object", "array", "null"}
 STRICT_MAX_DEPTH = 10
 
@@ -96,6 +99,10 @@ def validate_tools(tools: Any) -> list[dict]:
         if tool.get("type") != "function":
             raise invalid(f"Tools of type {tool.get('type')!r} are not supported by this server; only 'function' "
                           "tools are.", f"{where}.type", "unsupported_tool_type")
+        for key in tool:
+            if key not in FUNCTION_TOOL_FIELDS:
+                raise invalid(f"Unknown parameter: '{where}.{key}'. Function tools take "
+                              + ", ".join(sorted(FUNCTION_TOOL_FIELDS)) + ".", f"{where}.{key}", "unknown_parameter")
         name = tool.get("name")
         if name is None:
             raise invalid(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")

@@ -173,7 +173,9 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
         if key not in KNOWN_FIELDS:
             raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
     for key, message in NOT_YET.items():
-        if body.get(key):
+        # `"prompt": {}` asks for a prompt too; an empty list asks for nothing (the typed API
+        # cannot tell an empty repeated field from an absent one).
+        if body.get(key) not in (None, []):
             raise invalid(message, key, "unsupported_parameter")
 
     model = body.get("model")

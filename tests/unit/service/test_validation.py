@@ -71,6 +71,19 @@ BAD = [
     ({"model": MODEL, "input": "x", "temperature": True}, 400, "temperature", "invalid_type"),
     ({"model": MODEL, "input": "x", "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ({"model": MODEL, "input": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+    ({"model": MODEL, "input": "x", "prompt": {}}, 400, "prompt", "unsupported_parameter"),
+    ({"model": MODEL, "input": [{"role": "user", "content": "x", "prompt_cache_breakpoint": True}]}, 400,
+     "input[0].prompt_cache_breakpoint", "unknown_parameter"),
+    ({"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_text", "text": "x", "cache": 1}]}]},
+     400, "input[0].content[0].cache", "unknown_parameter"),
+    ({"model": MODEL, "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}",
+                                 "namespace": "n"}]}, 400, "input[0].namespace", "unknown_parameter"),
+    ({"model": MODEL, "input": [{"role": "assistant", "content": "x", "phase": "later"}]}, 400, "input[0].phase",
+     "invalid_value"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "output_schema": OBJ}]}, 400, "tools[0].output_schema",
+     "unknown_parameter"),
+    ({"model": MODEL, "input": "x", "tools": [{**FN, "defer_loading": True}]}, 400, "tools[0].defer_loading",
+     "unknown_parameter"),
     ({"model": MODEL, "input": "x", "frequency_penalty": -2.1}, 400, "frequency_penalty", "invalid_value"),
     ({"model": MODEL, "input": "x", "frequency_penalty": "high"}, 400, "frequency_penalty", "invalid_type"),
     ({"model": MODEL, "input": "x", "max_output_tokens": 15}, 400, "max_output_tokens", "integer_below_min_value"),
@@ -177,3 +190,10 @@ def test_a_tool_without_strict_is_strict_when_its_schema_allows_and_non_strict_o
     fitting = {**FN, "name": "g", "parameters": {**OBJ, "properties": {"a": {"type": "string"}}, "required": ["a"]}}
     params = validate_create({"model": MODEL, "input": "x", "tools": [plain, fitting]}, [MODEL])
     assert [tool["strict"] for tool in params.tools] == [False, True]
+
+
+def test_an_assistant_messages_phase_is_kept():
+    params = validate_create({"model": MODEL, "input": [
+        {"role": "assistant", "content": "Checking.", "phase": "commentary"}, {"role": "user", "content": "ok"}]},
+        [MODEL])
+    assert params.input_items[0]["phase"] == "commentary" and "phase" not in params.input_items[1]
