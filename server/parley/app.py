@@ -142,7 +142,12 @@ class App:
         metrics.LIVE.running = lambda: self.service.admission.running
         metrics.LIVE.kv_usage = self.engine.kv_cache_usage
         metrics.LIVE.engine_healthy = lambda: self.engine.health().ok
-        self._metrics_server = metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            self._metrics_server = metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        except OSError as exc:
+            raise RuntimeError(f"the metrics endpoint cannot listen on {self.settings.metrics_host}:"
+                               f"{self.settings.metrics_port} ({exc.strerror}); set PARLEY_METRICS_PORT "
+                               "(0 picks a free port)") from None
         self.metrics_port = self._metrics_server.server_address[1]
         log.info("metrics.serving", url=f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics")
 

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     return_large_blocks_to_the_system()
     from parley.app import serve
 
-    raise SystemExit(asyncio.run(serve(settings, with_gateway=args.command == "run")))
+    try:
+        status = asyncio.run(serve(settings, with_gateway=args.command == "run"))
+    except RuntimeError as exc:  # start-up refusals say what to change: no traceback to read through
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(status)
 
 
 async def manage_keys(settings: config.Settings, args: argparse.Namespace) -> int:

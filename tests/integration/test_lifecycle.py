@@ -70,6 +70,16 @@ def test_bad_configuration_stops_start_up_with_a_message(tmp_path):
     assert "engine must be 'llamacpp', 'scripted' or 'synthetic'" in result.stderr
 
 
+def test_an_open_server_beyond_loopback_is_refused_with_a_message_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "parley", "serve"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PARLEY_ENGINE": "scripted", "PARLEY_GRPC_HOST": "0.0.0.0",
+                                 "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0",
+                                 "PARLEY_STORE_PATH": str(tmp_path / "open.sqlite3")})
+    assert result.returncode == 1
+    assert "parley: no API key is configured" in result.stderr and "PARLEY_ALLOW_UNAUTHENTICATED" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
