@@ -27,8 +27,9 @@ REQUEST_SECONDS = Histogram("parley_request_duration_seconds", "Time to answer a
 TIME_TO_FIRST_TOKEN = Histogram("parley_time_to_first_token_seconds",
                                 "From a create request's arrival to its first output token", buckets=_LATENCY,
                                 registry=REGISTRY)
-INTER_TOKEN = Histogram("parley_inter_token_latency_seconds", "Time between output tokens of one response",
-                        buckets=_LATENCY, registry=REGISTRY)
+INTER_TOKEN = Histogram("parley_inter_token_latency_seconds",
+                        "Mean time between output tokens, one observation per response", buckets=_LATENCY,
+                        registry=REGISTRY)
 RESPONSE_SECONDS = Histogram("parley_response_duration_seconds",
                              "From a create request's arrival to its response's end", buckets=_LATENCY,
                              registry=REGISTRY)
