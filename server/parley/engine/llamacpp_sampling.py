@@ -44,6 +44,10 @@ def grammar_text(constraint: Constraint | None, fmt: ToolFormat, reasoning: bool
     return compile_constraint(constraint, fmt, reasoning=reasoning)
 
 
+def _grammar_key(constraint: Constraint, opened: bool) -> str:
+    return json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
+
+
 class Sampling:
     """Owned by the engine's worker thread; not thread-safe."""
 
@@ -58,7 +62,7 @@ class Sampling:
                                            if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         self._pieces: dict[int, bytes] = {}
         self._grammars: dict[str, str | None] = {}
-        self._checked: set[str] = set()  # grammars llama.cpp parsed (check(), on the event loop)
+        self._checked: set[str] = set()  # constraints check() passed (on the event loop)
 
     def chain(self, params: SamplingParams, opened: bool = False):
         """A new sampler chain for `params`; `opened`: a lazy tool constraint saw its opener."""
@@ -86,24 +90,27 @@ class Sampling:
         return chain
 
     def check(self, constraint: Constraint | None) -> None:
-        """Compile `constraint`'s grammar now (any thread), raising ValueError if it cannot be
-        enforced; the worker's cache then has it."""
+        """Raise ValueError if `constraint` cannot be enforced: its grammar does not compile, or
+        llama.cpp cannot parse it. Called on the event loop before a request is stored; a
+        constraint that passed once is not compiled here again."""
         if constraint is None:
             return
         for opened in (False, True) if lazy(constraint) else (False,):
+            key = _grammar_key(constraint, opened)
+            if key in self._checked:
+                continue
             try:
                 text = grammar_text(constraint, self.tool_format, self._reasoning, opened)
             except Exception as exc:  # the schema converter asserts on what it cannot express
                 raise ValueError(str(exc) or type(exc).__name__) from None
-            if text is None or text in self._checked:
-                continue
-            sampler = self._lib.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
-            if not sampler:
-                raise ValueError("llama.cpp could not parse the grammar the schema compiles to")
-            self._lib.llama_sampler_free(sampler)
+            if text is not None:
+                sampler = self._lib.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+                if not sampler:
+                    raise ValueError("llama.cpp could not parse the grammar the schema compiles to")
+                self._lib.llama_sampler_free(sampler)
             if len(self._checked) >= GRAMMAR_CACHE_SIZE:
                 self._checked.clear()
-            self._checked.add(text)
+            self._checked.add(key)
 
     def free(self, chain) -> None:
         if chain is not None:
@@ -113,7 +120,7 @@ class Sampling:
         """grammar_text, cached: compiling a JSON schema to GBNF costs more than parsing it."""
         if constraint is None:
             return None
-        key = json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
+        key = _grammar_key(constraint, opened)
         if key not in self._grammars:
             if len(self._grammars) >= GRAMMAR_CACHE_SIZE:
                 self._grammars.pop(next(iter(self._grammars)))
