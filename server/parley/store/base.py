@@ -91,6 +91,10 @@ class ResponseStore(Protocol):
     async def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
                                before: str | None, project: str | None = None) -> ItemPage | None: ...
 
+    async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
+        """A stored item by its id (an output item of a finished response, else an input item),
+        or None; given a project, only that project's."""
+
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         """The stored rows (as bytes, in order) that hold events after `starting_after`."""
 
@@ -123,6 +127,15 @@ class ResponseStore(Protocol):
 
     async def delete_finished_before(self, cutoff: float) -> int:
         """Retention: delete finished responses created before `cutoff` (unix seconds)."""
+
+
+def output_item(document: dict, item_id: str) -> dict | None:
+    return next((item for item in document["output"] if item.get("id") == item_id), None)
+
+
+def output_item_ids(document: dict) -> list[tuple[str, str]]:
+    """(item id, response id) of each output item of `document`: where an item_reference looks."""
+    return [(item["id"], document["id"]) for item in document["output"] if isinstance(item, dict) and "id" in item]
 
 
 def cancel_transition(stored: bytes | None) -> tuple[dict | None, bool]:

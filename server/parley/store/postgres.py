@@ -21,6 +21,8 @@ from parley.store.base import (
     KeyRecord,
     Recovery,
     cancel_transition,
+    output_item,
+    output_item_ids,
     pack,
 )
 
@@ -76,6 +78,19 @@ MIGRATIONS = {
             last_used_at DOUBLE PRECISION,
             revoked_at DOUBLE PRECISION
         );
+    """,
+    4: """
+        CREATE INDEX input_items_item ON input_items (item_id);
+        CREATE TABLE output_items (
+            item_id TEXT PRIMARY KEY,
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE
+        );
+        CREATE INDEX output_items_response ON output_items (response_id);
+        INSERT INTO output_items (item_id, response_id)
+            SELECT o.value->>'id', r.id FROM responses r,
+                jsonb_array_elements(convert_from(r.document, 'UTF8')::jsonb->'output') o
+            WHERE o.value->>'id' IS NOT NULL
+            ON CONFLICT DO NOTHING;
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -133,6 +148,11 @@ class PostgresStore(InputItemPaging):
         cursor = await conn.execute(
             "UPDATE responses SET status = %s, document = %s WHERE id = %s AND status = ANY(%s)",
             (response["status"], orjson.dumps(response), response["id"], list(expected)))
+        rows = output_item_ids(response)
+        if cursor.rowcount > 0 and rows:  # where its items live, for item_reference
+            async with conn.cursor() as items:
+                await items.executemany(
+                    "INSERT INTO output_items (item_id, response_id) VALUES (%s, %s) ON CONFLICT DO NOTHING", rows)
         return cursor.rowcount > 0
 
     @staticmethod
@@ -209,6 +229,17 @@ class PostgresStore(InputItemPaging):
             rows = await (await conn.execute(
                 "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
         return [orjson.loads(r[0]) for r in rows]
+
+    async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
+        where, values = _scoped(project)
+        row = await self._fetchone("SELECT r.document FROM output_items o JOIN responses r ON r.id = o.response_id "
+                                   "WHERE o.item_id = %s" + where, (item_id, *values))
+        found = output_item(orjson.loads(row[0]), item_id) if row else None
+        if found is None:
+            row = await self._fetchone("SELECT i.document FROM input_items i JOIN responses r ON r.id = i.response_id "
+                                       "WHERE i.item_id = %s" + where + " LIMIT 1", (item_id, *values))
+            found = orjson.loads(row[0]) if row else None
+        return found
 
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         rows = await self._fetchall(

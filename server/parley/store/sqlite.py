@@ -26,6 +26,8 @@ from parley.store.base import (
     KeyRecord,
     Recovery,
     cancel_transition,
+    output_item,
+    output_item_ids,
     pack,
 )
 
@@ -82,6 +84,17 @@ MIGRATIONS = {
             last_used_at REAL,
             revoked_at REAL
         );
+    """,
+    5: """
+        CREATE INDEX input_items_item ON input_items (item_id);
+        CREATE TABLE output_items (
+            item_id TEXT PRIMARY KEY,
+            response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE
+        );
+        CREATE INDEX output_items_response ON output_items (response_id);
+        INSERT OR IGNORE INTO output_items (item_id, response_id)
+            SELECT json_extract(o.value, '$.id'), r.id FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
+            WHERE json_extract(o.value, '$.id') IS NOT NULL;
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -143,8 +156,20 @@ def _append_runs(db, batches: list[tuple[str, list[EventRun]]]) -> None:
     _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
 
 
+def _index_outputs(db, documents) -> None:
+    """Where each output item of `documents` lives, so that an item_reference finds it. A
+    response deleted meanwhile is skipped (a foreign-key error would fail the whole write)."""
+    rows = [row for document in documents for row in output_item_ids(document)]
+    if rows:
+        for placeholders, values in _statements(rows):
+            db.execute("INSERT OR IGNORE INTO output_items (item_id, response_id) "
+                       f"SELECT v.column1, v.column2 FROM (VALUES {placeholders}) AS v "
+                       "JOIN responses r ON r.id = v.column2", values)
+
+
 def _replace_many(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
     """Each (document, expected) replaces the stored document if the stored status is in `expected`."""
+    _index_outputs(db, [response for response, _ in finishes])
     if finishes:
         rows = [(response["id"], response["status"], orjson.dumps(response), "," + ",".join(expected) + ",")
                 for response, expected in finishes]
@@ -225,6 +250,8 @@ class SqliteStore(InputItemPaging):
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
         cursor = db.execute(f"UPDATE responses SET status = ?, document = ? WHERE id = ? AND status IN {_in(expected)}",
                             (response["status"], orjson.dumps(response), response["id"], *expected))
+        if cursor.rowcount > 0:
+            _index_outputs(db, [response])
         return cursor.rowcount > 0
 
     async def update(self, response: dict, expected: tuple[str, ...] = ACTIVE) -> bool:
@@ -282,6 +309,20 @@ class SqliteStore(InputItemPaging):
                                     (response_id,)).fetchall()
             return [orjson.loads(r[0]) for r in rows]
         return await self._call(_items)
+
+    async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
+        where, values = _scoped(project)
+
+        def _find():
+            row = self._db.execute("SELECT r.document FROM output_items o JOIN responses r ON r.id = o.response_id "
+                                   "WHERE o.item_id = ?" + where, (item_id, *values)).fetchone()
+            found = output_item(orjson.loads(row[0]), item_id) if row else None
+            if found is None:
+                row = self._db.execute("SELECT i.document FROM input_items i JOIN responses r ON r.id = i.response_id "
+                                       "WHERE i.item_id = ?" + where + " LIMIT 1", (item_id, *values)).fetchone()
+                found = orjson.loads(row[0]) if row else None
+            return found
+        return await self._call(_find)
 
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         def _rows():

@@ -182,3 +182,23 @@ async def test_a_failed_write_leaves_nothing_half_written(store):
                                          finishes=[(response("resp_dup", "completed"), ("in_progress",))])
     assert await stored_events(store, "resp_dup") == []
     assert (await store.get("resp_dup"))["status"] == "in_progress"
+
+
+async def test_an_item_is_found_by_id_within_its_project(store):
+    answer = {"type": "message", "id": "msg_out", "role": "assistant", "status": "completed",
+              "content": [{"type": "output_text", "text": "4", "annotations": [], "logprobs": []}]}
+    await store.create(response("resp_i"), [item(1)], project="alpha")
+    assert await store.find_item("msg_out", "alpha") is None  # not finished: no output yet
+    await store.finish(response("resp_i", "completed", output=[answer]), [])
+    assert await store.find_item("msg_out", "alpha") == answer
+    assert await store.find_item("msg_1", "alpha") == item(1)
+    assert await store.find_item("msg_out", "beta") is None and await store.find_item("msg_1", "beta") is None
+    # An event-sink write that finishes a response deleted meanwhile still writes the rest.
+    await store.create(response("resp_gone"), [])
+    await store.delete("resp_gone")
+    await store.append_event_batches([], finishes=[(response("resp_gone", "completed",
+                                                             output=[{**answer, "id": "msg_gone"}]),
+                                                    ("in_progress",))])
+    assert await store.find_item("msg_gone") is None
+    await store.delete("resp_i")
+    assert await store.find_item("msg_out", "alpha") is None and await store.find_item("msg_1", "alpha") is None
