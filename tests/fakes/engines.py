@@ -14,6 +14,7 @@ class ScriptedEngine(scripted.ScriptedEngine):
         super().__init__(*args, **kwargs)
         self.prompts: list[list[ChatMessage]] = []
         self.last_params: SamplingParams | None = None
+        self.last_prompt: list[int] | None = None  # the tokens of the last generation
         self.emitted_tokens = 0
         self.aborted = 0
         self.fail_after: int | None = None
@@ -25,6 +26,7 @@ class ScriptedEngine(scripted.ScriptedEngine):
 
     async def generate(self, prompt, params):
         self.last_params = params
+        self.last_prompt = list(prompt)
         produced = 0
         finished = False
         steps = super().generate(prompt, params)

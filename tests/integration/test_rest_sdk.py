@@ -18,7 +18,7 @@ async def test_create_echoes_every_field(client):
         model=MODEL, input="What is the capital of France?", instructions="Answer in one short sentence.",
         max_output_tokens=48, temperature=0, top_p=0.9, metadata={"team": "search", "run": "7"}, store=True,
         user="user-1", safety_identifier="sid-1", prompt_cache_key="pck-1", truncation="disabled",
-        parallel_tool_calls=False, service_tier="flex", text={"verbosity": "low"}, reasoning={"effort": "low"})
+        parallel_tool_calls=False, service_tier="flex", text={"verbosity": "low"}, reasoning={"summary": "auto"})
     assert response.object == "response" and response.id.startswith("resp_")
     assert response.status in ("completed", "incomplete")
     assert response.output_text.strip()
@@ -26,8 +26,9 @@ async def test_create_echoes_every_field(client):
     assert (response.temperature, response.top_p, response.max_output_tokens) == (0, 0.9, 48)
     assert response.metadata == {"team": "search", "run": "7"}
     assert (response.user, response.safety_identifier, response.prompt_cache_key) == ("user-1", "sid-1", "pck-1")
-    assert (response.truncation, response.parallel_tool_calls, response.service_tier) == ("disabled", False, "flex")
-    assert response.text.verbosity == "low" and response.reasoning.effort == "low"
+    # The tier actually used (one serves everything), and no summary from a model that does not reason.
+    assert (response.truncation, response.parallel_tool_calls, response.service_tier) == ("disabled", False, "default")
+    assert response.text.verbosity == "low" and response.reasoning.summary is None
     assert response.usage.input_tokens > 10 and response.usage.output_tokens > 0
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import secrets
+import string
+
 import orjson
 
 from parley.errors import invalid
@@ -36,8 +40,30 @@ def encode_json(document) -> bytes:
 
 _FRAME_HEADS: dict[str, bytes] = {}
 
+# The delta events that carry OpenAI's `obfuscation` padding (stream_options.include_obfuscation,
+# on by default): random characters that round each event's size up to a multiple of
+# OBFUSCATION_BLOCK bytes, so that an observer of encrypted traffic cannot read token lengths
+# off the frame sizes.
+OBFUSCATED_EVENTS = frozenset({
+    "response.output_text.delta", "response.reasoning_text.delta", "response.reasoning_summary_text.delta",
+    "response.function_call_arguments.delta", "response.custom_tool_call_input.delta", "response.refusal.delta",
+})
+OBFUSCATION_BLOCK = 16
+_OBFUSCATION_HEAD = b',"obfuscation":"'
+_OBFUSCATION_OVERHEAD = len(_OBFUSCATION_HEAD) + 1  # the closing quote
+# Slices of one random string: the padding needs no fresh entropy per token, and this keeps it
+# off the hot path's cost.
+_PADDING = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(4096)).encode()
 
-def encode_sse(events: list[dict], encoded: list[bytes] | None = None) -> bytes:
+
+def obfuscated(data: bytes) -> bytes:
+    """An event's JSON bytes (an object) with an `obfuscation` field padding it to a block."""
+    length = -(len(data) + _OBFUSCATION_OVERHEAD) % OBFUSCATION_BLOCK or OBFUSCATION_BLOCK
+    start = random.randrange(len(_PADDING) - OBFUSCATION_BLOCK)
+    return b"".join((data[:-1], _OBFUSCATION_HEAD, _PADDING[start:start + length], b'"}'))
+
+
+def encode_sse(events: list[dict], encoded: list[bytes] | None = None, obfuscate: bool = False) -> bytes:
     """SSE frames, one per event (`event:` and `data:` lines), joined; `encoded` reuses the
     events' JSON bytes when the caller has them. Every token passes through here."""
     parts = []
@@ -46,5 +72,7 @@ def encode_sse(events: list[dict], encoded: list[bytes] | None = None) -> bytes:
         head = _FRAME_HEADS.get(kind)
         if head is None:  # a few dozen event types: each head is built once
             head = _FRAME_HEADS[kind] = b"event: " + kind.encode() + b"\ndata: "
+        if obfuscate and kind in OBFUSCATED_EVENTS:
+            data = obfuscated(data)
         parts += (head, data, b"\n\n")
     return b"".join(parts)

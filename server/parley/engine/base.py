@@ -35,6 +35,7 @@ class Constraint:
     tools: tuple[tuple[str, dict | None], ...] = ()
     mode: str = "auto"
     parallel: bool = True
+    max_calls: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,7 +159,8 @@ def _add_calls(builder: GrammarBuilder, constraint: Constraint, fmt: ToolFormat)
         objects.append(f"( {prefix} {arguments} {_literal(chr(125))} )")
     builder.add({"object": " | ".join(objects)})
     builder.add({"call": _sequence(_literal(fmt.call_open), "object", _literal(fmt.call_close))})
-    more = f"( {_literal(fmt.separator)} call ){{0,{MAX_PARALLEL_CALLS - 1}}}" if constraint.parallel else ""
+    most = min(MAX_PARALLEL_CALLS, constraint.max_calls or MAX_PARALLEL_CALLS)
+    more = f"( {_literal(fmt.separator)} call ){{0,{most - 1}}}" if constraint.parallel and most > 1 else ""
     builder.add({"calls": _sequence(_literal(fmt.calls_open), "call", more, _literal(fmt.calls_close))})
     # After a lazy switch, what follows the marker; whitespace there is optional, since the switch
     # may come just after the marker's token.

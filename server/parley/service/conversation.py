@@ -3,9 +3,12 @@
 Tools, tool calls and tool results are rendered as text in the engine family's tool format
 (engine/formats/families.py), so a model whose chat template has no tool support (SmolLM2) still
 sees them, in the very format its grammar and parser expect. Consecutive calls (parallel calls)
-form one assistant turn; consecutive results, one user turn. Reasoning items carry nothing the
-next turn's prompt uses (templates of reasoning families drop earlier reasoning), so they are
-skipped.
+form one assistant turn; consecutive results, one user turn.
+
+Reasoning items reach the prompt of a reasoning family as the `<think>` block that opens the
+assistant turn they belong to (the next assistant message or calls), which is how such a model
+wrote them: stateless multi-turn (`encrypted_content` sent back) depends on it. A family without
+reasoning has no place for them in its template, so there they are left out.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from itertools import groupby
 
 from parley.engine.base import ChatMessage
-from parley.engine.formats import ToolFormat
+from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
 
 
 def _text_of(content) -> str:
@@ -22,20 +25,42 @@ def _text_of(content) -> str:
     return "".join(part.get("text") or part.get("refusal") or "" for part in content)
 
 
+def reasoning_text(item: dict) -> str:
+    """What a reasoning item says: its reasoning text, else its summary."""
+    return _text_of(item.get("content") or []) or _text_of(item.get("summary") or [])
+
+
 def to_messages(instructions: str | None, items: list[dict], tools: list[dict] | None,
-                tool_format: ToolFormat) -> list[ChatMessage]:
+                tool_format: ToolFormat, reasoning_format: str = "none") -> list[ChatMessage]:
     system = instructions or ""
     if tools:
         offered = tool_format.describe_tools(tools)
         system = f"{system}\n\n{offered}" if system else offered
     messages = [ChatMessage("developer", system)] if system else []
-    for kind, group in groupby(items, key=lambda item: item["type"]):
+    thought = ""  # reasoning waiting for the assistant turn it opens
+
+    def assistant(text: str) -> ChatMessage:
+        nonlocal thought
+        if thought:
+            text, thought = f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}", ""
+        return ChatMessage("assistant", text)
+
+    for kind, grouped in groupby(items, key=lambda item: item["type"]):
+        group = list(grouped)
+        if kind == "reasoning":
+            if reasoning_format == "think":
+                thought += "\n".join(filter(None, map(reasoning_text, group)))
+            continue
+        if thought and not (kind == "function_call" or (kind == "message" and group[0]["role"] == "assistant")):
+            messages.append(assistant(""))  # the turn was reasoning alone
         if kind == "message":
-            messages += [ChatMessage(item["role"], _text_of(item["content"])) for item in group]
+            messages += [assistant(_text_of(item["content"])) if item["role"] == "assistant"
+                         else ChatMessage(item["role"], _text_of(item["content"])) for item in group]
         elif kind == "function_call":
-            calls = [(item["name"], item["arguments"]) for item in group]
-            messages.append(ChatMessage("assistant", tool_format.render_calls(calls)))
+            messages.append(assistant(tool_format.render_calls([(item["name"], item["arguments"]) for item in group])))
         elif kind == "function_call_output":
             outputs = [_text_of(item["output"]) for item in group]
             messages.append(ChatMessage("user", tool_format.render_results(outputs)))
+    if thought:
+        messages.append(assistant(""))
     return messages

@@ -22,7 +22,7 @@ def json_copy(document):
 
 def new_response(params: CreateParams, response_id: str, created_at: int) -> dict:
     """The Response document at creation, every field OpenAI prints present (null where unset)."""
-    return {
+    document = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -57,6 +57,9 @@ def new_response(params: CreateParams, response_id: str, created_at: int) -> dic
         "user": params.echo["user"],
         "metadata": params.metadata,
     }
+    if params.client_metadata:  # not an OpenAI field: present only when the client sent it
+        document["client_metadata"] = params.client_metadata
+    return document
 
 
 class Sequencer:

@@ -10,7 +10,7 @@ from parley.errors import invalid, invalid_type
 from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
-SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference")
 # The fields each item and content part may carry; anything else is refused by name, never
 # dropped unseen. `phase` (an assistant message's commentary or final answer; Open Responses and
 # OpenAI) is kept as sent.
@@ -19,6 +19,7 @@ ITEM_FIELDS = {
     "function_call": {"type", "id", "call_id", "name", "arguments", "status"},
     "function_call_output": {"type", "id", "call_id", "output", "status"},
     "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+    "item_reference": {"type", "id"},
 }
 PART_FIELDS = {
     "input_text": {"type", "text"},
@@ -79,7 +80,9 @@ def _normalize_item(item: Any, index: int) -> dict:
     param = f"input[{index}]"
     if not isinstance(item, dict):
         raise invalid_type(param, "an object", item)
-    kind = item.get("type", "message")  # EasyInputMessage may omit `type`
+    kind = item.get("type")
+    if kind is None:  # EasyInputMessage may omit `type`, and so may an ItemReferenceParam
+        kind = "item_reference" if "role" not in item and set(item) <= ITEM_FIELDS["item_reference"] else "message"
     if kind in ITEM_FIELDS:
         _no_unknown_fields(item, ITEM_FIELDS[kind], param)
     if kind == "message":
@@ -129,6 +132,10 @@ def _normalize_item(item: Any, index: int) -> dict:
                 raise invalid_type(f"{param}.encrypted_content", "a string", encrypted)
             normalized["encrypted_content"] = encrypted
         return normalized
+    if kind == "item_reference":
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise invalid_type(f"{param}.id", "a string", item.get("id"))
+        return {"type": "item_reference", "id": item["id"]}  # resolved from the store (preparation.py)
     if not isinstance(kind, str):
         raise invalid_type(f"{param}.type", "a string", kind)
     raise invalid(f"Input items of type '{kind}' are not supported by this server. Supported types: "

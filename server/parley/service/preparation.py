@@ -82,8 +82,13 @@ class Preparer:
         finally:
             span.end()
 
-    async def _prepare(self, project: str, body, arrived_at: float) -> PreparedResponse:
-        params = validate_create(body, [self.engine.model_id])
+    def validate(self, body) -> CreateParams:
+        return validate_create(body, [self.engine.model_id], reasoning_model=self.engine.reasoning_format != "none")
+
+    async def prompt(self, project: str, params: CreateParams) -> list[int]:
+        """The prompt tokens the engine gets for `params`: the previous_response_id chain, the
+        new input (sealed reasoning opened), instructions and tools, fitted to the window."""
+        await self._resolve_references(project, params.input_items)
         history = await self._history(project, params.previous_response_id) if params.previous_response_id else []
         items = history + params.input_items
         problem = unknown_call_outputs(items)
@@ -94,9 +99,12 @@ class Preparer:
         if dropped:
             log.info("prompt.truncated", dropped_items=dropped)
         if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
-            log.debug("prompt.text", messages=[(m.role, m.content)
-                                               for m in to_messages(params.instructions, items, params.shown_tools,
-                                                                          self.tool_format)])
+            log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, items)])
+        return prompt
+
+    async def _prepare(self, project: str, body, arrived_at: float) -> PreparedResponse:
+        params = self.validate(body)
+        prompt = await self.prompt(project, params)
         max_tokens = min(params.max_output_tokens or self.default_max_output_tokens,
                          self.engine.context_window - len(prompt))
         sampling = params.sampling(max_tokens)
@@ -140,6 +148,16 @@ class Preparer:
                            "include", "unsupported_value")
         return self.sealer
 
+    async def _resolve_references(self, project: str, items: list[dict]) -> None:
+        """Each item_reference becomes the stored item it names (this project's only): the
+        prompt, and the new response's stored input, hold the item itself."""
+        for index, item in enumerate(items):
+            if item["type"] == "item_reference":
+                found = await self.store.find_item(item["id"], project)
+                if found is None:
+                    raise not_found(f"Item with id '{item['id']}' not found.", f"input[{index}].id")
+                items[index] = found
+
     def _open_sealed_reasoning(self, items: list[dict]) -> None:
         """Reasoning sent back encrypted must be ours and intact (stateless multi-turn)."""
         for index, item in enumerate(items):
@@ -168,13 +186,18 @@ class Preparer:
             items.extend(outputs)
         return items
 
+    def _messages(self, params: CreateParams, items: list[dict]):
+        """The chat messages of a request. Every tool is shown, even under tool_choice `none`
+        (the grammar forbids calling them): the prompt's prefix stays the same from turn to
+        turn, and so does what the KV cache can reuse."""
+        return to_messages(params.instructions, items, params.tools, self.tool_format, self.engine.reasoning_format)
+
     def _fit(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:
         """Render the prompt; with truncation=auto drop the oldest items until it fits."""
         needed = params.max_output_tokens or 1
         dropped = 0
         while True:
-            prompt = self.engine.render_prompt(
-                to_messages(params.instructions, items, params.shown_tools, self.tool_format))
+            prompt = self.engine.render_prompt(self._messages(params, items))
             if len(prompt) + needed <= self.engine.context_window:
                 return prompt, dropped
             if params.truncation != "auto" or len(items) <= 1:

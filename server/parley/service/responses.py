@@ -20,13 +20,18 @@ from parley.service.admission import Admission
 from parley.service.background import BackgroundWork
 from parley.service.event_log import DEFAULT_WRITE_POLICY, EventLog, WritePolicy
 from parley.service.generation import Generation
+from parley.service.includes import shape_stored
 from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
 from parley.service.preparation import PreparedResponse, Preparer
 from parley.service.sealing import Sealer
-from parley.service.validation import INCLUDE_VALUES
+from parley.service.validation import validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
+
+# OpenAI's TokenCountsBody, less `personality` (no such setting here: refused by name).
+COUNT_FIELDS = frozenset({"model", "input", "previous_response_id", "tools", "text", "reasoning", "truncation",
+                          "instructions", "conversation", "tool_choice", "parallel_tool_calls"})
 
 
 class ResponsesService:
@@ -52,6 +57,7 @@ class ResponsesService:
         self.background = BackgroundWork(self.generation, store, self.events, self.signals)
         self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds,
                                        running=lambda: self.generation.running)
+        self.sealer = sealer
         self.created_at = int(time.time())
         self._shutting_down = False
 
@@ -91,24 +97,41 @@ class ResponsesService:
             return self.events.follow(document["id"])
         return self.generation.run(prepared)
 
+    async def count_input_tokens(self, project: str, body) -> dict:
+        """POST /v1/responses/input_tokens: the length of the prompt a create with these fields
+        would give the engine, computed by the very code that builds it; nothing is stored."""
+        if not isinstance(body, dict):
+            raise invalid("The request body must be a JSON object.", None, "invalid_body")
+        for key in body:
+            if key not in COUNT_FIELDS:
+                raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+        params = self.preparer.validate({**body, "model": body.get("model") or self.engine.model_id})
+        prompt = await self.preparer.prompt(project, params)
+        return {"object": "response.input_tokens", "input_tokens": len(prompt)}
+
     # -- stored responses ---------------------------------------------------------------------
 
-    async def follow(self, project: str, response_id: str, starting_after: int = -1):
+    async def follow(self, project: str, response_id: str, starting_after: int = -1, include: list[str] = ()):
         """The stored events of a response of `project` after `starting_after`, then the live
         ones until it ends (404 before anything is sent when it is not there)."""
+        if include:  # replayed events are the bytes first sent: they cannot gain or lose parts
+            raise invalid("include is not supported when streaming a stored response: its events replay exactly as "
+                          "they were first sent. Retrieve it without stream to choose what it includes.",
+                          "include", "unsupported_parameter")
         await self.get(project, response_id)
         async with contextlib.aclosing(self.events.follow(response_id, starting_after)) as batches:
             async for batch in batches:
                 yield batch
 
-    async def get(self, project: str, response_id: str) -> dict:
+    async def get(self, project: str, response_id: str, include: list[str] = ()) -> dict:
+        """A stored response of `project`; `include` chooses its optional parts (includes.py)."""
         await self.events.flush(response_id)
         started = time.perf_counter()
         document = await self.store.get(response_id, project)
         metrics.STORE_READ_SECONDS.observe(time.perf_counter() - started)
         if document is None:
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
-        return document
+        return shape_stored(document, list(include), self.sealer)
 
     async def cancel(self, project: str, response_id: str) -> dict:
         return await self.background.cancel(project, response_id)
@@ -132,9 +155,7 @@ class ResponsesService:
         if order not in ("asc", "desc"):
             raise invalid(f"Invalid 'order': {order!r}. Supported values are: 'asc' and 'desc'.", "order",
                           "invalid_value")
-        for index, value in enumerate(include):
-            if value not in INCLUDE_VALUES:
-                raise invalid(f"Invalid value: {value!r} for include.", f"include[{index}]", "invalid_value")
+        validate_include(include)  # input items are text: no value adds anything to them
         page = await self.store.list_input_items(response_id, limit=limit, order=order, after=after, before=before,
                                                  project=project)
         if page is None:

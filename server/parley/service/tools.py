@@ -203,13 +203,16 @@ def validate_text_format(fmt: Any) -> dict:
     return normalized
 
 
-def build_constraint(mode: str, callable_tools: list[dict], parallel: bool, fmt: dict) -> Constraint | None:
-    """With `none`, the tools are neither shown nor parsed (no call can exist), so only the
-    answer format constrains the output."""
+def build_constraint(mode: str, callable_tools: list[dict], parallel: bool, fmt: dict,
+                     max_calls: int | None = None) -> Constraint | None:
+    """With `none` the tools are still shown to the model, so the grammar is what keeps a call
+    from being written: text that never opens one (or the answer format's JSON)."""
     answer = fmt.get("schema") if fmt["type"] == "json_schema" else ({"type": "object"} if fmt["type"] == "json_object"
                                                                      else None)
-    if callable_tools and mode != "none":
-        return Constraint("tools", schema=answer, mode=mode, parallel=parallel,
+    if callable_tools and mode == "none":
+        return Constraint("tools", schema=answer, mode="none")
+    if callable_tools:
+        return Constraint("tools", schema=answer, mode=mode, parallel=parallel, max_calls=max_calls,
                           tools=tuple((t["name"], t["parameters"]) for t in callable_tools))
     if fmt["type"] == "json_schema":
         return Constraint("json_schema", schema=fmt["schema"])

@@ -36,7 +36,7 @@ KNOWN_FIELDS = frozenset({
     "tool_choice", "text", "reasoning", "include", "parallel_tool_calls", "truncation", "user",
     "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
     "max_tool_calls", "prompt", "conversation", "prompt_cache_options", "context_management",
-    "moderation", "presence_penalty", "frequency_penalty",
+    "moderation", "presence_penalty", "frequency_penalty", "client_metadata",
 }) | REST_ONLY_FIELDS
 NOT_YET = {
     "conversation": "The Conversations API is not implemented in this Parley release; use previous_response_id.",
@@ -74,15 +74,12 @@ class CreateParams:
     text: dict
     reasoning: dict | None
     echo: dict  # fields echoed verbatim into the Response (user, service_tier, ...)
+    obfuscate: bool = True  # stream_options.include_obfuscation: pad streamed deltas (OpenAI's default)
+    client_metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kept with the response (Codex)
 
     @property
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in self.include
-
-    @property
-    def shown_tools(self) -> list[dict]:
-        """The tools the model is told about: none under tool_choice none, else every tool."""
-        return [] if self.tool_mode == "none" else self.tools
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """This request lowered to the engine's terms; `max_tokens` is already fitted to the window."""
@@ -90,7 +87,7 @@ class CreateParams:
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             constraint=build_constraint(self.tool_mode, self.callable_tools, self.parallel_tool_calls,
-                                        self.text["format"]),
+                                        self.text["format"], self.echo["max_tool_calls"]),
             top_logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None)
 
 
@@ -117,24 +114,51 @@ def _range(param: str, value, low, high) -> None:
                       param, "invalid_value" if param != "top_logprobs" else "integer_out_of_range")
 
 
-def _validate_metadata(metadata: Any) -> dict[str, str]:
+def _validate_string_map(metadata: Any, param: str) -> dict[str, str]:
+    """OpenAI's metadata rules: at most 16 string values, keys of at most 64 characters, values of
+    at most 512."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise invalid_type("metadata", "an object", metadata)
+        raise invalid_type(param, "an object", metadata)
     if len(metadata) > 16:
-        raise invalid(f"Invalid 'metadata': too many properties. Expected at most 16, got {len(metadata)}.",
-                      "metadata", "object_above_max_properties")
+        raise invalid(f"Invalid '{param}': too many properties. Expected at most 16, got {len(metadata)}.",
+                      param, "object_above_max_properties")
     for key, value in metadata.items():
         if len(key) > 64:
-            raise invalid(f"Invalid 'metadata': key '{key[:20]}...' is longer than 64 characters.",
-                          "metadata", "invalid_value")
+            raise invalid(f"Invalid '{param}': key '{key[:20]}...' is longer than 64 characters.",
+                          param, "invalid_value")
         if not isinstance(value, str):
-            raise invalid_type(f"metadata.{key}", "a string", value)
+            raise invalid_type(f"{param}.{key}", "a string", value)
         if len(value) > 512:
-            raise invalid(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters, "
-                          f"got {len(value)}.", f"metadata.{key}", "string_above_max_length")
+            raise invalid(f"Invalid '{param}.{key}': string too long. Expected at most 512 characters, "
+                          f"got {len(value)}.", f"{param}.{key}", "string_above_max_length")
     return dict(metadata)
+
+
+def _validate_stream_options(options: dict) -> bool:
+    """Whether streamed deltas carry `obfuscation` padding (true unless the client says no)."""
+    for key in options:
+        if key != "include_obfuscation":
+            raise invalid(f"Unknown parameter: 'stream_options.{key}'.", f"stream_options.{key}", "unknown_parameter")
+    obfuscate = options.get("include_obfuscation")
+    if obfuscate is not None and not isinstance(obfuscate, bool):
+        raise invalid_type("stream_options.include_obfuscation", "a boolean", obfuscate)
+    return obfuscate is not False
+
+
+def validate_include(values: Any, param: str = "include") -> list[str]:
+    """`include` values, each one OpenAI documents (a 400 names the first that is not)."""
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise invalid_type(param, "an array", values)
+    for index, value in enumerate(values):
+        if value not in INCLUDE_VALUES:
+            raise invalid(f"Invalid value: {value!r}. Supported values are: "
+                          + ", ".join(f"'{v}'" for v in sorted(INCLUDE_VALUES)) + ".",
+                          f"{param}[{index}]", "invalid_value")
+    return list(values)
 
 
 def _validate_text(text: Any) -> dict:
@@ -149,24 +173,44 @@ def _validate_text(text: Any) -> dict:
     return {"format": validate_text_format(text.get("format")), "verbosity": verbosity}
 
 
-def _validate_reasoning(reasoning: Any) -> dict | None:
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+# The efforts that ask for what the served model does anyway: a model without reasoning reasons
+# not at all ("none"); a reasoning family reasons as its template makes it, OpenAI's default
+# ("medium"). Parley cannot set a reasoning budget, so any other effort is refused.
+NATURAL_EFFORT = {False: "none", True: "medium"}
+
+
+def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
     if reasoning is None:
         return None
     if not isinstance(reasoning, dict):
         raise invalid_type("reasoning", "an object", reasoning)
+    for key in reasoning:
+        if key not in ("effort", "summary", "generate_summary"):
+            raise invalid(f"Unknown parameter: 'reasoning.{key}'.", f"reasoning.{key}", "unknown_parameter")
     effort = reasoning.get("effort")
-    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+    if effort is not None and effort not in REASONING_EFFORTS:
         raise invalid(f"Invalid value: {effort!r}. Supported values are: 'none', 'minimal', 'low', 'medium', "
                       "'high', and 'xhigh'.", "reasoning.effort", "invalid_value")
-    summary = reasoning.get("summary")
-    if summary is not None and summary not in ("auto", "concise", "detailed"):
-        raise invalid(f"Invalid value: {summary!r}. Supported values are: 'auto', 'concise', and 'detailed'.",
-                      "reasoning.summary", "invalid_value")
-    # The served model produces no reasoning, so no summary is ever generated: echo null.
+    if effort is not None and effort != NATURAL_EFFORT[reasoning_model]:
+        what = ("the served model reasons as its chat template makes it, which is effort 'medium'"
+                if reasoning_model else "the served model does not reason")
+        raise invalid(f"Unsupported value: 'reasoning.effort' {effort!r} is not supported with this model: {what}.",
+                      "reasoning.effort", "unsupported_value")
+    for key in ("summary", "generate_summary"):  # generate_summary: OpenAI's deprecated name
+        summary = reasoning.get(key)
+        if summary is not None and summary not in ("auto", "concise", "detailed"):
+            raise invalid(f"Invalid value: {summary!r}. Supported values are: 'auto', 'concise', and 'detailed'.",
+                          f"reasoning.{key}", "invalid_value")
+        # `auto` lets the server choose: with no summariser here, it chooses none (what Codex
+        # asks of every model). A summary asked for by name would have to be faked: refused.
+        if summary in ("concise", "detailed"):
+            raise invalid(f"Reasoning summaries are not available on this server; 'reasoning.{key}' {summary!r} "
+                          "cannot be honoured. Leave it out or use 'auto'.", f"reasoning.{key}", "unsupported_value")
     return {"effort": effort, "summary": None}
 
 
-def validate_create(body: Any, served_models: list[str]) -> CreateParams:
+def validate_create(body: Any, served_models: list[str], *, reasoning_model: bool = False) -> CreateParams:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", None, "invalid_body")
     for key in body:
@@ -202,12 +246,7 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
     top_logprobs = _optional(body, "top_logprobs", _is_int, "an integer")
     _range("top_logprobs", top_logprobs, 0, 20)
 
-    include = _optional(body, "include", lambda v: isinstance(v, list), "an array") or []
-    for index, value in enumerate(include):
-        if value not in INCLUDE_VALUES:
-            raise invalid(f"Invalid value: {value!r}. Supported values are: "
-                          + ", ".join(f"'{v}'" for v in sorted(INCLUDE_VALUES)) + ".",
-                          f"include[{index}]", "invalid_value")
+    include = validate_include(body.get("include"))
 
     booleans = {}
     for key, default in (("store", True), ("stream", False), ("parallel_tool_calls", True), ("background", False)):
@@ -246,7 +285,8 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
     if tier is not None and tier not in SERVICE_TIERS:
         raise invalid(f"Invalid value: {tier!r}. Supported values are: "
                       + ", ".join(f"'{t}'" for t in SERVICE_TIERS) + ".", "service_tier", "invalid_value")
-    echo["service_tier"] = tier or "default"
+    # One tier serves every request here; like OpenAI, the response says the tier actually used.
+    echo["service_tier"] = "default"
     max_tool_calls = _optional(body, "max_tool_calls", _is_int, "an integer")
     if max_tool_calls is not None and max_tool_calls < 1:
         raise invalid("Invalid 'max_tool_calls': expected a value >= 1.", "max_tool_calls", "invalid_value")
@@ -254,6 +294,7 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
     options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
     if options is not None and not booleans["stream"]:
         raise invalid("stream_options is only allowed when 'stream' is true.", "stream_options", "invalid_value")
+    obfuscate = _validate_stream_options(options or {})
 
     tools = validate_tools(body.get("tools"))
     tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
@@ -271,12 +312,12 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
         presence_penalty=float(penalties["presence_penalty"] or 0),
         frequency_penalty=float(penalties["frequency_penalty"] or 0),
         top_logprobs=top_logprobs,
-        metadata=_validate_metadata(body.get("metadata")),
+        metadata=_validate_string_map(body.get("metadata"), "metadata"),
         store=booleans["store"],
         stream=booleans["stream"],
         background=booleans["background"],
         previous_response_id=previous,
-        include=list(include),
+        include=include,
         parallel_tool_calls=booleans["parallel_tool_calls"],
         truncation=truncation,
         tools=tools,
@@ -284,6 +325,8 @@ def validate_create(body: Any, served_models: list[str]) -> CreateParams:
         tool_mode=tool_mode,
         callable_tools=callable_tools,
         text=_validate_text(body.get("text")),
-        reasoning=_validate_reasoning(body.get("reasoning")),
+        reasoning=_validate_reasoning(body.get("reasoning"), reasoning_model),
         echo=echo,
+        obfuscate=obfuscate,
+        client_metadata=_validate_string_map(body.get("client_metadata"), "client_metadata"),
     )

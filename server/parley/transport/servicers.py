@@ -22,9 +22,10 @@ def _json_body(document) -> httpbody_pb2.HttpBody:
     return httpbody_pb2.HttpBody(content_type=rest.JSON, data=rest.encode_json(document))
 
 
-def _sse_body(events: list[dict]) -> httpbody_pb2.HttpBody:
+def _sse_body(events: list[dict], obfuscate: bool) -> httpbody_pb2.HttpBody:
     """Events ready together travel as one message; each stays its own SSE frame."""
-    return httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.encode_sse(events, getattr(events, "encoded", None)))
+    return httpbody_pb2.HttpBody(content_type=rest.SSE,
+                                 data=rest.encode_sse(events, getattr(events, "encoded", None), obfuscate))
 
 
 def _optional(message, field: str):
@@ -122,12 +123,12 @@ async def _coalesced(batches):
         await batches.aclose()
 
 
-async def _sse_messages(batches):
+async def _sse_messages(batches, obfuscate: bool):
     """The stream's SSE messages, ended by `data: [DONE]` (an Open Responses MUST; OpenAI's SDKs
     stop on it). A resume after the last event is an event stream of [DONE] alone."""
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            message = _sse_body(batch)
+            message = _sse_body(batch, obfuscate)
             del batch
             yield message
     yield httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.SSE_DONE)
@@ -158,6 +159,13 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
                 yield message
 
     @streaming
+    async def HttpCountInputTokens(self, request_iterator, context, project):
+        async with self.intake.body(request_iterator) as (data, content_type):
+            body = rest.decode_body(data, content_type)
+            del data
+        yield _json_body(await self.service.count_input_tokens(project, body))
+
+    @streaming
     async def HttpCreateResponse(self, request, context, project):
         prepared = await self.service.prepare(project, rest.decode_body(request.data, request.content_type))
         del request
@@ -170,19 +178,21 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
             yield _json_body(await self.service.create_prepared(prepared))
             return
         # aclosing: a client that goes away must stop the engine now, not when the GC runs.
-        async with contextlib.aclosing(_sse_messages(_coalesced(await self.service.events_of(prepared)))) \
-                as messages:
+        batches = _coalesced(await self.service.events_of(prepared))
+        async with contextlib.aclosing(_sse_messages(batches, prepared.params.obfuscate)) as messages:
             async for message in messages:
                 yield message
 
     @streaming
     async def HttpGetResponse(self, request, context, project):
         if not request.stream:
-            yield _json_body(await self.service.get(project, request.response_id))
+            yield _json_body(await self.service.get(project, request.response_id, list(request.include)))
             return
         starting_after = _optional(request, "starting_after")
-        batches = self.service.follow(project, request.response_id, -1 if starting_after is None else starting_after)
-        async with contextlib.aclosing(_sse_messages(batches)) as messages:
+        batches = self.service.follow(project, request.response_id, -1 if starting_after is None else starting_after,
+                                      list(request.include))
+        obfuscate = _optional(request, "include_obfuscation") is not False
+        async with contextlib.aclosing(_sse_messages(batches, obfuscate)) as messages:
             async for message in messages:
                 yield message
 
@@ -232,7 +242,8 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
 
     @unary
     async def GetResponse(self, request, context, project):
-        return typed.from_json(await self.service.get(project, request.response_id), responses_pb2.Response())
+        return typed.from_json(await self.service.get(project, request.response_id, list(request.include)),
+                               responses_pb2.Response())
 
     @unary
     async def DeleteResponse(self, request, context, project):
@@ -253,6 +264,11 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     @unary
     async def CancelResponse(self, request, context, project):
         return typed.from_json(await self.service.cancel(project, request.response_id), responses_pb2.Response())
+
+    @unary
+    async def CountInputTokens(self, request, context, project):
+        return typed.from_json(await self.service.count_input_tokens(project, typed.to_json(request)),
+                               service_pb2.InputTokenCount())
 
     @streaming
     async def FollowResponse(self, request, context, project):

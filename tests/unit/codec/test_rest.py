@@ -34,3 +34,21 @@ def test_malformed_bodies_are_400_invalid_json(body):
 
 def test_json_keeps_nulls_and_numbers():
     assert rest.encode_json({"a": None, "b": 1, "c": 1.5}) == b'{"a":null,"b":1,"c":1.5}'
+
+
+def _frames(data: bytes) -> list[dict]:
+    return [orjson.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_obfuscation_pads_delta_events_to_a_block_and_nothing_else():
+    delta = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "delta": "Hello", "logprobs": [], "sequence_number": 3}
+    done = {"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+            "text": "Hello", "logprobs": [], "sequence_number": 4}
+    padded, plain = _frames(rest.encode_sse([delta, done], obfuscate=True))
+    assert padded.pop("obfuscation") and padded == delta and plain == done
+    for text in ("", "a", "ab" * 40, "é"):
+        data = rest.obfuscated(orjson.dumps({**delta, "delta": text}))
+        assert len(data) % rest.OBFUSCATION_BLOCK == 0
+        assert orjson.loads(data)["delta"] == text
+    assert "obfuscation" not in _frames(rest.encode_sse([delta]))[0]

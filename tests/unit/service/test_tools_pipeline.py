@@ -51,8 +51,9 @@ async def test_the_engine_gets_the_constraint_the_request_implies(service):
                                     parallel=False)
     service.engine.script = CALL  # under `none` even call-shaped text is only text
     events = await stream(service, input="x", tools=[WEATHER], tool_choice="none")
-    assert service.engine.last_params.constraint is None
-    assert all("<tools>" not in message.content for message in service.engine.prompts[-1])
+    # The tools stay in the prompt (its prefix is the same as under `auto`); the grammar forbids a call.
+    assert service.engine.last_params.constraint == Constraint("tools", mode="none")
+    assert any("<tools>" in message.content for message in service.engine.prompts[-1])
     assert [item["type"] for item in check_stream(events)["output"]] == ["message"]
     await stream(service, input="x", text={"format": {"type": "json_object"}})
     assert service.engine.last_params.constraint == Constraint("json_object")

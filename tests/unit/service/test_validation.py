@@ -47,9 +47,40 @@ def test_defaults():
 
 def test_echoed_fields_are_kept():
     params = create(input="x", user="u1", safety_identifier="s1", prompt_cache_key="k", service_tier="flex",
-                    prompt_cache_retention="24h", metadata={"a": "b"}, reasoning={"effort": "low"})
-    assert params.echo["user"] == "u1" and params.echo["service_tier"] == "flex"
-    assert params.metadata == {"a": "b"} and params.reasoning == {"effort": "low", "summary": None}
+                    prompt_cache_retention="24h", metadata={"a": "b"}, reasoning={"effort": "none"},
+                    client_metadata={"originator": "codex_cli_rs"})
+    # One tier serves everything: the echo is the tier used, as OpenAI's is.
+    assert params.echo["user"] == "u1" and params.echo["service_tier"] == "default"
+    assert params.metadata == {"a": "b"} and params.reasoning == {"effort": "none", "summary": None}
+    assert params.client_metadata == {"originator": "codex_cli_rs"}
+
+
+def test_reasoning_is_what_the_model_does_or_refused():
+    # `summary: auto` lets the server choose, and with no summariser it chooses none (Codex sends it).
+    assert create(input="x", reasoning={"summary": "auto"}).reasoning == {"effort": None, "summary": None}
+    assert create(input="x", reasoning={"generate_summary": "auto"}).reasoning["summary"] is None
+    for body, param in (({"effort": "low"}, "reasoning.effort"), ({"summary": "concise"}, "reasoning.summary"),
+                        ({"generate_summary": "detailed"}, "reasoning.generate_summary"),
+                        ({"budget": 3}, "reasoning.budget")):
+        with pytest.raises(ApiError) as caught:
+            create(input="x", reasoning=body)
+        assert caught.value.kind.http_status == 400 and caught.value.param == param
+    thinking = validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": "medium"}}, [MODEL],
+                               reasoning_model=True)
+    assert thinking.reasoning["effort"] == "medium"
+    with pytest.raises(ApiError) as caught:
+        validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": "high"}}, [MODEL], reasoning_model=True)
+    assert caught.value.param == "reasoning.effort"
+
+
+def test_stream_options_choose_obfuscation_and_nothing_else():
+    assert create(input="x", stream=True).obfuscate
+    assert not create(input="x", stream=True, stream_options={"include_obfuscation": False}).obfuscate
+    for options, param in (({"include_usage": True}, "stream_options.include_usage"),
+                           ({"include_obfuscation": "no"}, "stream_options.include_obfuscation")):
+        with pytest.raises(ApiError) as caught:
+            create(input="x", stream=True, stream_options=options)
+        assert caught.value.param == param
 
 
 BAD = [

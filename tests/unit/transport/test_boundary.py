@@ -47,7 +47,7 @@ async def test_scripted_engine_serves_through_envoy(stack):
 
 
 async def test_a_status_grpc_has_no_code_for_reaches_the_client(stack, monkeypatch):
-    async def too_large(project, response_id):
+    async def too_large(project, response_id, include=()):
         raise ApiError(ErrorKind.TOO_LARGE, "too large", None, "request_too_large")
 
     monkeypatch.setattr(stack.app.service, "get", too_large)

@@ -63,7 +63,7 @@ async def test_a_waiting_stream_keeps_none_of_the_batches_it_sent(tmp_path):
     engine = SyntheticEngine(output_tokens=8, tokens_per_second=0.05)  # a token now, the next in 20 s
     async with service_on(tmp_path / "s.sqlite3", engine) as service:
         prepared = await service.prepare("default", {"model": engine.model_id, "input": "hi", "stream": True})
-        messages = _sse_messages(_coalesced(service.run(prepared)))
+        messages = _sse_messages(_coalesced(service.run(prepared)), obfuscate=True)
         sent = b""
         while b"response.output_text.delta" not in sent:
             sent += (await anext(messages)).data
@@ -117,5 +117,5 @@ async def test_an_event_stream_ends_with_done_even_when_it_has_no_event():
         return
         yield
 
-    assert [m.data for m in [m async for m in _sse_messages(two())]][-1] == b"data: [DONE]\n\n"
-    assert [m.data async for m in _sse_messages(none())] == [b"data: [DONE]\n\n"]
+    assert [m.data for m in [m async for m in _sse_messages(two(), obfuscate=True)]][-1] == b"data: [DONE]\n\n"
+    assert [m.data async for m in _sse_messages(none(), obfuscate=True)] == [b"data: [DONE]\n\n"]
