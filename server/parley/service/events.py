@@ -57,6 +57,8 @@ def new_response(params: CreateParams, response_id: str, created_at: int) -> dic
         "user": params.echo["user"],
         "metadata": params.metadata,
     }
+    if params.conversation_id is not None:
+        document["conversation"] = {"id": params.conversation_id}
     if params.client_metadata:  # not an OpenAI field: present only when the client sent it
         document["client_metadata"] = params.client_metadata
     return document

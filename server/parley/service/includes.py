@@ -1,4 +1,4 @@
-"""`include` on a stored response (GET /v1/responses/{id}): the optional parts of its output.
+"""`include` on stored items (GET /v1/responses/{id}, conversation items): their optional parts.
 
 A stored document keeps everything its create asked for. A read returns the optional parts it
 names and leaves out those it does not: token logprobs (`message.output_text.logprobs`) and
@@ -19,11 +19,17 @@ ENCRYPTED_REASONING = "reasoning.encrypted_content"
 
 def shape_stored(document: dict, include: list[str], sealer: Sealer | None) -> dict:
     """`document` (a fresh copy, changed in place) with the optional parts `include` asks for."""
+    shape_items(document.get("output") or [], include, sealer)
+    return document
+
+
+def shape_items(items: list[dict], include: list[str], sealer: Sealer | None) -> list[dict]:
+    """Stored items (fresh copies, changed in place) with the optional parts `include` asks for."""
     include = validate_include(include)
     if ENCRYPTED_REASONING in include and sealer is None:
         raise ApiError(ErrorKind.INVALID_REQUEST, "Encrypted reasoning is not configured on this server.",
                        "include", "unsupported_value")
-    for item in document.get("output") or []:
+    for item in items:
         if item.get("type") == "message" and LOGPROBS not in include:
             for part in item.get("content") or []:
                 if part.get("type") == "output_text":
@@ -33,4 +39,4 @@ def shape_stored(document: dict, include: list[str], sealer: Sealer | None) -> d
                 item.pop("encrypted_content", None)
             elif item.get("content") and not item.get("encrypted_content"):
                 item["encrypted_content"] = sealer.seal(item["content"])
-    return document
+    return items

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parley.errors import invalid, invalid_type
+from parley.errors import invalid, invalid_type, not_found
 from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
@@ -76,8 +76,7 @@ def _text_part(kind: str, text: str) -> dict:
     return {"type": "input_text", "text": text}
 
 
-def _normalize_item(item: Any, index: int) -> dict:
-    param = f"input[{index}]"
+def _normalize_item(item: Any, param: str) -> dict:
     if not isinstance(item, dict):
         raise invalid_type(param, "an object", item)
     kind = item.get("type")
@@ -142,12 +141,25 @@ def _normalize_item(item: Any, index: int) -> dict:
                   + ", ".join(f"'{t}'" for t in SUPPORTED_ITEM_TYPES) + ".", f"{param}.type", "unsupported_item_type")
 
 
-def normalize_input(value: Any) -> list[dict]:
+def normalize_input(value: Any, param: str = "input") -> list[dict]:
+    """Input items as stored (ids given); `param` is where they are in the request (`input`,
+    or a conversation's `items`)."""
     if value is None:
         return []
     if isinstance(value, str):
         return [{"type": "message", "id": new_id("msg"), "role": "user",
                  "content": [_text_part("input_text", value)], "status": "completed"}]
     if not isinstance(value, list):
-        raise invalid_type("input", "a string or an array of input items", value)
-    return [_normalize_item(item, index) for index, item in enumerate(value)]
+        raise invalid_type(param, "a string or an array of input items", value)
+    return [_normalize_item(item, f"{param}[{index}]") for index, item in enumerate(value)]
+
+
+async def resolve_references(store, project: str, items: list[dict], param: str = "input") -> None:
+    """Each item_reference in `items` becomes, in place, the stored item it names (this
+    project's only): the prompt, and what is stored as input, hold the item itself."""
+    for index, item in enumerate(items):
+        if item["type"] == "item_reference":
+            found = await store.find_item(item["id"], project)
+            if found is None:
+                raise not_found(f"Item with id '{item['id']}' not found.", f"{param}[{index}].id")
+            items[index] = found

@@ -23,6 +23,7 @@ from parley.service.admission import Admission, Ticket
 from parley.service.conversation import to_messages
 from parley.service.event_log import EventLog, ResponseStream
 from parley.service.events import ResponseBuilder, new_response
+from parley.service.input_items import resolve_references
 from parley.service.limits import Charge, RateLimits
 from parley.service.sealing import Sealer
 from parley.service.tools import unknown_call_outputs
@@ -88,8 +89,15 @@ class Preparer:
     async def prompt(self, project: str, params: CreateParams) -> list[int]:
         """The prompt tokens the engine gets for `params`: the previous_response_id chain, the
         new input (sealed reasoning opened), instructions and tools, fitted to the window."""
-        await self._resolve_references(project, params.input_items)
-        history = await self._history(project, params.previous_response_id) if params.previous_response_id else []
+        await resolve_references(self.store, project, params.input_items)
+        if params.conversation_id is not None:
+            history = await self.store.conversation_items(params.conversation_id, project)
+            if history is None:
+                raise not_found(f"Conversation with id '{params.conversation_id}' not found.", "conversation")
+        elif params.previous_response_id:
+            history = await self._history(project, params.previous_response_id)
+        else:
+            history = []
         items = history + params.input_items
         problem = unknown_call_outputs(items)
         if problem is not None:
@@ -147,16 +155,6 @@ class Preparer:
             raise ApiError(ErrorKind.INVALID_REQUEST, "Encrypted reasoning is not configured on this server.",
                            "include", "unsupported_value")
         return self.sealer
-
-    async def _resolve_references(self, project: str, items: list[dict]) -> None:
-        """Each item_reference becomes the stored item it names (this project's only): the
-        prompt, and the new response's stored input, hold the item itself."""
-        for index, item in enumerate(items):
-            if item["type"] == "item_reference":
-                found = await self.store.find_item(item["id"], project)
-                if found is None:
-                    raise not_found(f"Item with id '{item['id']}' not found.", f"input[{index}].id")
-                items[index] = found
 
     def _open_sealed_reasoning(self, items: list[dict]) -> None:
         """Reasoning sent back encrypted must be ours and intact (stateless multi-turn)."""

@@ -18,6 +18,7 @@ from parley.engine.base import Engine
 from parley.errors import ApiError, ErrorKind, invalid, not_found
 from parley.service.admission import Admission
 from parley.service.background import BackgroundWork
+from parley.service.conversations import Conversations
 from parley.service.event_log import DEFAULT_WRITE_POLICY, EventLog, WritePolicy
 from parley.service.generation import Generation
 from parley.service.includes import shape_stored
@@ -58,6 +59,7 @@ class ResponsesService:
         self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds,
                                        running=lambda: self.generation.running)
         self.sealer = sealer
+        self.conversations = Conversations(store, sealer)
         self.created_at = int(time.time())
         self._shutting_down = False
 

@@ -39,7 +39,6 @@ KNOWN_FIELDS = frozenset({
     "moderation", "presence_penalty", "frequency_penalty", "client_metadata",
 }) | REST_ONLY_FIELDS
 NOT_YET = {
-    "conversation": "The Conversations API is not implemented in this Parley release; use previous_response_id.",
     "prompt": "Prompt templates are not implemented in this Parley release.",
     "context_management": "Context management (compaction) is not implemented in this Parley release.",
     "moderation": "Moderation is not available in this Parley release.",
@@ -74,6 +73,7 @@ class CreateParams:
     text: dict
     reasoning: dict | None
     echo: dict  # fields echoed verbatim into the Response (user, service_tier, ...)
+    conversation_id: str | None = None  # the conversation whose items come first and that this response joins
     obfuscate: bool = True  # stream_options.include_obfuscation: pad streamed deltas (OpenAI's default)
     client_metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kept with the response (Codex)
 
@@ -114,7 +114,7 @@ def _range(param: str, value, low, high) -> None:
                       param, "invalid_value" if param != "top_logprobs" else "integer_out_of_range")
 
 
-def _validate_string_map(metadata: Any, param: str) -> dict[str, str]:
+def validate_string_map(metadata: Any, param: str) -> dict[str, str]:
     """OpenAI's metadata rules: at most 16 string values, keys of at most 64 characters, values of
     at most 512."""
     if metadata is None:
@@ -145,6 +145,24 @@ def _validate_stream_options(options: dict) -> bool:
     if obfuscate is not None and not isinstance(obfuscate, bool):
         raise invalid_type("stream_options.include_obfuscation", "a boolean", obfuscate)
     return obfuscate is not False
+
+
+def _validate_conversation(value: Any) -> str | None:
+    """`conversation`: an id, or `{"id": ...}`."""
+    if value is None:
+        return None
+    param = "conversation"
+    if isinstance(value, dict):
+        for key in value:
+            if key != "id":
+                raise invalid(f"Unknown parameter: 'conversation.{key}'.", f"conversation.{key}", "unknown_parameter")
+        value, param = value.get("id"), "conversation.id"
+    if not isinstance(value, str):
+        raise invalid_type(param, "a string", value)
+    if not value.startswith("conv_"):
+        raise invalid(f"Invalid '{param}': '{value[:64]}'. Expected an ID that begins with 'conv'.", param,
+                      "invalid_value")
+    return value
 
 
 def validate_include(values: Any, param: str = "include") -> list[str]:
@@ -296,6 +314,14 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         raise invalid("stream_options is only allowed when 'stream' is true.", "stream_options", "invalid_value")
     obfuscate = _validate_stream_options(options or {})
 
+    conversation_id = _validate_conversation(body.get("conversation"))
+    if conversation_id is not None and previous is not None:
+        raise invalid("previous_response_id and conversation cannot both be set: a response continues either a "
+                      "response chain or a conversation.", "conversation", "invalid_value")
+    if conversation_id is not None and not booleans["store"]:
+        raise invalid("A response in a conversation must be stored: conversation requires store=true.", "store",
+                      "invalid_value")
+
     tools = validate_tools(body.get("tools"))
     tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
     input_items = normalize_input(body.get("input"))
@@ -312,7 +338,7 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         presence_penalty=float(penalties["presence_penalty"] or 0),
         frequency_penalty=float(penalties["frequency_penalty"] or 0),
         top_logprobs=top_logprobs,
-        metadata=_validate_string_map(body.get("metadata"), "metadata"),
+        metadata=validate_string_map(body.get("metadata"), "metadata"),
         store=booleans["store"],
         stream=booleans["stream"],
         background=booleans["background"],
@@ -328,5 +354,6 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         reasoning=_validate_reasoning(body.get("reasoning"), reasoning_model),
         echo=echo,
         obfuscate=obfuscate,
-        client_metadata=_validate_string_map(body.get("client_metadata"), "client_metadata"),
+        conversation_id=conversation_id,
+        client_metadata=validate_string_map(body.get("client_metadata"), "client_metadata"),
     )

@@ -36,6 +36,53 @@ KEY_COLUMNS = "id, project, name, created_at, last_used_at, revoked_at"  # KeyRe
 
 
 @dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A conversation as stored: its items are an ordered log beside it (conversation_items)."""
+
+    id: str
+    project: str | None
+    created_at: int
+    metadata: dict
+
+
+# The same in both stores (SQL that both dialects read alike). A conversation's items are an
+# ordered log: each has a position, and `next_position` is where the next one goes, so that a
+# turn loads the whole conversation in one range read.
+CONVERSATION_TABLES = """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        metadata BYTEA NOT NULL,
+        next_position INTEGER NOT NULL
+    );
+    CREATE TABLE conversation_items (
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        item_id TEXT NOT NULL,
+        document BYTEA NOT NULL,
+        PRIMARY KEY (conversation_id, position)
+    );
+    CREATE INDEX conversation_items_item ON conversation_items (conversation_id, item_id);
+"""
+# The statuses whose items join their conversation: OpenAI adds a response's items "after this
+# response completes" (cut off by max_output_tokens counts; failed and cancelled do not).
+JOINING_STATUSES = ("completed", "incomplete")
+
+
+def joins_conversation(response: dict) -> str | None:
+    """The conversation a finished response's items go to, if any."""
+    conversation = response.get("conversation")
+    if conversation and response["status"] in JOINING_STATUSES:
+        return conversation["id"]
+    return None
+
+
+def conversation_item_rows(conversation_id: str, start: int, items: list[dict]) -> list[tuple]:
+    return [(conversation_id, start + offset, item["id"], orjson.dumps(item)) for offset, item in enumerate(items)]
+
+
+@dataclasses.dataclass(frozen=True)
 class ItemPage:
     items: list[dict]
     has_more: bool
@@ -100,6 +147,28 @@ class ResponseStore(Protocol):
 
     async def delete(self, response_id: str, project: str | None = None) -> bool:
         """Remove the response, its items and its events; False when it did not exist."""
+
+    async def create_conversation(self, conversation: Conversation, items: list[dict]) -> None:
+        """A new conversation with its first items, atomically."""
+
+    async def get_conversation(self, conversation_id: str, project: str | None = None) -> Conversation | None: ...
+
+    async def update_conversation(self, conversation_id: str, metadata: dict, project: str | None = None) -> bool:
+        """Replace its metadata; False when there is no such conversation."""
+
+    async def delete_conversation(self, conversation_id: str, project: str | None = None) -> bool:
+        """Remove it and its items (responses that belonged to it stay)."""
+
+    async def add_conversation_items(self, conversation_id: str, items: list[dict],
+                                     project: str | None = None) -> bool:
+        """Append `items` in order; False when there is no such conversation."""
+
+    async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
+        """Every item in order (one range read), or None when there is no such conversation."""
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str,
+                                       project: str | None = None) -> bool | None:
+        """Remove one item; None when there is no such conversation, False when no such item."""
 
     async def create_key(self, record: KeyRecord, digest: bytes) -> None:
         """Store a new key's record and the SHA-256 of the key."""

@@ -14,13 +14,17 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     KEY_COLUMNS,
+    Conversation,
     EventRun,
     InputItemPaging,
     KeyRecord,
     Recovery,
     cancel_transition,
+    conversation_item_rows,
+    joins_conversation,
     output_item,
     output_item_ids,
     pack,
@@ -92,6 +96,7 @@ MIGRATIONS = {
             WHERE o.value->>'id' IS NOT NULL
             ON CONFLICT DO NOTHING;
     """,
+    5: CONVERSATION_TABLES,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -103,6 +108,19 @@ _UPSERT_BATCH = ("INSERT INTO event_batches (response_id, first_seq, last_seq, e
 def _scoped(project: str | None) -> tuple[str, tuple]:
     """The SQL condition (and its value) that keeps a lookup inside `project` (None: any)."""
     return ("", ()) if project is None else (" AND project = %s", (project,))
+
+
+async def _append_conversation(conn, conversation_id: str, items: list[dict]) -> None:
+    """`items` after the conversation's last item (its row is locked by the caller's update)."""
+    if not items:
+        return
+    (start,) = await (await conn.execute(
+        "UPDATE conversations SET next_position = next_position + %s WHERE id = %s RETURNING next_position - %s",
+        (len(items), conversation_id, len(items)))).fetchone()
+    async with conn.cursor() as cursor:
+        await cursor.executemany(
+            "INSERT INTO conversation_items (conversation_id, position, item_id, document) VALUES (%s, %s, %s, %s)",
+            conversation_item_rows(conversation_id, start, items))
 
 
 class PostgresStore(InputItemPaging):
@@ -145,15 +163,26 @@ class PostgresStore(InputItemPaging):
 
     @staticmethod
     async def _replace(conn, response: dict, expected: tuple[str, ...]) -> bool:
+        conversation_id = joins_conversation(response)
+        if conversation_id is not None:  # locked first: its items are appended in this transaction
+            conversation = await (await conn.execute(
+                "SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (conversation_id,))).fetchone()
         cursor = await conn.execute(
             "UPDATE responses SET status = %s, document = %s WHERE id = %s AND status = ANY(%s)",
             (response["status"], orjson.dumps(response), response["id"], list(expected)))
+        if cursor.rowcount == 0:
+            return False
         rows = output_item_ids(response)
-        if cursor.rowcount > 0 and rows:  # where its items live, for item_reference
+        if rows:  # where its items live, for item_reference
             async with conn.cursor() as items:
                 await items.executemany(
                     "INSERT INTO output_items (item_id, response_id) VALUES (%s, %s) ON CONFLICT DO NOTHING", rows)
-        return cursor.rowcount > 0
+        if conversation_id is not None and conversation is not None:
+            inputs = await (await conn.execute("SELECT document FROM input_items WHERE response_id = %s "
+                                               "ORDER BY position", (response["id"],))).fetchall()
+            await _append_conversation(conn, conversation_id, [orjson.loads(blob) for (blob,) in inputs]
+                                       + response["output"])
+        return True
 
     @staticmethod
     async def _append(conn, response_id: str, events: list[EventRun]) -> None:
@@ -252,6 +281,64 @@ class PostgresStore(InputItemPaging):
         async with self._pool.connection() as conn:
             return (await conn.execute("DELETE FROM responses WHERE id = %s" + where,
                                        (response_id, *values))).rowcount > 0
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def create_conversation(self, conversation: Conversation, items: list[dict]) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("INSERT INTO conversations (id, project, created_at, metadata, next_position) "
+                               "VALUES (%s, %s, %s, %s, 0)", (conversation.id, conversation.project,
+                                                              conversation.created_at,
+                                                              orjson.dumps(conversation.metadata)))
+            await _append_conversation(conn, conversation.id, items)
+
+    async def get_conversation(self, conversation_id: str, project: str | None = None) -> Conversation | None:
+        where, values = _scoped(project)
+        row = await self._fetchone("SELECT id, created_at, metadata FROM conversations WHERE id = %s" + where,
+                                   (conversation_id, *values))
+        return None if row is None else Conversation(row[0], project, row[1], orjson.loads(row[2]))
+
+    async def update_conversation(self, conversation_id: str, metadata: dict, project: str | None = None) -> bool:
+        where, values = _scoped(project)
+        async with self._pool.connection() as conn:
+            return (await conn.execute("UPDATE conversations SET metadata = %s WHERE id = %s" + where,
+                                       (orjson.dumps(metadata), conversation_id, *values))).rowcount > 0
+
+    async def delete_conversation(self, conversation_id: str, project: str | None = None) -> bool:
+        where, values = _scoped(project)
+        async with self._pool.connection() as conn:
+            return (await conn.execute("DELETE FROM conversations WHERE id = %s" + where,
+                                       (conversation_id, *values))).rowcount > 0
+
+    async def add_conversation_items(self, conversation_id: str, items: list[dict],
+                                     project: str | None = None) -> bool:
+        where, values = _scoped(project)
+        async with self._pool.connection() as conn, conn.transaction():
+            if not await (await conn.execute("SELECT 1 FROM conversations WHERE id = %s" + where + " FOR UPDATE",
+                                             (conversation_id, *values))).fetchone():
+                return False
+            await _append_conversation(conn, conversation_id, items)
+            return True
+
+    async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
+        where, values = _scoped(project)
+        async with self._pool.connection() as conn:
+            if not await (await conn.execute("SELECT 1 FROM conversations WHERE id = %s" + where,
+                                             (conversation_id, *values))).fetchone():
+                return None
+            rows = await (await conn.execute("SELECT document FROM conversation_items WHERE conversation_id = %s "
+                                             "ORDER BY position", (conversation_id,))).fetchall()
+        return [orjson.loads(blob) for (blob,) in rows]
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str,
+                                       project: str | None = None) -> bool | None:
+        where, values = _scoped(project)
+        async with self._pool.connection() as conn, conn.transaction():
+            if not await (await conn.execute("SELECT 1 FROM conversations WHERE id = %s" + where,
+                                             (conversation_id, *values))).fetchone():
+                return None
+            return (await conn.execute("DELETE FROM conversation_items WHERE conversation_id = %s AND item_id = %s",
+                                       (conversation_id, item_id))).rowcount > 0
 
     # -- API keys ----------------------------------------------------------------------------
 

@@ -19,13 +19,17 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     KEY_COLUMNS,
+    Conversation,
     EventRun,
     InputItemPaging,
     KeyRecord,
     Recovery,
     cancel_transition,
+    conversation_item_rows,
+    joins_conversation,
     output_item,
     output_item_ids,
     pack,
@@ -96,12 +100,14 @@ MIGRATIONS = {
             SELECT json_extract(o.value, '$.id'), r.id FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
             WHERE json_extract(o.value, '$.id') IS NOT NULL;
     """,
+    6: CONVERSATION_TABLES,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
 _INSERT_RESPONSES = "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project)"
 _INSERT_ITEMS = "INSERT INTO input_items (response_id, position, item_id, document)"
+_INSERT_CONVERSATION_ITEMS = "INSERT INTO conversation_items (conversation_id, position, item_id, document)"
 _UPSERT_RUNS = "INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events)"
 # UPDATE ... FROM, which writes many final documents in one statement, came in SQLite 3.33.
 MIN_SQLITE = (3, 33, 0)
@@ -156,6 +162,35 @@ def _append_runs(db, batches: list[tuple[str, list[EventRun]]]) -> None:
     _insert_rows(db, _UPSERT_RUNS, [(response_id, *pack(runs)) for response_id, runs in batches if runs])
 
 
+def _conversation_row(db, conversation_id: str, project: str | None):
+    where, values = _scoped(project)
+    return db.execute("SELECT id, created_at, metadata, next_position FROM conversations WHERE id = ?" + where,
+                      (conversation_id, *values)).fetchone()
+
+
+def _append_conversation(db, conversation_id: str, items: list[dict]) -> None:
+    """`items` after the conversation's last item, in order."""
+    (start,) = db.execute("SELECT next_position FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    _insert_rows(db, _INSERT_CONVERSATION_ITEMS, conversation_item_rows(conversation_id, start, items))
+    db.execute("UPDATE conversations SET next_position = ? WHERE id = ?", (start + len(items), conversation_id))
+
+
+def _join_conversations(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
+    """A finish that completes a response of a conversation appends its input and output items
+    to it, in the same transaction, only if the stored status lets the finish happen."""
+    for response, expected in finishes:
+        conversation_id = joins_conversation(response)
+        if conversation_id is None:
+            continue
+        row = db.execute("SELECT status FROM responses WHERE id = ?", (response["id"],)).fetchone()
+        if row is None or row[0] not in expected or not db.execute(
+                "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone():
+            continue
+        inputs = [orjson.loads(blob) for (blob,) in db.execute(
+            "SELECT document FROM input_items WHERE response_id = ? ORDER BY position", (response["id"],))]
+        _append_conversation(db, conversation_id, inputs + response["output"])
+
+
 def _index_outputs(db, documents) -> None:
     """Where each output item of `documents` lives, so that an item_reference finds it. A
     response deleted meanwhile is skipped (a foreign-key error would fail the whole write)."""
@@ -170,6 +205,7 @@ def _index_outputs(db, documents) -> None:
 def _replace_many(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
     """Each (document, expected) replaces the stored document if the stored status is in `expected`."""
     _index_outputs(db, [response for response, _ in finishes])
+    _join_conversations(db, finishes)
     if finishes:
         rows = [(response["id"], response["status"], orjson.dumps(response), "," + ",".join(expected) + ",")
                 for response, expected in finishes]
@@ -248,6 +284,7 @@ class SqliteStore(InputItemPaging):
 
     @staticmethod
     def _replace(db, response: dict, expected: tuple[str, ...]) -> bool:
+        _join_conversations(db, [(response, expected)])
         cursor = db.execute(f"UPDATE responses SET status = ?, document = ? WHERE id = ? AND status IN {_in(expected)}",
                             (response["status"], orjson.dumps(response), response["id"], *expected))
         if cursor.rowcount > 0:
@@ -337,6 +374,60 @@ class SqliteStore(InputItemPaging):
         where, values = _scoped(project)
         return await self._transact(
             lambda db: db.execute("DELETE FROM responses WHERE id = ?" + where, (response_id, *values)).rowcount > 0)
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def create_conversation(self, conversation: Conversation, items: list[dict]) -> None:
+        def _create(db):
+            db.execute("INSERT INTO conversations (id, project, created_at, metadata, next_position) "
+                       "VALUES (?, ?, ?, ?, 0)", (conversation.id, conversation.project, conversation.created_at,
+                                                  orjson.dumps(conversation.metadata)))
+            _append_conversation(db, conversation.id, items)
+        await self._transact(_create)
+
+    async def get_conversation(self, conversation_id: str, project: str | None = None) -> Conversation | None:
+        def _get():
+            row = _conversation_row(self._db, conversation_id, project)
+            return None if row is None else Conversation(row[0], project, row[1], orjson.loads(row[2]))
+        return await self._call(_get)
+
+    async def update_conversation(self, conversation_id: str, metadata: dict, project: str | None = None) -> bool:
+        where, values = _scoped(project)
+        return await self._transact(lambda db: db.execute(
+            "UPDATE conversations SET metadata = ? WHERE id = ?" + where,
+            (orjson.dumps(metadata), conversation_id, *values)).rowcount > 0)
+
+    async def delete_conversation(self, conversation_id: str, project: str | None = None) -> bool:
+        where, values = _scoped(project)
+        return await self._transact(lambda db: db.execute(
+            "DELETE FROM conversations WHERE id = ?" + where, (conversation_id, *values)).rowcount > 0)
+
+    async def add_conversation_items(self, conversation_id: str, items: list[dict],
+                                     project: str | None = None) -> bool:
+        def _add(db):
+            if _conversation_row(db, conversation_id, project) is None:
+                return False
+            _append_conversation(db, conversation_id, items)
+            return True
+        return await self._transact(_add)
+
+    async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
+        def _items():
+            if _conversation_row(self._db, conversation_id, project) is None:
+                return None
+            rows = self._db.execute("SELECT document FROM conversation_items WHERE conversation_id = ? "
+                                    "ORDER BY position", (conversation_id,)).fetchall()
+            return [orjson.loads(blob) for (blob,) in rows]
+        return await self._call(_items)
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str,
+                                       project: str | None = None) -> bool | None:
+        def _delete(db):
+            if _conversation_row(db, conversation_id, project) is None:
+                return None
+            return db.execute("DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+                              (conversation_id, item_id)).rowcount > 0
+        return await self._transact(_delete)
 
     # -- API keys ----------------------------------------------------------------------------
 

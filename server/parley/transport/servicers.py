@@ -13,7 +13,7 @@ from parley.service.event_log import EventBatch
 from parley.service.responses import ResponsesService
 from parley.transport.boundary import Gate, streaming, unary
 from parley.transport.intake import BodyIntake
-from parley.v1 import events_pb2, responses_pb2, service_pb2, service_pb2_grpc
+from parley.v1 import events_pb2, items_pb2, responses_pb2, service_pb2, service_pb2_grpc
 
 log = get_logger(__name__)
 
@@ -214,6 +214,46 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
     async def HttpListModels(self, request, context, project):
         return _json_body({"object": "list", "data": self.service.models})
 
+    @unary
+    async def HttpCreateConversation(self, request, context, project):
+        body = rest.decode_body(request.body.data, request.body.content_type) if request.body.data.strip() else {}
+        return _json_body(await self.service.conversations.create(project, body))
+
+    @unary
+    async def HttpGetConversation(self, request, context, project):
+        return _json_body(await self.service.conversations.get(project, request.conversation_id))
+
+    @unary
+    async def HttpUpdateConversation(self, request, context, project):
+        body = rest.decode_body(request.body.data, request.body.content_type)
+        return _json_body(await self.service.conversations.update(project, request.conversation_id, body))
+
+    @unary
+    async def HttpDeleteConversation(self, request, context, project):
+        return _json_body(await self.service.conversations.delete(project, request.conversation_id))
+
+    @unary
+    async def HttpCreateConversationItems(self, request, context, project):
+        body = rest.decode_body(request.body.data, request.body.content_type)
+        return _json_body(await self.service.conversations.add_items(project, request.conversation_id, body,
+                                                                     list(request.include)))
+
+    @unary
+    async def HttpListConversationItems(self, request, context, project):
+        return _json_body(await self.service.conversations.list_items(
+            project, request.conversation_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            after=_optional(request, "after"), include=list(request.include)))
+
+    @unary
+    async def HttpGetConversationItem(self, request, context, project):
+        return _json_body(await self.service.conversations.get_item(project, request.conversation_id,
+                                                                    request.item_id, list(request.include)))
+
+    @unary
+    async def HttpDeleteConversationItem(self, request, context, project):
+        return _json_body(await self.service.conversations.delete_item(project, request.conversation_id,
+                                                                       request.item_id))
+
 
 class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     """The typed face: parley.v1 messages in and out, the same pipeline underneath."""
@@ -269,6 +309,53 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     async def CountInputTokens(self, request, context, project):
         return typed.from_json(await self.service.count_input_tokens(project, typed.to_json(request)),
                                service_pb2.InputTokenCount())
+
+    @unary
+    async def CreateConversation(self, request, context, project):
+        return typed.from_json(await self.service.conversations.create(project, typed.to_json(request)),
+                               service_pb2.Conversation())
+
+    @unary
+    async def GetConversation(self, request, context, project):
+        return typed.from_json(await self.service.conversations.get(project, request.conversation_id),
+                               service_pb2.Conversation())
+
+    @unary
+    async def UpdateConversation(self, request, context, project):
+        body = {"metadata": dict(request.metadata)}
+        return typed.from_json(await self.service.conversations.update(project, request.conversation_id, body),
+                               service_pb2.Conversation())
+
+    @unary
+    async def DeleteConversation(self, request, context, project):
+        return typed.from_json(await self.service.conversations.delete(project, request.conversation_id),
+                               service_pb2.DeleteConversationResponse())
+
+    @unary
+    async def CreateConversationItems(self, request, context, project):
+        body = {"items": typed.to_json(request)["items"]}
+        page = await self.service.conversations.add_items(project, request.conversation_id, body,
+                                                          list(request.include))
+        return typed.from_json(page, service_pb2.ConversationItemList())
+
+    @unary
+    async def ListConversationItems(self, request, context, project):
+        page = await self.service.conversations.list_items(
+            project, request.conversation_id, limit=_optional(request, "limit"), order=_optional(request, "order"),
+            after=_optional(request, "after"), include=list(request.include))
+        return typed.from_json(page, service_pb2.ConversationItemList())
+
+    @unary
+    async def GetConversationItem(self, request, context, project):
+        item = await self.service.conversations.get_item(project, request.conversation_id, request.item_id,
+                                                         list(request.include))
+        return typed.from_json(item, items_pb2.Item())
+
+    @unary
+    async def DeleteConversationItem(self, request, context, project):
+        return typed.from_json(await self.service.conversations.delete_item(project, request.conversation_id,
+                                                                            request.item_id),
+                               service_pb2.Conversation())
 
     @streaming
     async def FollowResponse(self, request, context, project):

@@ -202,3 +202,38 @@ async def test_an_item_is_found_by_id_within_its_project(store):
     assert await store.find_item("msg_gone") is None
     await store.delete("resp_i")
     assert await store.find_item("msg_out", "alpha") is None and await store.find_item("msg_1", "alpha") is None
+
+
+async def test_a_conversation_is_an_ordered_log_within_its_project(store):
+    from parley.store.base import Conversation
+
+    await store.create_conversation(Conversation("conv_1", "alpha", 5, {"topic": "x"}), [item(1), item(2)])
+    assert await store.get_conversation("conv_1", "beta") is None
+    assert (await store.get_conversation("conv_1", "alpha")).metadata == {"topic": "x"}
+    assert await store.add_conversation_items("conv_1", [item(3)], "alpha")
+    assert not await store.add_conversation_items("conv_1", [item(4)], "beta")
+    assert [i["id"] for i in await store.conversation_items("conv_1", "alpha")] == ["msg_1", "msg_2", "msg_3"]
+    assert await store.delete_conversation_item("conv_1", "msg_2", "alpha") is True
+    assert await store.delete_conversation_item("conv_1", "msg_2", "alpha") is False
+    assert await store.delete_conversation_item("conv_1", "msg_2", "beta") is None
+    assert await store.update_conversation("conv_1", {"topic": "y"}, "alpha")
+    assert not await store.update_conversation("conv_1", {}, "beta")
+    assert (await store.get_conversation("conv_1")).metadata == {"topic": "y"}
+    assert await store.delete_conversation("conv_1", "alpha")
+    assert await store.conversation_items("conv_1", "alpha") is None
+
+
+async def test_a_finished_response_joins_its_conversation_once_and_only_when_it_completes(store):
+    from parley.store.base import Conversation
+
+    await store.create_conversation(Conversation("conv_2", "default", 5, {}), [item(0)])
+    answer = {"type": "message", "id": "msg_answer", "role": "assistant", "content": []}
+    for rid, status in (("resp_ok", "completed"), ("resp_bad", "failed")):
+        await store.create(response(rid, conversation={"id": "conv_2"}), [item(1)])
+        done = response(rid, status, conversation={"id": "conv_2"}, output=[answer])
+        await store.append_event_batches([], finishes=[(done, ("in_progress",))])
+        await store.append_event_batches([], finishes=[(done, ("in_progress",))])  # not expected now: no-op
+    assert [i["id"] for i in await store.conversation_items("conv_2")] == ["msg_0", "msg_1", "msg_answer"]
+    await store.create(response("resp_fin", conversation={"id": "conv_2"}), [item(5)])
+    assert await store.finish(response("resp_fin", "incomplete", conversation={"id": "conv_2"}), [])
+    assert [i["id"] for i in await store.conversation_items("conv_2")][-1] == "msg_5"
