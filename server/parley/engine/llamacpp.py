@@ -30,6 +30,7 @@ from parley.config import KV_CACHE_LAYOUTS, Settings
 from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta
 from parley.engine.formats import tool_format
 from parley.engine.grammar import lazy
+from parley.engine.json_closing import JsonCloser
 from parley.engine.llamacpp_sampling import CallOpenerWatch, Sampling
 from parley.log import get_logger
 
@@ -49,6 +50,9 @@ ADMISSION_HEADROOM_CELLS = 32
 # the reader catches up. A slow client's backpressure thus reaches the model, and a stream held
 # in memory stays a few KiB.
 MAX_UNREAD_ITEMS = 256
+# json_object: the engine closes the object itself when that leaves this many tokens of the
+# budget or fewer (one more token from the model could open a string or a container).
+CLOSING_MARGIN = 4
 # How long the worker waits when every running sequence sits out (their readers are slow).
 IDLE_WAIT_SECONDS = 0.01
 
@@ -91,6 +95,9 @@ class _Sequence:
         self.sampler = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.watch = CallOpenerWatch(marker) if lazy(params.constraint) else None
+        # json_object: what closing the object still needs, so that it closes within the budget.
+        self.closer = JsonCloser() if params.constraint is not None and params.constraint.kind == "json_object" \
+            else None
         self.outbox: list = []
 
     @property
@@ -480,7 +487,7 @@ class LlamaCppEngine:
             self._slot_tokens[sequence.slot].extend(tokens)
         self._kv_used = sum(map(len, self._slot_tokens))
         for sequence, index in outputs:
-            token = self._lib.llama_sampler_sample(sequence.sampler, self._ctx, index)
+            token = self._sampling.sample(sequence.sampler, self._ctx, index)
             if self._accept(sequence, token, index):
                 active.remove(sequence)
                 self._release(sequence)
@@ -501,6 +508,8 @@ class LlamaCppEngine:
             self._sampling.logprobs(self._ctx, index, token, sequence.params.top_logprobs),)
         sequence.outbox.append(TextDelta(text, 1, logprobs))
         sequence.generated.append(token)
+        if sequence.closer is not None and self._closed_within_budget(sequence, text):
+            return self._finish(sequence, "stop")
         if sequence.produced >= sequence.budget:
             return self._finish(sequence, "length")
         if sequence.watch is not None and sequence.watch.opened(text):
@@ -509,6 +518,22 @@ class LlamaCppEngine:
             sequence.sampler = self._sampling.chain(sequence.params, opened=True)
         sequence.next_token = token
         return False
+
+    def _closed_within_budget(self, sequence: _Sequence, text: str) -> bool:
+        """json_object: once closing the object takes about what the budget has left, the
+        engine writes the closing itself (CLOSING_MARGIN tokens early: the next token could have
+        opened more). True when it did, and the answer is complete."""
+        sequence.closer.feed(text)
+        closing = sequence.closer.suffix()
+        if not closing:
+            return False
+        tokens = self._llm.tokenize(closing.encode(), add_bos=False, special=False)
+        if sequence.budget - sequence.produced > len(tokens) + CLOSING_MARGIN:
+            return False
+        sequence.outbox.append(TextDelta(closing, len(tokens)))
+        sequence.produced += len(tokens)
+        log.info("json_object.closed", budget=sequence.budget, closing_tokens=len(tokens))
+        return True
 
     def _finish(self, sequence: _Sequence, reason: str) -> bool:
         tail = sequence.decoder.decode(b"", final=True)

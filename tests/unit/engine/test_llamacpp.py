@@ -306,3 +306,39 @@ async def test_a_frequency_penalty_changes_greedy_output(engine):
     penalised, _ = await run(engine, prompt, max_tokens=40, frequency_penalty=2.0, presence_penalty=2.0)
     assert plain != penalised
     assert penalised.lower().count("apple") < plain.lower().count("apple")
+
+
+@pytest.mark.model
+async def test_checking_draws_against_the_grammar_decodes_what_filtering_first_does(engine, monkeypatch):
+    from parley.engine.base import Constraint
+    from parley.engine.llamacpp_sampling import Sampling
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    constraints = [Constraint("json_schema", schema=schema), Constraint("json_object"),
+                   Constraint("tools", mode="none"),
+                   Constraint("tools", mode="required", tools=(("get_weather", {"type": "object"}),))]
+    prompt = "Describe a person as JSON, or call a tool."
+    refused_before = engine._sampling.refused
+    checked = [await run(engine, prompt, constraint=c, max_tokens=40) for c in constraints]
+    assert engine._sampling.refused > refused_before  # the JSON constraints refuse some free draws
+    monkeypatch.setattr(Sampling, "grammar_first", staticmethod(lambda params: True))
+    filtered = [await run(engine, prompt, constraint=c, max_tokens=40) for c in constraints]
+    assert [text for text, _ in checked] == [text for text, _ in filtered]
+    assert "<tool_call>" not in checked[2][0]
+
+
+@pytest.mark.model
+async def test_a_json_object_closes_within_its_budget(engine):
+    import json
+
+    from parley.engine.base import Constraint
+
+    # Greedy, these prompts run past 64 tokens inside the object when the engine does not close it.
+    prompts = ["Write a JSON object with 100 keys named k1 to k100, each with a long sentence as its value.",
+               "Describe the history of Rome in great detail as a JSON object."]
+    for prompt in prompts:
+        for budget in (16, 40, 64):
+            text, finished = await run(engine, prompt, constraint=Constraint("json_object"), max_tokens=budget)
+            assert isinstance(json.loads(text), dict), text
+            assert finished.output_tokens <= budget and finished.reason == "stop"
