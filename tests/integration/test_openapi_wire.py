@@ -41,3 +41,26 @@ async def test_wire_events_match_the_spec(http):
     for event in events:
         openapi.validate(EVENT_SCHEMAS[event["type"]], event)
     assert {e["type"] for e in events} >= {"response.created", "response.output_text.delta"}
+
+
+async def test_wire_documents_and_events_match_the_open_responses_spec(http):
+    openapi.require_open_responses()
+    document = (await http.post("/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 16,
+                                                     "temperature": 0, "presence_penalty": 0.5})).json()
+    openapi.validate_open_responses("ResponseResource", document)
+    async with http.stream("POST", "/responses", json={"model": MODEL, "input": "Hi", "stream": True,
+                                                        "max_output_tokens": 16, "temperature": 0}) as reply:
+        lines = [line async for line in reply.aiter_lines() if line.startswith("data: ")]
+    checked = 0
+    for event in map(orjson.loads, (line[6:] for line in lines[:-1])):
+        schema = openapi.open_responses_event_schema(event["type"])
+        if schema is not None:
+            openapi.validate_open_responses(schema, event)
+            checked += 1
+    assert checked == len(lines) - 1  # a text reply uses only events both specs name alike
+    compacted = (await http.post("/responses/compact", json={"model": MODEL, "input": "Remember 7."})).json()
+    openapi.validate("CompactResource", compacted)
+    schemas, _ = openapi._open_responses()
+    compact_schema = next(name for name, schema in schemas.items()
+                          if (schema.get("properties") or {}).get("object", {}).get("enum") == ["response.compaction"])
+    openapi.validate_open_responses(compact_schema, compacted)

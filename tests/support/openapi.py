@@ -78,3 +78,53 @@ def validate(schema_name: str, document) -> None:
     if errors:
         best = jsonschema.exceptions.best_match(errors)
         raise AssertionError(f"{schema_name}: {best.message} at {list(best.absolute_path)}")
+
+
+# -- the Open Responses spec ------------------------------------------------------------------
+
+OPEN_RESPONSES_PATH = SPEC_PATH.parent / "open-responses" / "openapi.json"
+
+
+def require_open_responses() -> None:
+    if not OPEN_RESPONSES_PATH.is_file():
+        pytest.skip(f"Open Responses OpenAPI document not found at {OPEN_RESPONSES_PATH} (it lives in the "
+                    "developers' shared/ folder, not in the project); Open Responses conformance not checked here")
+
+
+@functools.lru_cache(maxsize=1)
+def _open_responses():
+    import json
+
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    schemas = json.loads(OPEN_RESPONSES_PATH.read_text())["components"]["schemas"]
+    document = {"components": {"schemas": _nullable_to_31(schemas)}}
+    registry = Registry().with_resource("urn:open-responses",
+                                        Resource.from_contents(document, default_specification=DRAFT202012))
+    return schemas, registry
+
+
+def open_responses_event_schema(event_type: str) -> str | None:
+    """The Open Responses schema of a stream event, by its `type` constant; None for events it
+    names differently (OpenAI's `response.reasoning_text.*`, Parley's default) or not at all."""
+    schemas, _ = _open_responses()
+    for name, schema in schemas.items():
+        kind = (schema.get("properties") or {}).get("type") or {}
+        if name.endswith("StreamingEvent") and (kind.get("enum") == [event_type] or kind.get("const") == event_type):
+            return name
+    return None
+
+
+def validate_open_responses(schema_name: str, document) -> None:
+    """Raise AssertionError if `document` does not match the Open Responses schema `schema_name`."""
+    import jsonschema
+
+    require_open_responses()
+    _, registry = _open_responses()
+    validator = jsonschema.Draft202012Validator({"$ref": f"urn:open-responses#/components/schemas/{schema_name}"},
+                                                registry=registry)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.path))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise AssertionError(f"Open Responses {schema_name}: {best.message} at {list(best.absolute_path)}")

@@ -9,6 +9,9 @@ Reasoning items reach the prompt of a reasoning family as the `<think>` block th
 assistant turn they belong to (the next assistant message or calls), which is how such a model
 wrote them: stateless multi-turn (`encrypted_content` sent back) depends on it. A family without
 reasoning has no place for them in its template, so there they are left out.
+
+A compaction item (service/compaction.py, opened: its `summary` readable) stands for the
+conversation it replaced: a user message that carries the summary.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from itertools import groupby
 
 from parley.engine.base import ChatMessage
 from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
+
+COMPACTED_PREFIX = "Summary of the conversation before this point:\n"
 
 
 def _text_of(content) -> str:
@@ -31,7 +36,14 @@ def reasoning_text(item: dict) -> str:
 
 
 def to_messages(instructions: str | None, items: list[dict], tools: list[dict] | None,
-                tool_format: ToolFormat, reasoning_format: str = "none") -> list[ChatMessage]:
+                tool_format: ToolFormat, reasoning_format: str = "none",
+                reasoning_turns: str = "all_turns") -> list[ChatMessage]:
+    """`reasoning_turns` (the request's reasoning.context): `all_turns` shows every reasoning
+    item; `current_turn` only those after the last user message."""
+    if reasoning_turns == "current_turn":
+        last_user = max((index for index, item in enumerate(items)
+                         if item["type"] == "message" and item["role"] == "user"), default=-1)
+        items = [item for index, item in enumerate(items) if item["type"] != "reasoning" or index > last_user]
     system = instructions or ""
     if tools:
         offered = tool_format.describe_tools(tools)
@@ -53,7 +65,9 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
             continue
         if thought and not (kind == "function_call" or (kind == "message" and group[0]["role"] == "assistant")):
             messages.append(assistant(""))  # the turn was reasoning alone
-        if kind == "message":
+        if kind == "compaction":
+            messages += [ChatMessage("user", COMPACTED_PREFIX + item["summary"]) for item in group]
+        elif kind == "message":
             messages += [assistant(_text_of(item["content"])) if item["role"] == "assistant"
                          else ChatMessage(item["role"], _text_of(item["content"])) for item in group]
         elif kind == "function_call":

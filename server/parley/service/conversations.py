@@ -57,6 +57,10 @@ class Conversations:
             raise invalid(f"Invalid 'items': array too long. Expected at most {MAX_ITEMS_AT_ONCE} items, got "
                           f"{len(value)}.", "items", "array_above_max_length")
         items = normalize_input(value, "items")
+        for index, item in enumerate(items):
+            if item["type"] == "compaction_trigger":  # it asks a create for compaction; here it would be stored
+                raise invalid("A compaction_trigger is an instruction to POST /v1/responses, not a conversation item.",
+                              f"items[{index}].type", "invalid_value")
         await resolve_references(self.store, project, items, "items")
         return items
 

@@ -176,6 +176,13 @@ class ResponseBuilder:
                        "output_index": self._index, "content_index": 0, "delta": text})
         return events
 
+    def add_item(self, item: dict) -> list[dict]:
+        """A finished item added whole (a compaction item): its added and done events."""
+        events = self.close("completed")
+        events += self._open(item, None)
+        self._item = None
+        return events + [{"type": "response.output_item.done", "output_index": self._index, "item": json_copy(item)}]
+
     def call_start(self, name: str) -> list[dict]:
         events = self.close("completed")
         item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",

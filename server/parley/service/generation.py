@@ -26,9 +26,11 @@ from parley.engine.formats import (
 )
 from parley.errors import ApiError, ErrorKind
 from parley.log import get_logger
+from parley.service.compaction import compaction_item
 from parley.service.event_log import EventBatch, EventLog
-from parley.service.events import UNACKNOWLEDGED_MESSAGE, ResponseBuilder, error_event
+from parley.service.events import UNACKNOWLEDGED_MESSAGE, ResponseBuilder, error_event, json_copy
 from parley.service.preparation import PreparedResponse
+from parley.service.sealing import Sealer
 from parley.store.base import ACTIVE, ResponseStore
 
 log = get_logger(__name__)
@@ -59,8 +61,9 @@ def segment_events(builder: ResponseBuilder, segments: list[Segment], logprobs) 
 
 class Generation:
     def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, *, log_prompts: bool,
-                 shutting_down: Callable[[], bool]):
+                 shutting_down: Callable[[], bool], sealer: Sealer | None = None):
         self.engine = engine
+        self.sealer = sealer
         self.store = store
         self.events = events
         self.log_prompts = log_prompts
@@ -107,10 +110,16 @@ class Generation:
                 await self.store.update(builder.response)
             if started:
                 yield stream.emit(started)
+            if prepared.compacted is not None:  # context_management compacted the history first
+                yield stream.emit(builder.add_item(json_copy(prepared.compacted[0])))
+            compacting = prepared.params.compact
             parser = OutputParser(self.tool_format, self.engine.reasoning_format,
-                                  tools=bool(prepared.params.callable_tools) and prepared.params.tool_mode != "none")
+                                  tools=bool(prepared.params.callable_tools) and prepared.params.tool_mode != "none"
+                                  and not compacting)
             # Plain text with no logprobs is the common case: a step's deltas become events at once.
-            plain = parser.plain and not builder.logprobs
+            plain = parser.plain and not builder.logprobs and not compacting
+            summary: list[str] = []
+            to_events = _summary_collector(summary) if compacting else segment_events
             reasoning_tokens = 0
             generation = self.engine.generate(prepared.prompt, prepared.sampling)
             result: Finished | None = None
@@ -134,15 +143,19 @@ class Generation:
                     segments = list(parser.feed(delta.text)) if delta.text else []
                     if was_reasoning or parser.reasoning:  # <think> markup counts as reasoning too
                         reasoning_tokens += delta.tokens
-                    batch += segment_events(builder, segments, delta.logprobs)
+                    batch += to_events(builder, segments, delta.logprobs)
                 if batch:
                     yield stream.emit(batch)
             if result is None:
                 raise RuntimeError("engine ended without a Finished event")
-            tail = segment_events(builder, list(parser.finish()), ())
-            closing = stream.emit(tail + builder.finish(result.reason, result.input_tokens, result.output_tokens,
-                                                        result.cached_tokens, result.cache_write_tokens,
-                                                        reasoning_tokens))
+            tail = to_events(builder, list(parser.finish()), ())
+            if compacting:  # the summary, whole and sealed, is the run's one output item
+                tail += builder.add_item(compaction_item("".join(summary), self.sealer))
+            compacted_usage = prepared.compacted[1] if prepared.compacted is not None else {}
+            closing = stream.emit(tail + builder.finish(
+                result.reason, result.input_tokens + compacted_usage.get("input_tokens", 0),
+                result.output_tokens + compacted_usage.get("output_tokens", 0), result.cached_tokens,
+                result.cache_write_tokens, reasoning_tokens))
             finished = handed_over = True
             if first_token_at is not None and result.output_tokens > 1:
                 # One observation per response (its mean): one per token cost the hot path
@@ -218,6 +231,14 @@ class Generation:
         if event["type"] == "response.failed":
             raise ApiError(ErrorKind.SERVER_ERROR, event["response"]["error"]["message"], None, "server_error")
         return event["response"]
+
+
+def _summary_collector(summary: list[str]):
+    """For a compaction run: its text is gathered, not streamed (segment_events' signature)."""
+    def collect(builder: ResponseBuilder, segments: list[Segment], logprobs) -> list[dict]:
+        summary.extend(segment.text for segment in segments if isinstance(segment, Text))
+        return []
+    return collect
 
 
 @contextlib.contextmanager

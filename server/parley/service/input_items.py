@@ -10,7 +10,8 @@ from parley.errors import invalid, invalid_type, not_found
 from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
-SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference",
+                        "compaction", "compaction_trigger")
 # The fields each item and content part may carry; anything else is refused by name, never
 # dropped unseen. `phase` (an assistant message's commentary or final answer; Open Responses and
 # OpenAI) is kept as sent.
@@ -20,6 +21,8 @@ ITEM_FIELDS = {
     "function_call_output": {"type", "id", "call_id", "output", "status"},
     "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
     "item_reference": {"type", "id"},
+    "compaction": {"type", "id", "encrypted_content", "created_by"},
+    "compaction_trigger": {"type"},
 }
 PART_FIELDS = {
     "input_text": {"type", "text"},
@@ -131,6 +134,16 @@ def _normalize_item(item: Any, param: str) -> dict:
                 raise invalid_type(f"{param}.encrypted_content", "a string", encrypted)
             normalized["encrypted_content"] = encrypted
         return normalized
+    if kind == "compaction":
+        if not isinstance(item.get("encrypted_content"), str):
+            raise invalid_type(f"{param}.encrypted_content", "a string", item.get("encrypted_content"))
+        normalized = {"type": "compaction", "id": item.get("id") or new_id("cmp"),
+                      "encrypted_content": item["encrypted_content"]}
+        if item.get("created_by") is not None:
+            normalized["created_by"] = item["created_by"]
+        return normalized
+    if kind == "compaction_trigger":
+        return {"type": "compaction_trigger"}  # validation.py takes it off the input: it asks for compaction
     if kind == "item_reference":
         if not isinstance(item.get("id"), str) or not item["id"]:
             raise invalid_type(f"{param}.id", "a string", item.get("id"))
@@ -151,7 +164,12 @@ def normalize_input(value: Any, param: str = "input") -> list[dict]:
                  "content": [_text_part("input_text", value)], "status": "completed"}]
     if not isinstance(value, list):
         raise invalid_type(param, "a string or an array of input items", value)
-    return [_normalize_item(item, f"{param}[{index}]") for index, item in enumerate(value)]
+    items = [_normalize_item(item, f"{param}[{index}]") for index, item in enumerate(value)]
+    for index, item in enumerate(items[:-1]):
+        if item["type"] == "compaction_trigger":
+            raise invalid(f"Invalid '{param}[{index}]': a compaction_trigger must be the final input item.",
+                          f"{param}[{index}]", "invalid_value")
+    return items
 
 
 async def resolve_references(store, project: str, items: list[dict], param: str = "input") -> None:

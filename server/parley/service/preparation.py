@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 from opentelemetry.trace import Span
 
@@ -19,6 +20,7 @@ from parley.engine.formats import tool_format
 from parley.errors import ApiError, ErrorKind, invalid, not_found
 from parley.ids import new_id
 from parley.log import get_logger
+from parley.service import compaction
 from parley.service.admission import Admission, Ticket
 from parley.service.conversation import to_messages
 from parley.service.event_log import EventLog, ResponseStream
@@ -31,6 +33,20 @@ from parley.service.validation import CreateParams, validate_create
 from parley.store.base import ResponseStore
 
 log = get_logger(__name__)
+
+
+class Context(NamedTuple):
+    history: list[dict]  # the conversation's or the chain's items, as stored
+    items: list[dict]    # what the prompt is made of
+
+
+class CompactFirst(Exception):
+    """context_management: the prompt is past its threshold, so the history is to be compacted
+    (by a compaction run) before this create is prepared again with the result."""
+
+    def __init__(self, history: list[dict]):
+        super().__init__("compact first")
+        self.history = history
 
 
 @dataclasses.dataclass
@@ -47,6 +63,8 @@ class PreparedResponse:
     charge: Charge  # what the project's rate limits were charged; settled when it ends
     arrived_at: float  # time.perf_counter() when the request arrived (time to first token)
     span: Span | None  # the request's RPC span (traces), parent of the run's spans
+    context: list[dict] = dataclasses.field(default_factory=list)  # the items the prompt was made of
+    compacted: tuple[dict, dict] | None = None  # (compaction item, usage) that opens the output
 
     @property
     def response(self) -> dict:
@@ -69,11 +87,13 @@ class Preparer:
         self.sealer = sealer
         self.tool_format = tool_format(engine.tool_format)
 
-    async def prepare(self, project: str, body) -> PreparedResponse:
+    async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None) -> PreparedResponse:
+        """`compacted`: (compaction item, its run's usage) when context_management compacted
+        the history first; the item opens the response's output."""
         arrived_at = time.perf_counter()
         span = tracing.child("parley.prepare", tracing.rpc_span())
         try:
-            prepared = await self._prepare(project, body, arrived_at)
+            prepared = await self._prepare(project, body, arrived_at, compacted)
             span.set_attributes({"parley.prompt_tokens": len(prepared.prompt),
                                  "parley.response_id": prepared.response["id"]})
             return prepared
@@ -86,9 +106,10 @@ class Preparer:
     def validate(self, body) -> CreateParams:
         return validate_create(body, [self.engine.model_id], reasoning_model=self.engine.reasoning_format != "none")
 
-    async def prompt(self, project: str, params: CreateParams) -> list[int]:
-        """The prompt tokens the engine gets for `params`: the previous_response_id chain, the
-        new input (sealed reasoning opened), instructions and tools, fitted to the window."""
+    async def context(self, project: str, params: CreateParams, compacted: dict | None = None) -> Context:
+        """The items the model sees, in order: the conversation or the previous_response_id
+        chain (`compacted`: a compaction item of it, from context_management), then the new
+        input; references resolved, sealed reasoning and compactions opened."""
         await resolve_references(self.store, project, params.input_items)
         if params.conversation_id is not None:
             history = await self.store.conversation_items(params.conversation_id, project)
@@ -98,23 +119,49 @@ class Preparer:
             history = await self._history(project, params.previous_response_id)
         else:
             history = []
-        items = history + params.input_items
+        leading = [compacted] if compacted is not None else []
+        items = history + leading + params.input_items
         problem = unknown_call_outputs(items)
         if problem is not None:
             raise problem
         self._open_sealed_reasoning(params.input_items)
+        items = compaction.superseded(compaction.opened(items, self.sealer, len(history) + len(leading)))
+        return Context(history, items)
+
+    async def prompt(self, project: str, params: CreateParams) -> list[int]:
+        """The prompt tokens the engine gets for `params`: its context with instructions and
+        tools (or, for a compaction run, the request to summarise it), fitted to the window."""
+        return self.render(params, (await self.context(project, params)).items)[0]
+
+    def render(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:
+        """The prompt, and how many of the oldest items truncation dropped."""
         prompt, dropped = self._fit(params, items)
         if dropped:
             log.info("prompt.truncated", dropped_items=dropped)
         if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
             log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, items)])
-        return prompt
+        return prompt, dropped
 
-    async def _prepare(self, project: str, body, arrived_at: float) -> PreparedResponse:
+    def _over_threshold(self, params: CreateParams, context: Context) -> bool:
+        """context_management: whether the prompt is past the threshold (0: would not fit)."""
+        if params.compact_threshold is None or params.compact or not context.history:
+            return False
+        try:
+            prompt, dropped = self._fit(params, context.items)
+        except ApiError as error:
+            if error.code == "context_length_exceeded":
+                return True
+            raise
+        return dropped > 0 or (params.compact_threshold > 0 and len(prompt) > params.compact_threshold)
+
+    async def _prepare(self, project: str, body, arrived_at: float, compacted) -> PreparedResponse:
         params = self.validate(body)
-        prompt = await self.prompt(project, params)
-        max_tokens = min(params.max_output_tokens or self.default_max_output_tokens,
-                         self.engine.context_window - len(prompt))
+        context = await self.context(project, params, compacted and compacted[0])
+        if compacted is None and self._over_threshold(params, context):
+            raise CompactFirst(context.history)  # nothing is charged, admitted or stored yet
+        prompt, _ = self.render(params, context.items)
+        default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
+        max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
         sampling = params.sampling(max_tokens)
         try:
             self.engine.check_constraint(sampling.constraint)
@@ -145,7 +192,7 @@ class Preparer:
                                     self.events.stream(response_id, persist=params.store,
                                                        background=params.background),
                                     prompt, sampling, ticket, project, charge, arrived_at,
-                                    tracing.rpc_span())
+                                    tracing.rpc_span(), context.items, compacted)
         log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared
@@ -188,20 +235,46 @@ class Preparer:
         """The chat messages of a request. Every tool is shown, even under tool_choice `none`
         (the grammar forbids calling them): the prompt's prefix stays the same from turn to
         turn, and so does what the KV cache can reuse."""
-        return to_messages(params.instructions, items, params.tools, self.tool_format, self.engine.reasoning_format)
+        if params.compact:
+            return compaction.summary_messages(items, params.tools, self.tool_format, self.engine.reasoning_format)
+        return to_messages(params.instructions, items, params.tools, self.tool_format, self.engine.reasoning_format,
+                           params.reasoning_turns)
 
     def _fit(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:
-        """Render the prompt; with truncation=auto drop the oldest items until it fits."""
-        needed = params.max_output_tokens or 1
-        dropped = 0
-        while True:
-            prompt = self.engine.render_prompt(self._messages(params, items))
-            if len(prompt) + needed <= self.engine.context_window:
-                return prompt, dropped
-            if params.truncation != "auto" or len(items) <= 1:
-                raise invalid(
-                    f"The input ({len(prompt)} tokens) plus max_output_tokens ({needed}) exceeds the model's "
-                    f"context window of {self.engine.context_window} tokens. Shorten the input, or set "
-                    "truncation to 'auto' to drop the oldest items.", "input", "context_length_exceeded")
-            items = items[1:]
-            dropped += 1
+        """Render the prompt. When it does not fit and truncation is `auto` (or this is a
+        compaction run, which exists to shrink a context), keep the longest run of newest items
+        that fits: found by doubling it from the newest item, then bisecting, so a long history
+        costs a few renders of about the window's size, not one per dropped item."""
+        needed = params.max_output_tokens or (compaction.SUMMARY_TOKENS if params.compact else 1)
+
+        def newest(count: int) -> list[int]:
+            return self.engine.render_prompt(self._messages(params, items[len(items) - count:]))
+
+        def fits(prompt: list[int]) -> bool:
+            return len(prompt) + needed <= self.engine.context_window
+
+        prompt = newest(len(items))
+        if fits(prompt):
+            return prompt, 0
+        if (params.truncation == "auto" or params.compact) and len(items) > 1:
+            kept, kept_prompt, size = 0, None, 1
+            while size < len(items):
+                candidate = newest(size)
+                if not fits(candidate):
+                    break
+                kept, kept_prompt, size = size, candidate, size * 2
+            too_many = min(size, len(items))
+            while too_many - kept > 1:
+                middle = (kept + too_many) // 2
+                candidate = newest(middle)
+                if fits(candidate):
+                    kept, kept_prompt = middle, candidate
+                else:
+                    too_many = middle
+            if kept_prompt is not None:
+                return kept_prompt, len(items) - kept
+            prompt = newest(1)
+        raise invalid(
+            f"The input ({len(prompt)} tokens) plus max_output_tokens ({needed}) exceeds the model's "
+            f"context window of {self.engine.context_window} tokens. Shorten the input, or set "
+            "truncation to 'auto' to drop the oldest items.", "input", "context_length_exceeded")

@@ -18,18 +18,22 @@ from parley.engine.base import Engine
 from parley.errors import ApiError, ErrorKind, invalid, not_found
 from parley.service.admission import Admission
 from parley.service.background import BackgroundWork
+from parley.service.compaction import compacted_window
 from parley.service.conversations import Conversations
 from parley.service.event_log import DEFAULT_WRITE_POLICY, EventLog, WritePolicy
 from parley.service.generation import Generation
 from parley.service.includes import shape_stored
 from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
-from parley.service.preparation import PreparedResponse, Preparer
+from parley.service.preparation import CompactFirst, PreparedResponse, Preparer
 from parley.service.sealing import Sealer
 from parley.service.validation import validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
 
+# OpenAI's CompactResponseMethodPublicBody.
+COMPACT_FIELDS = frozenset({"model", "input", "previous_response_id", "instructions", "prompt_cache_key",
+                            "prompt_cache_retention", "prompt_cache_options", "service_tier"})
 # OpenAI's TokenCountsBody, less `personality` (no such setting here: refused by name).
 COUNT_FIELDS = frozenset({"model", "input", "previous_response_id", "tools", "text", "reasoning", "truncation",
                           "instructions", "conversation", "tool_choice", "parallel_tool_calls"})
@@ -54,7 +58,7 @@ class ResponsesService:
                                  lease_seconds=lease_seconds, default_max_output_tokens=default_max_output_tokens,
                                  log_prompts=log_prompts, sealer=sealer)
         self.generation = Generation(engine, store, self.events, log_prompts=log_prompts,
-                                     shutting_down=lambda: self._shutting_down)
+                                     shutting_down=lambda: self._shutting_down, sealer=sealer)
         self.background = BackgroundWork(self.generation, store, self.events, self.signals)
         self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds,
                                        running=lambda: self.generation.running)
@@ -77,7 +81,19 @@ class ResponsesService:
         if not health.ok:
             raise ApiError(ErrorKind.UNAVAILABLE, f"The model engine is not available ({health.detail}); retry "
                            "on another replica.", None, "engine_unavailable")
-        return await self.preparer.prepare(project, body)
+        try:
+            return await self.preparer.prepare(project, body)
+        except CompactFirst as signal:
+            return await self.preparer.prepare(project, body, await self._compaction_of(project, body,
+                                                                                       signal.history))
+
+    async def _compaction_of(self, project: str, body: dict, history: list[dict]) -> tuple[dict, dict]:
+        """context_management: a compaction run (not stored) over the history; its one item and
+        its usage."""
+        run = await self.preparer.prepare(project, {"model": body["model"], "store": False,
+                                                    "input": [*history, {"type": "compaction_trigger"}]})
+        response = await self.create_prepared(run)
+        return response["output"][-1], response["usage"]
 
     def run(self, prepared: PreparedResponse):
         return self.generation.run(prepared)
@@ -110,6 +126,25 @@ class ResponsesService:
         params = self.preparer.validate({**body, "model": body.get("model") or self.engine.model_id})
         prompt = await self.preparer.prompt(project, params)
         return {"object": "response.input_tokens", "input_tokens": len(prompt)}
+
+    async def compact(self, project: str, body) -> dict:
+        """POST /v1/responses/compact: a compaction run (service/compaction.py) that is not
+        stored; the reply is the compacted window to send instead of the context."""
+        if not isinstance(body, dict):
+            raise invalid("The request body must be a JSON object.", None, "invalid_body")
+        for key in body:
+            if key not in COMPACT_FIELDS:
+                raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+        window = body.get("input")
+        if isinstance(window, str):
+            window = [{"role": "user", "content": window}]
+        if window is None or isinstance(window, list):  # anything else: validation names `input`
+            window = [*(window or []), {"type": "compaction_trigger"}]
+        prepared = await self.prepare(project, {**body, "model": body.get("model") or self.engine.model_id,
+                                                "input": window, "store": False})
+        response = await self.create_prepared(prepared)
+        return {"id": response["id"], "object": "response.compaction", "created_at": response["created_at"],
+                "output": compacted_window(prepared.context, response["output"][-1]), "usage": response["usage"]}
 
     # -- stored responses ---------------------------------------------------------------------
 

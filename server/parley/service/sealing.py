@@ -21,6 +21,8 @@ from parley.log import get_logger
 log = get_logger(__name__)
 
 VERSION = b"parley-reasoning-v1"
+# A compaction item's summary, sealed under its own tag: one kind of blob never opens as the other.
+COMPACTION = b"parley-compaction-v1"
 
 
 def load_key(configured: str, key_file: Path) -> bytes:
@@ -48,17 +50,17 @@ class Sealer:
 
         self._aead = AESGCM(key)
 
-    def seal(self, content: list[dict]) -> str:
+    def seal(self, content: list[dict], purpose: bytes = VERSION) -> str:
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, orjson.dumps(content), VERSION)
+        sealed = self._aead.encrypt(nonce, orjson.dumps(content), purpose)
         return base64.urlsafe_b64encode(nonce + sealed).decode()
 
-    def open(self, blob: str, param: str) -> list[dict]:
+    def open(self, blob: str, param: str, purpose: bytes = VERSION) -> list[dict]:
         from cryptography.exceptions import InvalidTag
 
         try:
             raw = base64.urlsafe_b64decode(blob.encode())
-            return orjson.loads(self._aead.decrypt(raw[:12], raw[12:], VERSION))
+            return orjson.loads(self._aead.decrypt(raw[:12], raw[12:], purpose))
         except (InvalidTag, ValueError, orjson.JSONDecodeError):
             raise invalid("The encrypted content could not be verified: it was not produced by this server's key "
                           "or was modified.", param, "invalid_encrypted_content") from None

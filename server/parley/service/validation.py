@@ -40,7 +40,6 @@ KNOWN_FIELDS = frozenset({
 }) | REST_ONLY_FIELDS
 NOT_YET = {
     "prompt": "Prompt templates are not implemented in this Parley release.",
-    "context_management": "Context management (compaction) is not implemented in this Parley release.",
     "moderation": "Moderation is not available in this Parley release.",
     "prompt_cache_options": "prompt_cache_options is not implemented in this Parley release.",
 }
@@ -74,15 +73,26 @@ class CreateParams:
     reasoning: dict | None
     echo: dict  # fields echoed verbatim into the Response (user, service_tier, ...)
     conversation_id: str | None = None  # the conversation whose items come first and that this response joins
+    compact: bool = False  # the input ended with a compaction_trigger: the output is a compaction item
+    compact_threshold: int | None = None  # context_management: compact first when the prompt is longer
     obfuscate: bool = True  # stream_options.include_obfuscation: pad streamed deltas (OpenAI's default)
     client_metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kept with the response (Codex)
+
+    @property
+    def reasoning_turns(self) -> str:
+        """Which reasoning items reach the prompt: `all_turns` (Parley's `auto`) or `current_turn`."""
+        return "current_turn" if (self.reasoning or {}).get("context") == "current_turn" else "all_turns"
 
     @property
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in self.include
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        """This request lowered to the engine's terms; `max_tokens` is already fitted to the window."""
+        """This request lowered to the engine's terms; `max_tokens` is already fitted to the window.
+        A compaction run writes a free-text summary: no tool call, no answer format."""
+        if self.compact:
+            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -147,6 +157,34 @@ def _validate_stream_options(options: dict) -> bool:
     return obfuscate is not False
 
 
+def _validate_context_management(value: Any) -> int | None:
+    """`context_management`: at most one `{"type": "compaction", "compact_threshold": N}` (N >= 1000
+    prompt tokens; unset: when the prompt would not fit the model's window)."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise invalid_type("context_management", "an array", value)
+    threshold = None
+    for index, entry in enumerate(value):
+        where = f"context_management[{index}]"
+        if not isinstance(entry, dict):
+            raise invalid_type(where, "an object", entry)
+        for key in entry:
+            if key not in ("type", "compact_threshold"):
+                raise invalid(f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}", "unknown_parameter")
+        if entry.get("type") != "compaction":
+            raise invalid(f"Invalid value: {entry.get('type')!r}. Supported values are: 'compaction'.",
+                          f"{where}.type", "invalid_value")
+        if index:
+            raise invalid("context_management takes one compaction entry.", where, "invalid_value")
+        threshold = entry.get("compact_threshold")
+        if threshold is not None and not (_is_int(threshold) and threshold >= 1000):
+            raise invalid(f"Invalid '{where}.compact_threshold': expected an integer >= 1000.",
+                          f"{where}.compact_threshold", "invalid_value")
+        threshold = threshold or 0  # 0: compact only when the prompt would not fit
+    return threshold
+
+
 def _validate_conversation(value: Any) -> str | None:
     """`conversation`: an id, or `{"id": ...}`."""
     if value is None:
@@ -204,7 +242,7 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
     if not isinstance(reasoning, dict):
         raise invalid_type("reasoning", "an object", reasoning)
     for key in reasoning:
-        if key not in ("effort", "summary", "generate_summary"):
+        if key not in ("effort", "summary", "generate_summary", "mode", "context"):
             raise invalid(f"Unknown parameter: 'reasoning.{key}'.", f"reasoning.{key}", "unknown_parameter")
     effort = reasoning.get("effort")
     if effort is not None and effort not in REASONING_EFFORTS:
@@ -225,7 +263,20 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
         if summary in ("concise", "detailed"):
             raise invalid(f"Reasoning summaries are not available on this server; 'reasoning.{key}' {summary!r} "
                           "cannot be honoured. Leave it out or use 'auto'.", f"reasoning.{key}", "unsupported_value")
-    return {"effort": effort, "summary": None}
+    echo = {"effort": effort, "summary": None}
+    mode = reasoning.get("mode")
+    if mode is not None:  # `standard` is how every model here runs; there is no `pro`
+        if mode != "standard":
+            raise invalid(f"Unsupported value: 'reasoning.mode' {mode!r} is not supported with this model; the only "
+                          "mode is 'standard'.", "reasoning.mode", "unsupported_value")
+        echo["mode"] = mode
+    context = reasoning.get("context")
+    if context is not None:  # which earlier reasoning items the prompt shows (conversation.py)
+        if context not in ("auto", "current_turn", "all_turns"):
+            raise invalid(f"Invalid value: {context!r}. Supported values are: 'auto', 'current_turn', and "
+                          "'all_turns'.", "reasoning.context", "invalid_value")
+        echo["context"] = context
+    return echo
 
 
 def validate_create(body: Any, served_models: list[str], *, reasoning_model: bool = False) -> CreateParams:
@@ -325,7 +376,14 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
     tools = validate_tools(body.get("tools"))
     tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
     input_items = normalize_input(body.get("input"))
-    if not input_items and previous is None:
+    compact = bool(input_items) and input_items[-1]["type"] == "compaction_trigger"
+    if compact:
+        input_items.pop()
+        for key in ("text", "tool_choice", "include", "top_logprobs", "context_management"):
+            if body.get(key) not in (None, [], {}) and not (key == "tool_choice" and body[key] == "auto"):
+                raise invalid(f"'{key}' does not apply to a compaction run (the input ends with a "
+                              "compaction_trigger): its output is a compaction item.", key, "invalid_value")
+    if not input_items and previous is None and conversation_id is None:
         raise invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
 
     return CreateParams(
@@ -355,5 +413,7 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         echo=echo,
         obfuscate=obfuscate,
         conversation_id=conversation_id,
+        compact=compact,
+        compact_threshold=_validate_context_management(body.get("context_management")),
         client_metadata=validate_string_map(body.get("client_metadata"), "client_metadata"),
     )

@@ -158,12 +158,18 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
             async for message in messages:
                 yield message
 
+    async def _json_of(self, request_iterator):
+        """A streamed request body, read within the intake's bounds and parsed."""
+        async with self.intake.body(request_iterator) as (data, content_type):
+            return rest.decode_body(data, content_type)
+
     @streaming
     async def HttpCountInputTokens(self, request_iterator, context, project):
-        async with self.intake.body(request_iterator) as (data, content_type):
-            body = rest.decode_body(data, content_type)
-            del data
-        yield _json_body(await self.service.count_input_tokens(project, body))
+        yield _json_body(await self.service.count_input_tokens(project, await self._json_of(request_iterator)))
+
+    @streaming
+    async def HttpCompactResponse(self, request_iterator, context, project):
+        yield _json_body(await self.service.compact(project, await self._json_of(request_iterator)))
 
     @streaming
     async def HttpCreateResponse(self, request, context, project):
@@ -309,6 +315,11 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     async def CountInputTokens(self, request, context, project):
         return typed.from_json(await self.service.count_input_tokens(project, typed.to_json(request)),
                                service_pb2.InputTokenCount())
+
+    @unary
+    async def CompactResponse(self, request, context, project):
+        return typed.from_json(await self.service.compact(project, typed.to_json(request)),
+                               service_pb2.CompactedResponse())
 
     @unary
     async def CreateConversation(self, request, context, project):
