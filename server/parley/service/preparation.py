@@ -30,7 +30,7 @@ from parley.service.limits import Charge, RateLimits
 from parley.service.sealing import Sealer
 from parley.service.tools import unknown_call_outputs
 from parley.service.validation import CreateParams, validate_create
-from parley.store.base import ResponseStore
+from parley.store.base import ChainBroken, ResponseStore
 
 log = get_logger(__name__)
 
@@ -210,25 +210,16 @@ class Preparer:
                 item["content"] = self._sealer().open(item["encrypted_content"], f"input[{index}].encrypted_content")
 
     async def _history(self, project: str, response_id: str) -> list[dict]:
-        """Input and output items of the whole chain ending at response_id, oldest first (a
-        response of another project reads as absent)."""
-        chain: list[tuple[list[dict], list[dict]]] = []
-        current: str | None = response_id
-        while current is not None:
-            await self.events.flush(current)  # its final document may still be on its way
-            document = await self.store.get(current, project)
-            inputs = await self.store.input_items(current, project) if document else None
-            if document is None or inputs is None:
-                if current == response_id:
-                    raise not_found(f"Previous response with id '{response_id}' not found.", "previous_response_id")
-                raise not_found(f"Response '{current}' in the chain of '{response_id}' no longer exists.",
-                                "previous_response_id")
-            chain.append((inputs, document["output"]))
-            current = document.get("previous_response_id")
-        items: list[dict] = []
-        for inputs, outputs in reversed(chain):
-            items.extend(inputs)
-            items.extend(outputs)
+        """Input and output items of the whole chain ending at response_id, oldest first, in one
+        store query (a response of another project reads as absent)."""
+        await self.events.flush(response_id)  # its final document may still be on its way
+        try:
+            items = await self.store.chain_context(response_id, project)
+        except ChainBroken as broken:
+            raise not_found(f"Response '{broken.missing}' in the chain of '{response_id}' no longer exists.",
+                            "previous_response_id") from None
+        if items is None:
+            raise not_found(f"Previous response with id '{response_id}' not found.", "previous_response_id")
         return items
 
     def _messages(self, params: CreateParams, items: list[dict]):

@@ -45,6 +45,61 @@ class Conversation:
     metadata: dict
 
 
+# The same in both stores. A response's link to the one it continues is a column, and each output
+# item of a finished response a row beside its input items, so that a chain's whole context is
+# one recursive query that reads items only (CHAIN_CONTEXT).
+CHAIN_COLUMNS = """
+    ALTER TABLE responses ADD COLUMN previous_id TEXT;
+    ALTER TABLE output_items ADD COLUMN position INTEGER;
+    ALTER TABLE output_items ADD COLUMN document BYTEA;
+"""
+# Rows (depth, part, position, document) of the chain ending at response {0}, in project {1}:
+# part 0 an input item, part 1 an output item, part -1 a link (document: the id of the response
+# it continues, or null); the caller orders them, oldest response first. `{0}`, `{1}` are the
+# dialect's placeholders, `{2}` its way of giving `c.previous` the document column's type, `{3}` how
+# the recursive step reaches the previous response (by primary key, one lookup per step).
+CHAIN_STEP_JOIN = "JOIN responses r ON r.id = c.previous AND r.project = {1}"
+# PostgreSQL's planner, with few statistics, hashes a whole scan of `responses` for every step of
+# the join form (1,000 steps: 140 ms). A lateral lookup with LIMIT 1 (which keeps the planner from
+# folding it back into a join) stays one index probe per step.
+CHAIN_STEP_LATERAL = ("CROSS JOIN LATERAL (SELECT id, previous_id FROM responses "
+                      "WHERE id = c.previous AND project = {1} LIMIT 1) r")
+CHAIN_CONTEXT = """
+    WITH RECURSIVE chain(id, previous, depth) AS (
+        SELECT id, previous_id, 0 FROM responses WHERE id = {0} AND project = {1}
+        UNION ALL
+        SELECT r.id, r.previous_id, c.depth + 1 FROM chain c {3}
+    )
+    SELECT c.depth, 0, i.position, i.document FROM chain c JOIN input_items i ON i.response_id = c.id
+    UNION ALL
+    SELECT c.depth, 1, o.position, o.document FROM chain c JOIN output_items o ON o.response_id = c.id
+    UNION ALL
+    SELECT c.depth, -1, 0, {2} FROM chain c
+"""
+
+
+class ChainBroken(Exception):
+    """A response of the chain is gone (deleted, expired, or another project's)."""
+
+    def __init__(self, missing: str):
+        super().__init__(missing)
+        self.missing = missing
+
+
+def chain_items(rows) -> list[dict] | None:
+    """The context from CHAIN_CONTEXT's rows: None when the chain's last response is absent;
+    ChainBroken when one it continues is."""
+    rows = sorted(rows, key=lambda row: (-row[0], row[1], row[2]))
+    if not rows:
+        return None
+    deepest = rows[0]
+    if deepest[1] == -1 and deepest[3] is not None:
+        link = deepest[3]
+        raise ChainBroken(link.decode() if isinstance(link, (bytes, memoryview)) else str(link))
+    return [orjson.loads(document.encode() if isinstance(document, str) else bytes(document))
+            for _, part, _, document in rows if part != -1]
+
+
 # The same in both stores (SQL that both dialects read alike). A conversation's items are an
 # ordered log: each has a position, and `next_position` is where the next one goes, so that a
 # turn loads the whole conversation in one range read.
@@ -138,6 +193,11 @@ class ResponseStore(Protocol):
     async def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
                                before: str | None, project: str | None = None) -> ItemPage | None: ...
 
+    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+        """Input and output items of the whole previous_response_id chain ending at
+        `response_id`, oldest first, in one query; None when it does not exist, ChainBroken when
+        a response it continues does not (any more)."""
+
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         """A stored item by its id (an output item of a finished response, else an input item),
         or None; given a project, only that project's."""
@@ -202,9 +262,11 @@ def output_item(document: dict, item_id: str) -> dict | None:
     return next((item for item in document["output"] if item.get("id") == item_id), None)
 
 
-def output_item_ids(document: dict) -> list[tuple[str, str]]:
-    """(item id, response id) of each output item of `document`: where an item_reference looks."""
-    return [(item["id"], document["id"]) for item in document["output"] if isinstance(item, dict) and "id" in item]
+def output_item_rows(document: dict) -> list[tuple[str, str, int, bytes]]:
+    """(item id, response id, position, item) of each output item of `document`: where an
+    item_reference finds it, and what a chain's context reads."""
+    return [(item["id"], document["id"], position, orjson.dumps(item))
+            for position, item in enumerate(document["output"]) if isinstance(item, dict) and "id" in item]
 
 
 def cancel_transition(stored: bytes | None) -> tuple[dict | None, bool]:

@@ -14,6 +14,9 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    CHAIN_COLUMNS,
+    CHAIN_CONTEXT,
+    CHAIN_STEP_LATERAL,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     KEY_COLUMNS,
@@ -23,10 +26,11 @@ from parley.store.base import (
     KeyRecord,
     Recovery,
     cancel_transition,
+    chain_items,
     conversation_item_rows,
     joins_conversation,
     output_item,
-    output_item_ids,
+    output_item_rows,
     pack,
 )
 
@@ -97,6 +101,13 @@ MIGRATIONS = {
             ON CONFLICT DO NOTHING;
     """,
     5: CONVERSATION_TABLES,
+    6: CHAIN_COLUMNS + """;
+        UPDATE responses SET previous_id = convert_from(document, 'UTF8')::jsonb->>'previous_response_id';
+        UPDATE output_items o SET position = e.ordinality - 1, document = convert_to(e.value::text, 'UTF8')
+            FROM responses r,
+                jsonb_array_elements(convert_from(r.document, 'UTF8')::jsonb->'output') WITH ORDINALITY e(value, ordinality)
+            WHERE r.id = o.response_id AND e.value->>'id' = o.item_id;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -172,11 +183,13 @@ class PostgresStore(InputItemPaging):
             (response["status"], orjson.dumps(response), response["id"], list(expected)))
         if cursor.rowcount == 0:
             return False
-        rows = output_item_ids(response)
-        if rows:  # where its items live, for item_reference
+        rows = output_item_rows(response)
+        if rows:  # its items, for item_reference and the chains that continue it
             async with conn.cursor() as items:
                 await items.executemany(
-                    "INSERT INTO output_items (item_id, response_id) VALUES (%s, %s) ON CONFLICT DO NOTHING", rows)
+                    "INSERT INTO output_items (item_id, response_id, position, document) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (item_id) DO UPDATE SET response_id = EXCLUDED.response_id, "
+                    "position = EXCLUDED.position, document = EXCLUDED.document", rows)
         if conversation_id is not None and conversation is not None:
             inputs = await (await conn.execute("SELECT document FROM input_items WHERE response_id = %s "
                                                "ORDER BY position", (response["id"],))).fetchall()
@@ -197,10 +210,10 @@ class PostgresStore(InputItemPaging):
     @staticmethod
     async def _insert(conn, response: dict, input_items: list[dict], owner, lease_until, project) -> None:
         await conn.execute(
-            "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project, previous_id) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (response["id"], response["created_at"], response["status"], orjson.dumps(response), owner,
-             lease_until, project))
+             lease_until, project, response.get("previous_response_id")))
         if input_items:
             async with conn.cursor() as cursor:
                 await cursor.executemany(
@@ -258,6 +271,11 @@ class PostgresStore(InputItemPaging):
             rows = await (await conn.execute(
                 "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
         return [orjson.loads(r[0]) for r in rows]
+
+    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+        query = CHAIN_CONTEXT.format("%(id)s", "%(project)s", "convert_to(c.previous, 'UTF8')",
+                                     CHAIN_STEP_LATERAL.format("%(id)s", "%(project)s"))
+        return chain_items(await self._fetchall(query, {"id": response_id, "project": project}))
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         where, values = _scoped(project)

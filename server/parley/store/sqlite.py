@@ -19,6 +19,9 @@ import orjson
 from parley.log import get_logger
 from parley.store.base import (
     ACTIVE,
+    CHAIN_COLUMNS,
+    CHAIN_CONTEXT,
+    CHAIN_STEP_JOIN,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     KEY_COLUMNS,
@@ -28,10 +31,11 @@ from parley.store.base import (
     KeyRecord,
     Recovery,
     cancel_transition,
+    chain_items,
     conversation_item_rows,
     joins_conversation,
     output_item,
-    output_item_ids,
+    output_item_rows,
     pack,
 )
 
@@ -101,11 +105,20 @@ MIGRATIONS = {
             WHERE json_extract(o.value, '$.id') IS NOT NULL;
     """,
     6: CONVERSATION_TABLES,
+    7: CHAIN_COLUMNS + """;
+        UPDATE responses SET previous_id = json_extract(CAST(document AS TEXT), '$.previous_response_id');
+        UPDATE output_items SET
+            position = (SELECT CAST(o.key AS INTEGER) FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
+                        WHERE r.id = output_items.response_id AND json_extract(o.value, '$.id') = output_items.item_id),
+            document = (SELECT o.value FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
+                        WHERE r.id = output_items.response_id AND json_extract(o.value, '$.id') = output_items.item_id);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
-_INSERT_RESPONSES = "INSERT INTO responses (id, created_at, status, document, owner, lease_until, project)"
+_INSERT_RESPONSES = ("INSERT INTO responses (id, created_at, status, document, owner, lease_until, project, "
+                     "previous_id)")
 _INSERT_ITEMS = "INSERT INTO input_items (response_id, position, item_id, document)"
 _INSERT_CONVERSATION_ITEMS = "INSERT INTO conversation_items (conversation_id, position, item_id, document)"
 _UPSERT_RUNS = "INSERT OR REPLACE INTO event_batches (response_id, first_seq, last_seq, events)"
@@ -121,7 +134,7 @@ def _in(statuses: tuple[str, ...]) -> str:
 
 def _response_row(response: dict, owner, lease_until, project) -> tuple:
     return (response["id"], response["created_at"], response["status"], orjson.dumps(response), owner, lease_until,
-            project)
+            project, response.get("previous_response_id"))
 
 
 def _input_item_rows(response_id: str, items: list[dict]) -> list[tuple]:
@@ -194,11 +207,11 @@ def _join_conversations(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> Non
 def _index_outputs(db, documents) -> None:
     """Where each output item of `documents` lives, so that an item_reference finds it. A
     response deleted meanwhile is skipped (a foreign-key error would fail the whole write)."""
-    rows = [row for document in documents for row in output_item_ids(document)]
+    rows = [row for document in documents for row in output_item_rows(document)]
     if rows:
         for placeholders, values in _statements(rows):
-            db.execute("INSERT OR IGNORE INTO output_items (item_id, response_id) "
-                       f"SELECT v.column1, v.column2 FROM (VALUES {placeholders}) AS v "
+            db.execute("INSERT OR REPLACE INTO output_items (item_id, response_id, position, document) "
+                       f"SELECT v.column1, v.column2, v.column3, v.column4 FROM (VALUES {placeholders}) AS v "
                        "JOIN responses r ON r.id = v.column2", values)
 
 
@@ -346,6 +359,10 @@ class SqliteStore(InputItemPaging):
                                     (response_id,)).fetchall()
             return [orjson.loads(r[0]) for r in rows]
         return await self._call(_items)
+
+    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+        query = CHAIN_CONTEXT.format("?1", "?2", "c.previous", CHAIN_STEP_JOIN.format("?1", "?2"))
+        return await self._call(lambda: chain_items(self._db.execute(query, (response_id, project)).fetchall()))
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         where, values = _scoped(project)

@@ -237,3 +237,30 @@ async def test_a_finished_response_joins_its_conversation_once_and_only_when_it_
     await store.create(response("resp_fin", conversation={"id": "conv_2"}), [item(5)])
     assert await store.finish(response("resp_fin", "incomplete", conversation={"id": "conv_2"}), [])
     assert [i["id"] for i in await store.conversation_items("conv_2")][-1] == "msg_5"
+
+
+async def test_a_chains_context_is_one_query_oldest_first_and_breaks_where_a_response_is_gone(store):
+    from parley.store.base import ChainBroken
+
+    def answer(n):
+        return {"type": "message", "id": f"msg_out{n}", "role": "assistant", "content": []}
+
+    previous = None
+    for n in range(3):
+        rid = f"resp_c{n}"
+        await store.create(response(rid, previous_response_id=previous), [item(n)], project="alpha")
+        await store.finish(response(rid, "completed", previous_response_id=previous, output=[answer(n)]), [])
+        previous = rid
+    # A branch: another continuation of the first response sees only its own line.
+    await store.create(response("resp_branch", previous_response_id="resp_c0"), [item(9)], project="alpha")
+    await store.finish(response("resp_branch", "completed", previous_response_id="resp_c0", output=[answer(9)]), [])
+    ids = [i["id"] for i in await store.chain_context("resp_c2", "alpha")]
+    assert ids == ["msg_0", "msg_out0", "msg_1", "msg_out1", "msg_2", "msg_out2"]
+    assert [i["id"] for i in await store.chain_context("resp_branch", "alpha")] == ["msg_0", "msg_out0", "msg_9",
+                                                                                    "msg_out9"]
+    assert await store.chain_context("resp_c2", "beta") is None
+    assert await store.chain_context("resp_nope", "alpha") is None
+    await store.delete("resp_c1", "alpha")
+    with pytest.raises(ChainBroken) as broken:
+        await store.chain_context("resp_c2", "alpha")
+    assert broken.value.missing == "resp_c1"

@@ -1,0 +1,116 @@
+"""Turn cost: the server's own time per turn of a long conversation, at turns 1, 2, 10, 100 and
+1,000, on SQLite and PostgreSQL, with and without truncation; and the bytes stored per turn.
+
+  python bench/turn_cost.py [--turns 1000] [--stores sqlite,postgres] [--label NAME]
+
+In-process: ResponsesService on a fresh store and the scripted engine (no model), so what is
+timed is Parley's own work for a non-streamed create: validate, load the context, render and
+fit the prompt, store, and the durable acknowledgement. Each turn sends one new user message
+(about 12 words) and gets a 3-token answer. A chain goes on with `previous_response_id`; a
+conversation with `conversation`, side by side in the same run. With truncation, the scripted
+window (1,500 words) is passed at about turn 80, so that from then on every turn drops its oldest
+items. The figure at turn k is the median of turns k..k+4 (turn 1 alone), in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "server")]
+from common import save  # noqa: E402
+from parley.engine.scripted import ScriptedEngine  # noqa: E402
+from parley.log import configure  # noqa: E402
+from parley.service.responses import ResponsesService  # noqa: E402
+from parley.store.postgres import PostgresStore  # noqa: E402
+from parley.store.sqlite import SqliteStore  # noqa: E402
+
+from tests.support import postgres  # noqa: E402
+
+MARKS = (1, 2, 10, 100, 1000)
+WINDOW_WORDS = {"disabled": 1 << 24, "auto": 1500}
+
+
+async def stored_bytes(store) -> int:
+    tables = {"responses": "document", "input_items": "document", "event_batches": "events",
+              "conversation_items": "document"}
+    total = 0
+    for table, column in tables.items():
+        sql = f"SELECT coalesce(sum(length({column})), 0) FROM {table}"
+        if isinstance(store, SqliteStore):
+            total += await store._call(lambda sql=sql: store._db.execute(sql).fetchone()[0])
+        else:
+            total += (await store._fetchone(sql))[0]
+    return total
+
+
+async def one_run(store, mode: str, truncation: str, turns: int) -> dict:
+    engine = ScriptedEngine(model_id="scripted", context_window=WINDOW_WORDS[truncation], script=["Noted", ",", " ok."])
+    service = ResponsesService(engine, store)
+    times = []
+    previous = None
+    conversation = (await service.conversations.create("default", {}))["id"] if mode == "conversation" else None
+    before = await stored_bytes(store)
+    for turn in range(1, turns + 1):
+        body = {"model": "scripted", "truncation": truncation, "max_output_tokens": 16,
+                "input": f"Turn {turn}: here is one more short message for the running conversation."}
+        if mode == "chain" and previous is not None:
+            body["previous_response_id"] = previous
+        if conversation is not None:
+            body["conversation"] = conversation
+        started = time.perf_counter()
+        response = await service.create("default", body)
+        times.append((time.perf_counter() - started) * 1000)
+        previous = response["id"]
+    await service.drain()
+    grown = await stored_bytes(store) - before
+    at = {str(mark): round(statistics.median(times[mark - 1:mark + 4] if mark > 1 else times[:1]), 3)
+          for mark in MARKS if mark <= turns}
+    return {"ms_at_turn": at, "stored_bytes_per_turn": round(grown / turns),
+            "ratio_last_to_turn_2": round(at[str(max(m for m in MARKS if m <= turns))] / at["2"], 2)}
+
+
+async def main(turns: int, stores: list[str]) -> dict:
+    results = {}
+    for kind in stores:
+        for mode in ("chain", "conversation"):
+            for truncation in ("disabled", "auto"):
+                if kind == "sqlite":
+                    folder = tempfile.TemporaryDirectory()
+                    store = SqliteStore(Path(folder.name) / "turns.sqlite3")
+                    await store.open()
+                    try:
+                        result = await one_run(store, mode, truncation, turns)
+                    finally:
+                        await store.close()
+                        folder.cleanup()
+                else:
+                    with postgres.fresh_schema() as dsn:
+                        store = PostgresStore(dsn)
+                        await store.open()
+                        try:
+                            result = await one_run(store, mode, truncation, turns)
+                        finally:
+                            await store.close()
+                name = f"{kind} {mode} truncation={truncation}"
+                results[name] = result
+                print(f"{name:45s} {result}", flush=True)
+    return {"turns": turns, "cases": results}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=1000)
+    parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    configure(level="warning")  # a line per turn would be timed too
+    payload = asyncio.run(main(args.turns, args.stores.split(",")))
+    payload["label"] = args.label
+    print(save("turn_cost", payload))
