@@ -8,7 +8,8 @@ from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingPara
 
 class ScriptedEngine(scripted.ScriptedEngine):
     """Records prompts and sampling parameters, counts emitted tokens and aborted generations,
-    fails on demand (`fail_after` tokens), and can be declared dead (`dead`)."""
+    fails on demand (`fail_after` tokens), can be declared dead (`dead`), and takes the scripts
+    of its next generations from `upcoming` (one each, then `script` again)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -19,6 +20,7 @@ class ScriptedEngine(scripted.ScriptedEngine):
         self.aborted = 0
         self.fail_after: int | None = None
         self.dead: str | None = None
+        self.upcoming: list[list[str]] = []
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         self.prompts.append(list(messages))
@@ -27,6 +29,8 @@ class ScriptedEngine(scripted.ScriptedEngine):
     async def generate(self, prompt, params):
         self.last_params = params
         self.last_prompt = list(prompt)
+        if self.upcoming:
+            self.script = self.upcoming.pop(0)
         produced = 0
         finished = False
         steps = super().generate(prompt, params)

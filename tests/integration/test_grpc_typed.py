@@ -92,3 +92,20 @@ async def test_the_deprecated_stream_rpc_still_streams(stub):
     assert events[0]["type"] == "response.created" and events[-1]["type"] in ("response.completed",
                                                                              "response.incomplete")
     check_stream(events)
+
+
+async def test_count_input_tokens_and_compact_over_the_typed_api(stub, client):
+    count = await stub.CountInputTokens(typed.from_json({"input": "Hello there", "instructions": "Be brief."},
+                                                        service_pb2.CountInputTokensRequest()))
+    response = await client.responses.create(model=MODEL, input="Hello there", instructions="Be brief.",
+                                             max_output_tokens=16)
+    assert count.object == "response.input_tokens" and count.input_tokens == response.usage.input_tokens
+    compacted = await stub.CompactResponse(typed.from_json(
+        {"model": MODEL, "input": [{"role": "user", "content": "The code is 4471."}]},
+        service_pb2.CompactResponseRequest()))
+    assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
+    assert [item.WhichOneof("type") for item in compacted.output] == ["message", "compaction"]
+    assert compacted.usage.output_tokens > 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountInputTokens(service_pb2.CountInputTokensRequest(model="nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -16,10 +16,12 @@ conversation it replaced: a user message that carries the summary.
 
 from __future__ import annotations
 
+import json
 from itertools import groupby
 
 from parley.engine.base import ChatMessage
 from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
+from parley.service.tools import CUSTOM_INPUT
 
 COMPACTED_PREFIX = "Summary of the conversation before this point:\n"
 
@@ -28,6 +30,19 @@ def _text_of(content) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text") or part.get("refusal") or "" for part in content)
+
+
+# Calls of one assistant turn, function or custom alike, render together; so do their results.
+TURN_OF = {"function_call": "calls", "custom_tool_call": "calls", "function_call_output": "results",
+           "custom_tool_call_output": "results"}
+
+
+def _call(call: dict) -> tuple[str, str]:
+    """(name, arguments JSON) as the model wrote the call: a namespaced function as
+    `namespace.name`, a custom tool's input as its one argument (service/tools.py)."""
+    if call["type"] == "custom_tool_call":
+        return call["name"], json.dumps({CUSTOM_INPUT: call["input"]})
+    return (f"{call['namespace']}.{call['name']}" if call.get("namespace") else call["name"]), call["arguments"]
 
 
 def reasoning_text(item: dict) -> str:
@@ -57,22 +72,22 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
             text, thought = f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}", ""
         return ChatMessage("assistant", text)
 
-    for kind, grouped in groupby(items, key=lambda item: item["type"]):
+    for kind, grouped in groupby(items, key=lambda item: TURN_OF.get(item["type"], item["type"])):
         group = list(grouped)
         if kind == "reasoning":
             if reasoning_format == "think":
                 thought += "\n".join(filter(None, map(reasoning_text, group)))
             continue
-        if thought and not (kind == "function_call" or (kind == "message" and group[0]["role"] == "assistant")):
+        if thought and not (kind == "calls" or (kind == "message" and group[0]["role"] == "assistant")):
             messages.append(assistant(""))  # the turn was reasoning alone
         if kind == "compaction":
             messages += [ChatMessage("user", COMPACTED_PREFIX + item["summary"]) for item in group]
         elif kind == "message":
             messages += [assistant(_text_of(item["content"])) if item["role"] == "assistant"
                          else ChatMessage(item["role"], _text_of(item["content"])) for item in group]
-        elif kind == "function_call":
-            messages.append(assistant(tool_format.render_calls([(item["name"], item["arguments"]) for item in group])))
-        elif kind == "function_call_output":
+        elif kind == "calls":
+            messages.append(assistant(tool_format.render_calls([_call(item) for item in group])))
+        elif kind == "results":
             outputs = [_text_of(item["output"]) for item in group]
             messages.append(ChatMessage("user", tool_format.render_results(outputs)))
     if thought:

@@ -17,7 +17,7 @@ from parley.ids import new_id
 from parley.service.includes import shape_items
 from parley.service.input_items import normalize_input, resolve_references
 from parley.service.sealing import Sealer
-from parley.service.validation import validate_string_map
+from parley.service.validation import item_list, page_bounds, validate_string_map
 from parley.store.base import Conversation, ResponseStore, paginate
 
 MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items added by one create or add call
@@ -26,11 +26,6 @@ MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items added by one create or add cal
 def _resource(conversation: Conversation) -> dict:
     return {"id": conversation.id, "object": "conversation", "created_at": conversation.created_at,
             "metadata": conversation.metadata}
-
-
-def _item_list(items: list[dict], has_more: bool = False) -> dict:
-    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else "",
-            "last_id": items[-1]["id"] if items else "", "has_more": has_more}
 
 
 def _body(body: Any, allowed: set[str]) -> dict:
@@ -102,23 +97,17 @@ class Conversations:
         shape_items([], include, self.sealer)  # a bad include is refused before anything is added
         if not await self.store.add_conversation_items(conversation_id, items, project):
             raise not_found(f"Conversation with id '{conversation_id}' not found.", "conversation_id")
-        return _item_list(shape_items(items, include, self.sealer))
+        return item_list(shape_items(items, include, self.sealer))
 
     async def list_items(self, project: str, conversation_id: str, *, limit: int | None, order: str | None,
                          after: str | None, include: list[str]) -> dict:
-        limit = 20 if limit is None else limit
-        if not 1 <= limit <= 100:
-            raise invalid(f"Invalid 'limit': {limit}. Expected a value between 1 and 100.", "limit", "invalid_value")
-        order = order or "desc"
-        if order not in ("asc", "desc"):
-            raise invalid(f"Invalid 'order': {order!r}. Supported values are: 'asc' and 'desc'.", "order",
-                          "invalid_value")
+        limit, order = page_bounds(limit, order)
         shape_items([], include, self.sealer)
         items = await self.store.conversation_items(conversation_id, project)
         if items is None:
             raise not_found(f"Conversation with id '{conversation_id}' not found.", "conversation_id")
         page = paginate(items, limit=limit, order=order, after=after, before=None)
-        return _item_list(shape_items(page.items, include, self.sealer), page.has_more)
+        return item_list(shape_items(page.items, include, self.sealer), page.has_more)
 
     async def get_item(self, project: str, conversation_id: str, item_id: str, include: list[str]) -> dict:
         shape_items([], include, self.sealer)

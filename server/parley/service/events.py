@@ -11,6 +11,7 @@ import time
 import orjson
 
 from parley.ids import new_id
+from parley.service.tools import CustomInputDecoder, split_name
 from parley.service.validation import CreateParams
 
 
@@ -103,10 +104,12 @@ class ResponseBuilder:
     opened lazily, so a reply made only of tool calls has no empty message in it.
     """
 
-    def __init__(self, response: dict, logprobs: bool = False, seal=None):
+    def __init__(self, response: dict, logprobs: bool = False, seal=None, custom_tools: frozenset[str] = frozenset()):
         self.response = response
         self.logprobs = logprobs
         self.seal = seal  # callable sealing reasoning content, when encrypted content is requested
+        self.custom_tools = custom_tools  # calls of these are custom_tool_call items (free-form input)
+        self._custom_input: CustomInputDecoder | None = None
         self._item: dict | None = None
         self._parts: list[str] = []
         self._part_logprobs: list = []
@@ -184,13 +187,27 @@ class ResponseBuilder:
         return events + [{"type": "response.output_item.done", "output_index": self._index, "item": json_copy(item)}]
 
     def call_start(self, name: str) -> list[dict]:
+        """A call as the model wrote it: a namespaced function (`ns.name`) comes back with its
+        `namespace`."""
         events = self.close("completed")
+        if name in self.custom_tools:
+            self._custom_input = CustomInputDecoder()
+            item = {"id": new_id("ctc"), "type": "custom_tool_call", "call_id": new_id("call"), "name": name,
+                    "input": ""}
+            return events + self._open(item, None)
+        namespace, name = split_name(name)
         item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
                 "call_id": new_id("call"), "name": name}
+        if namespace is not None:
+            item["namespace"] = namespace
         return events + self._open(item, None)
 
     def call_arguments(self, delta: str) -> list[dict]:
         self._parts.append(delta)
+        if self._item["type"] == "custom_tool_call":  # the arguments' JSON is `{"input": "..."}`: its text
+            text = self._custom_input.feed(delta)
+            return [{"type": "response.custom_tool_call_input.delta", "item_id": self._item["id"],
+                     "output_index": self._index, "delta": text}] if text else []
         return [{"type": "response.function_call_arguments.delta", "item_id": self._item["id"],
                  "output_index": self._index, "delta": delta}]
 
@@ -202,8 +219,13 @@ class ResponseBuilder:
         self._item = None
         text = "".join(self._parts)
         index = self.response["output"].index(item)
-        item["status"] = status
         base = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "custom_tool_call":  # OpenAI's custom call has no status
+            item["input"] = self._custom_input.value
+            self._custom_input = None
+            return [{"type": "response.custom_tool_call_input.done", **base, "input": item["input"]},
+                    {"type": "response.output_item.done", "output_index": index, "item": json_copy(item)}]
+        item["status"] = status
         if item["type"] == "function_call":
             item["arguments"] = text
             events = [{"type": "response.function_call_arguments.done", **base, "arguments": text,

@@ -10,15 +10,17 @@ from parley.errors import invalid, invalid_type, not_found
 from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
-SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference",
-                        "compaction", "compaction_trigger")
+SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call",
+                        "custom_tool_call_output", "reasoning", "item_reference", "compaction", "compaction_trigger")
 # The fields each item and content part may carry; anything else is refused by name, never
 # dropped unseen. `phase` (an assistant message's commentary or final answer; Open Responses and
 # OpenAI) is kept as sent.
 ITEM_FIELDS = {
     "message": {"type", "id", "role", "content", "status", "phase"},
-    "function_call": {"type", "id", "call_id", "name", "arguments", "status"},
-    "function_call_output": {"type", "id", "call_id", "output", "status"},
+    "function_call": {"type", "id", "call_id", "name", "arguments", "status", "namespace"},
+    "function_call_output": {"type", "id", "call_id", "output", "status", "name", "namespace"},
+    "custom_tool_call": {"type", "id", "call_id", "name", "input", "namespace"},
+    "custom_tool_call_output": {"type", "id", "call_id", "output"},
     "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
     "item_reference": {"type", "id"},
     "compaction": {"type", "id", "encrypted_content", "created_by"},
@@ -73,6 +75,16 @@ def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
     return parts
 
 
+def _with_strings(normalized: dict, item: dict, keys: tuple[str, ...], param: str) -> dict:
+    """`normalized` with those of the optional string fields `keys` that `item` sets."""
+    for key in keys:
+        if item.get(key) is not None:
+            if not isinstance(item[key], str):
+                raise invalid_type(f"{param}.{key}", "a string", item[key])
+            normalized[key] = item[key]
+    return normalized
+
+
 def _text_part(kind: str, text: str) -> dict:
     if kind == "output_text":
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -106,13 +118,17 @@ def _normalize_item(item: Any, param: str) -> dict:
                               f"{param}.phase", "invalid_value")
             normalized["phase"] = phase
         return normalized
-    if kind == "function_call":
-        for key in ("call_id", "name", "arguments"):
+    if kind in ("function_call", "custom_tool_call"):
+        body = "arguments" if kind == "function_call" else "input"
+        for key in ("call_id", "name", body):
             if not isinstance(item.get(key), str):
                 raise invalid_type(f"{param}.{key}", "a string", item.get(key))
-        return {"type": "function_call", "id": item.get("id") or new_id("fc"), "call_id": item["call_id"],
-                "name": item["name"], "arguments": item["arguments"], "status": item.get("status") or "completed"}
-    if kind == "function_call_output":
+        normalized = {"type": kind, "id": item.get("id") or new_id("fc" if kind == "function_call" else "ctc"),
+                      "call_id": item["call_id"], "name": item["name"], body: item[body]}
+        if kind == "function_call":  # OpenAI's custom call has no status
+            normalized["status"] = item.get("status") or "completed"
+        return _with_strings(normalized, item, ("namespace",), param)
+    if kind in ("function_call_output", "custom_tool_call_output"):
         if not isinstance(item.get("call_id"), str):
             raise invalid_type(f"{param}.call_id", "a string", item.get("call_id"))
         output = item.get("output")
@@ -120,8 +136,12 @@ def _normalize_item(item: Any, param: str) -> dict:
             output = _normalize_content(output, "user", f"{param}.output")
         elif not isinstance(output, str):
             raise invalid_type(f"{param}.output", "a string or an array of content parts", output)
-        return {"type": "function_call_output", "id": item.get("id") or new_id("fco"),
-                "call_id": item["call_id"], "output": output, "status": item.get("status") or "completed"}
+        normalized = {"type": kind, "id": item.get("id") or new_id("fco" if kind == "function_call_output" else "ctco"),
+                      "call_id": item["call_id"], "output": output}
+        if kind == "custom_tool_call_output":
+            return normalized
+        normalized["status"] = item.get("status") or "completed"
+        return _with_strings(normalized, item, ("name", "namespace"), param)
     if kind == "reasoning":
         if not isinstance(item.get("summary", []), list):
             raise invalid_type(f"{param}.summary", "an array", item.get("summary"))

@@ -171,7 +171,8 @@ class Preparer:
                           "unsupported_schema") from None
         seal = self._sealer().seal if "reasoning.encrypted_content" in params.include else None
         builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())),
-                                  logprobs=params.wants_logprobs, seal=seal)
+                                  logprobs=params.wants_logprobs, seal=seal,
+                                  custom_tools=frozenset(f["name"] for f in params.functions if f.get("custom")))
         response_id = builder.response["id"]
         charge = self.limits.take(project, len(prompt) + max_tokens)
         try:
@@ -227,8 +228,9 @@ class Preparer:
         (the grammar forbids calling them): the prompt's prefix stays the same from turn to
         turn, and so does what the KV cache can reuse."""
         if params.compact:
-            return compaction.summary_messages(items, params.tools, self.tool_format, self.engine.reasoning_format)
-        return to_messages(params.instructions, items, params.tools, self.tool_format, self.engine.reasoning_format,
+            return compaction.summary_messages(items, params.functions, self.tool_format,
+                                               self.engine.reasoning_format)
+        return to_messages(params.instructions, items, params.functions, self.tool_format, self.engine.reasoning_format,
                            params.reasoning_turns)
 
     def _fit(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:

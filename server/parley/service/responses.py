@@ -27,7 +27,7 @@ from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
 from parley.service.preparation import CompactFirst, PreparedResponse, Preparer
 from parley.service.sealing import Sealer
-from parley.service.validation import validate_include
+from parley.service.validation import item_list, page_bounds, validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
 
@@ -185,26 +185,13 @@ class ResponsesService:
     async def list_input_items(self, project: str, response_id: str, *, limit: int | None, order: str | None,
                                after: str | None, before: str | None, include: list[str]) -> dict:
         await self.events.flush(response_id)
-        limit = 20 if limit is None else limit
-        if not 1 <= limit <= 100:
-            raise invalid(f"Invalid 'limit': {limit}. Expected a value between 1 and 100.", "limit", "invalid_value")
-        order = order or "desc"
-        if order not in ("asc", "desc"):
-            raise invalid(f"Invalid 'order': {order!r}. Supported values are: 'asc' and 'desc'.", "order",
-                          "invalid_value")
+        limit, order = page_bounds(limit, order)
         validate_include(include)  # input items are text: no value adds anything to them
         page = await self.store.list_input_items(response_id, limit=limit, order=order, after=after, before=before,
                                                  project=project)
         if page is None:
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
-        return {
-            "object": "list",
-            "data": page.items,
-            # OpenAI's schema makes both required strings: an empty page has empty ones.
-            "first_id": page.items[0]["id"] if page.items else "",
-            "last_id": page.items[-1]["id"] if page.items else "",
-            "has_more": page.has_more,
-        }
+        return item_list(page.items, page.has_more)
 
     # -- maintenance and shutdown -------------------------------------------------------------
 

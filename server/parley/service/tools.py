@@ -10,11 +10,12 @@ constrained to the schema as far as the grammar can express it.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from parley.engine.base import Constraint
-from parley.errors import ApiError, invalid
+from parley.errors import ApiError, invalid, invalid_type
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -85,52 +86,239 @@ def check_root_schema(schema: Any, param: str, strict: bool) -> dict:
     return schema
 
 
+NAMESPACE_TOOL_FIELDS = {"type", "name", "description", "tools"}
+CUSTOM_TOOL_FIELDS = {"type", "name", "description", "format"}
+# A custom tool's free-form input travels, in the family's call format, as this one argument.
+CUSTOM_INPUT = "input"
+WEB_SEARCH_TOOL_FIELDS = {"type", "external_web_access", "filters", "search_context_size", "user_location"}
+
+
+def _function_tool(tool: dict, where: str) -> dict:
+    for key in tool:
+        if key not in FUNCTION_TOOL_FIELDS:
+            raise invalid(f"Unknown parameter: '{where}.{key}'. Function tools take "
+                          + ", ".join(sorted(FUNCTION_TOOL_FIELDS)) + ".", f"{where}.{key}", "unknown_parameter")
+    name = _tool_name(tool, where)
+    strict = tool.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict", "invalid_type")
+    parameters = tool.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+    if strict is None:
+        # OpenAI defaults function tools to strict; a plain JSON schema (optional properties, no
+        # additionalProperties: false) is then taken as non-strict, and the echo says so.
+        check_root_schema(parameters, f"{where}.parameters", False)
+        strict = strict_compatible(parameters, f"{where}.parameters")
+    check_root_schema(parameters, f"{where}.parameters", strict)
+    return {"type": "function", "name": name, "description": _description(tool, where), "parameters": parameters,
+            "strict": strict}
+
+
+def _tool_name(tool: dict, where: str) -> str:
+    name = tool.get("name")
+    if name is None:
+        raise invalid(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise invalid(f"Invalid '{where}.name': {name!r}. Names are 1-64 characters of a-z, A-Z, 0-9, '_' "
+                      "and '-'.", f"{where}.name", "invalid_value")
+    return name
+
+
+def _description(tool: dict, where: str) -> str | None:
+    description = tool.get("description")
+    if description is not None and not isinstance(description, str):
+        raise invalid(f"Invalid type for '{where}.description': expected a string.", f"{where}.description",
+                      "invalid_type")
+    return description
+
+
+def _namespace_tool(tool: dict, where: str) -> dict:
+    """Function tools grouped under a name (Codex's `multi_agent_v1`): the model sees each one as
+    `namespace.name`, and its calls come back with `namespace` set."""
+    for key in tool:
+        if key not in NAMESPACE_TOOL_FIELDS:
+            raise invalid(f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}", "unknown_parameter")
+    members = tool.get("tools")
+    if not isinstance(members, list) or not members:
+        raise invalid(f"Invalid '{where}.tools': expected a non-empty array of function tools.", f"{where}.tools",
+                      "invalid_value")
+    functions = []
+    for index, member in enumerate(members):
+        inner = f"{where}.tools[{index}]"
+        if not isinstance(member, dict):
+            raise invalid(f"Invalid type for '{inner}': expected an object.", inner, "invalid_type")
+        if member.get("type") != "function":
+            raise invalid(f"A namespace holds function tools only; got {member.get('type')!r}.", f"{inner}.type",
+                          "unsupported_tool_type")
+        functions.append(_function_tool(member, inner))
+    namespace = {"type": "namespace", "name": _tool_name(tool, where), "tools": functions}
+    description = _description(tool, where)
+    return {**namespace, "description": description} if description is not None else namespace
+
+
+def _custom_tool(tool: dict, where: str) -> dict:
+    """A tool whose input is free text (`format: text`) or text matching a regular expression
+    (`format: {"type": "grammar", "syntax": "regex"}`). Lark grammars are refused: this server
+    has no Lark-to-GBNF translation."""
+    for key in tool:
+        if key not in CUSTOM_TOOL_FIELDS:
+            raise invalid(f"Unknown parameter: '{where}.{key}'. Custom tools take "
+                          + ", ".join(sorted(CUSTOM_TOOL_FIELDS)) + ".", f"{where}.{key}", "unknown_parameter")
+    fmt = tool.get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise invalid(f"Invalid type for '{where}.format': expected an object.", f"{where}.format", "invalid_type")
+    if fmt.get("type") == "text":
+        if set(fmt) != {"type"}:
+            raise invalid(f"Unknown parameter in '{where}.format': a text format has only `type`.", f"{where}.format",
+                          "unknown_parameter")
+    elif fmt.get("type") == "grammar":
+        for key in fmt:
+            if key not in ("type", "syntax", "definition"):
+                raise invalid(f"Unknown parameter: '{where}.format.{key}'.", f"{where}.format.{key}",
+                              "unknown_parameter")
+        if fmt.get("syntax") != "regex":
+            raise invalid(f"Unsupported value: {fmt.get('syntax')!r}. This server enforces custom tool grammars "
+                          "written as 'regex'; 'lark' is not supported.", f"{where}.format.syntax", "unsupported_value")
+        if not isinstance(fmt.get("definition"), str):
+            raise invalid_type(f"{where}.format.definition", "a string", fmt.get("definition"))
+    else:
+        raise invalid(f"Invalid value: {fmt.get('type')!r}. Supported values are: 'text' and 'grammar'.",
+                      f"{where}.format.type", "invalid_value")
+    custom = {"type": "custom", "name": _tool_name(tool, where), "format": dict(fmt)}
+    description = _description(tool, where)
+    return {**custom, "description": description} if description is not None else custom
+
+
+def _as_function(custom: dict) -> dict:
+    """How the model is offered a custom tool: a function of one string, its free-form input."""
+    text = {"type": "string"}
+    if custom["format"]["type"] == "grammar":
+        text["pattern"] = custom["format"]["definition"]
+    description = custom.get("description") or ""
+    return {"type": "function", "name": custom["name"], "custom": True, "strict": True,
+            "description": f"{description} Its input is free-form text, given as `{CUSTOM_INPUT}`.".strip(),
+            "parameters": {"type": "object", "properties": {CUSTOM_INPUT: text}, "required": [CUSTOM_INPUT],
+                           "additionalProperties": False}}
+
+
+class CustomInputDecoder:
+    """A custom call's input, as the JSON text of its arguments streams in
+    (`{"input": "...escaped..."}`): the decoded characters, as soon as they are whole."""
+
+    def __init__(self) -> None:
+        self._raw = ""
+        self._start: int | None = None  # where the string's characters begin in _raw
+        self._done = 0                  # raw characters of the string already decoded
+        self.value = ""
+
+    def feed(self, text: str) -> str:
+        self._raw += text
+        if self._start is None:
+            colon = self._raw.find(":")
+            quote = self._raw.find('"', colon + 1) if colon >= 0 else -1
+            if quote < 0:
+                return ""
+            self._start = self._done = quote + 1
+        end = self._done
+        while end < len(self._raw):
+            char = self._raw[end]
+            if char == '"':
+                break
+            if char == "\\":
+                size = 6 if self._raw[end + 1:end + 2] == "u" else 2
+                if size == 6 and self._raw[end + 2:end + 4].lower() in ("d8", "d9", "da", "db") \
+                        and self._raw[end + 6:end + 8] in ("\\u", "\\", ""):
+                    size = 12  # a high surrogate decodes with the low one that follows it
+                if end + size > len(self._raw):
+                    break  # an escape still arriving
+                end += size
+            else:
+                end += 1
+        piece = json.loads(f'"{self._raw[self._done:end]}"') if end > self._done else ""
+        piece = piece.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # a lone surrogate: U+FFFD
+        self._done = end
+        self.value += piece
+        return piece
+
+
+def _web_search_tool(tool: dict, where: str) -> dict:
+    """Parley reaches no web. A search without external access (what Codex sends) is an offline
+    search that can find nothing, so it is accepted, echoed, and not offered to the model (a call
+    could only return no results); asking for the web is a 400."""
+    for key in tool:
+        if key not in WEB_SEARCH_TOOL_FIELDS:
+            raise invalid(f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}", "unknown_parameter")
+    if tool.get("external_web_access") is not False:
+        raise invalid("This server has no web access: a web_search tool is accepted only with "
+                      "external_web_access: false.", f"{where}.external_web_access", "unsupported_value")
+    return dict(tool)
+
+
 def validate_tools(tools: Any) -> list[dict]:
-    """Normalized function tools; any other tool type is a clear 400."""
+    """The tools as echoed: function tools, namespaces of them, and offline web search; any other
+    tool type is a clear 400. `functions()` flattens them to what the model may call."""
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise invalid("Invalid type for 'tools': expected an array.", "tools", "invalid_type")
-    normalized, names = [], set()
+    normalized = []
     for index, tool in enumerate(tools):
         where = f"tools[{index}]"
         if not isinstance(tool, dict):
             raise invalid(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
-        if tool.get("type") != "function":
-            raise invalid(f"Tools of type {tool.get('type')!r} are not supported by this server; only 'function' "
-                          "tools are.", f"{where}.type", "unsupported_tool_type")
-        for key in tool:
-            if key not in FUNCTION_TOOL_FIELDS:
-                raise invalid(f"Unknown parameter: '{where}.{key}'. Function tools take "
-                              + ", ".join(sorted(FUNCTION_TOOL_FIELDS)) + ".", f"{where}.{key}", "unknown_parameter")
-        name = tool.get("name")
-        if name is None:
-            raise invalid(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise invalid(f"Invalid '{where}.name': {name!r}. Names are 1-64 characters of a-z, A-Z, 0-9, '_' "
-                          "and '-'.", f"{where}.name", "invalid_value")
-        if name in names:
-            raise invalid(f"Duplicate function name {name!r} in tools.", f"{where}.name", "invalid_value")
-        names.add(name)
-        strict = tool.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise invalid(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict", "invalid_type")
-        parameters = tool.get("parameters")
-        if parameters is None:
-            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
-        if strict is None:
-            # OpenAI defaults function tools to strict; a plain JSON schema (optional properties, no
-            # additionalProperties: false) is then taken as non-strict, and the echo says so.
-            check_root_schema(parameters, f"{where}.parameters", False)
-            strict = strict_compatible(parameters, f"{where}.parameters")
-        check_root_schema(parameters, f"{where}.parameters", strict)
-        description = tool.get("description")
-        if description is not None and not isinstance(description, str):
-            raise invalid(f"Invalid type for '{where}.description': expected a string.", f"{where}.description",
-                          "invalid_type")
-        normalized.append({"type": "function", "name": name, "description": description, "parameters": parameters,
-                           "strict": strict})
+        kind = tool.get("type")
+        if kind == "function":
+            normalized.append(_function_tool(tool, where))
+        elif kind == "namespace":
+            normalized.append(_namespace_tool(tool, where))
+        elif kind == "custom":
+            normalized.append(_custom_tool(tool, where))
+        elif kind == "web_search":
+            normalized.append(_web_search_tool(tool, where))
+        else:
+            raise invalid(f"Tools of type {kind!r} are not supported by this server; 'function', 'custom' and "
+                          "'namespace' tools are, and 'web_search' without external access.", f"{where}.type",
+                          "unsupported_tool_type")
+    names = set()
+    for index, tool in enumerate(normalized):
+        for qualified, where in _names_of(tool, f"tools[{index}]"):
+            if qualified in names:
+                raise invalid(f"Duplicate function name {qualified!r} in tools.", where, "invalid_value")
+            names.add(qualified)
     return normalized
+
+
+def _names_of(tool: dict, where: str) -> list[tuple[str, str]]:
+    """(name the model sees, where the request sets it) of each function in `tool`."""
+    if tool["type"] in ("function", "custom"):
+        return [(tool["name"], f"{where}.name")]
+    if tool["type"] == "namespace":
+        return [(f"{tool['name']}.{member['name']}", f"{where}.tools[{index}].name")
+                for index, member in enumerate(tool["tools"])]
+    return []
+
+
+def functions(tools: list[dict]) -> list[dict]:
+    """The functions the model is offered, flat: a namespace's members named `namespace.name`
+    (a function's own name cannot hold a dot, so the two never collide)."""
+    flat = []
+    for tool in tools:
+        if tool["type"] == "function":
+            flat.append(tool)
+        elif tool["type"] == "custom":
+            flat.append(_as_function(tool))
+        elif tool["type"] == "namespace":
+            flat += [{**member, "name": f"{tool['name']}.{member['name']}",
+                      "description": " ".join(filter(None, (tool.get("description"), member["description"])))}
+                     for member in tool["tools"]]
+    return flat
+
+
+def split_name(qualified: str) -> tuple[str | None, str]:
+    """(namespace, name) of a function name as the model wrote it."""
+    namespace, _, name = qualified.rpartition(".")
+    return namespace or None, name
 
 
 def resolve_tool_choice(choice: Any, tools: list[dict]) -> tuple[Any, str, list[dict]]:
@@ -148,12 +336,12 @@ def resolve_tool_choice(choice: Any, tools: list[dict]) -> tuple[Any, str, list[
     if not isinstance(choice, dict):
         raise invalid("Invalid type for 'tool_choice': expected a string or an object.", "tool_choice", "invalid_type")
     kind = choice.get("type")
-    if kind == "function":
+    if kind in ("function", "custom"):
         name = choice.get("name")
-        if name not in names:
-            raise invalid(f"tool_choice names function {name!r}, which is not in 'tools'.", "tool_choice.name",
+        if name not in names or bool(next(t for t in tools if t["name"] == name).get("custom")) != (kind == "custom"):
+            raise invalid(f"tool_choice names {kind} tool {name!r}, which is not in 'tools'.", "tool_choice.name",
                           "invalid_value")
-        return {"type": "function", "name": name}, "required", [t for t in tools if t["name"] == name]
+        return {"type": kind, "name": name}, "required", [t for t in tools if t["name"] == name]
     if kind == "allowed_tools":
         mode = choice.get("mode")
         if mode not in ("auto", "required"):
@@ -225,9 +413,9 @@ def unknown_call_outputs(items: list[dict]) -> ApiError | None:
     """A function_call_output must answer a function_call earlier in the conversation."""
     calls: set[str] = set()
     for item in items:
-        if item["type"] == "function_call":
+        if item["type"] in ("function_call", "custom_tool_call"):
             calls.add(item["call_id"])
-        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+        elif item["type"] in ("function_call_output", "custom_tool_call_output") and item["call_id"] not in calls:
             return invalid(f"No tool call found for function call output with call_id '{item['call_id']}'.",
                            "input", "invalid_call_id")
     return None

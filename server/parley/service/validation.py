@@ -14,7 +14,7 @@ from typing import Any
 from parley.engine.base import SamplingParams
 from parley.errors import ApiError, ErrorKind, invalid, invalid_type
 from parley.service.input_items import normalize_input
-from parley.service.tools import build_constraint, resolve_tool_choice, validate_text_format, validate_tools
+from parley.service.tools import build_constraint, functions, resolve_tool_choice, validate_text_format, validate_tools
 
 INCLUDE_VALUES = frozenset({
     "file_search_call.results",
@@ -65,7 +65,8 @@ class CreateParams:
     include: list[str]
     parallel_tool_calls: bool
     truncation: str
-    tools: list[dict]
+    tools: list[dict]           # as echoed: functions, namespaces, offline web search
+    functions: list[dict]       # what the model is offered, flat (namespaced names `ns.name`)
     tool_choice: Any
     tool_mode: str              # none | auto | required
     callable_tools: list[dict]  # the tools the model may call under tool_choice
@@ -124,9 +125,13 @@ def _range(param: str, value, low, high) -> None:
                       param, "invalid_value" if param != "top_logprobs" else "integer_out_of_range")
 
 
-def validate_string_map(metadata: Any, param: str) -> dict[str, str]:
+# Codex's client_metadata carries its turn metadata as a JSON string of about 800 characters.
+CLIENT_METADATA_MAX_VALUE = 4096
+
+
+def validate_string_map(metadata: Any, param: str, max_value: int = 512) -> dict[str, str]:
     """OpenAI's metadata rules: at most 16 string values, keys of at most 64 characters, values of
-    at most 512."""
+    at most 512 (`max_value`)."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -140,8 +145,8 @@ def validate_string_map(metadata: Any, param: str) -> dict[str, str]:
                           param, "invalid_value")
         if not isinstance(value, str):
             raise invalid_type(f"{param}.{key}", "a string", value)
-        if len(value) > 512:
-            raise invalid(f"Invalid '{param}.{key}': string too long. Expected at most 512 characters, "
+        if len(value) > max_value:
+            raise invalid(f"Invalid '{param}.{key}': string too long. Expected at most {max_value} characters, "
                           f"got {len(value)}.", f"{param}.{key}", "string_above_max_length")
     return dict(metadata)
 
@@ -201,6 +206,25 @@ def _validate_conversation(value: Any) -> str | None:
         raise invalid(f"Invalid '{param}': '{value[:64]}'. Expected an ID that begins with 'conv'.", param,
                       "invalid_value")
     return value
+
+
+def page_bounds(limit: int | None, order: str | None) -> tuple[int, str]:
+    """A list route's `limit` (1..100, default 20) and `order` (`asc` or `desc`, the default)."""
+    limit = 20 if limit is None else limit
+    if not 1 <= limit <= 100:
+        raise invalid(f"Invalid 'limit': {limit}. Expected a value between 1 and 100.", "limit", "invalid_value")
+    order = order or "desc"
+    if order not in ("asc", "desc"):
+        raise invalid(f"Invalid 'order': {order!r}. Supported values are: 'asc' and 'desc'.", "order",
+                      "invalid_value")
+    return limit, order
+
+
+def item_list(items: list[dict], has_more: bool = False) -> dict:
+    """A page of items as OpenAI lists them. Its schemas make first_id and last_id required
+    strings, so an empty page has empty ones."""
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else "",
+            "last_id": items[-1]["id"] if items else "", "has_more": has_more}
 
 
 def validate_include(values: Any, param: str = "include") -> list[str]:
@@ -374,7 +398,8 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
                       "invalid_value")
 
     tools = validate_tools(body.get("tools"))
-    tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), tools)
+    offered = functions(tools)
+    tool_choice, tool_mode, callable_tools = resolve_tool_choice(body.get("tool_choice"), offered)
     input_items = normalize_input(body.get("input"))
     compact = bool(input_items) and input_items[-1]["type"] == "compaction_trigger"
     if compact:
@@ -405,6 +430,7 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         parallel_tool_calls=booleans["parallel_tool_calls"],
         truncation=truncation,
         tools=tools,
+        functions=offered,
         tool_choice=tool_choice,
         tool_mode=tool_mode,
         callable_tools=callable_tools,
@@ -415,5 +441,6 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         conversation_id=conversation_id,
         compact=compact,
         compact_threshold=_validate_context_management(body.get("context_management")),
-        client_metadata=validate_string_map(body.get("client_metadata"), "client_metadata"),
+        client_metadata=validate_string_map(body.get("client_metadata"), "client_metadata",
+                                            max_value=CLIENT_METADATA_MAX_VALUE),
     )

@@ -156,3 +156,75 @@ async def test_penalties_reach_the_engine_and_are_echoed(service):
     assert (response["presence_penalty"], response["frequency_penalty"]) == (0.5, -1.0)
     events = await stream(service, input="x")  # Open Responses requires both on every response
     assert (check_stream(events)["presence_penalty"], service.engine.last_params.frequency_penalty) == (0.0, 0.0)
+
+
+async def test_a_namespaced_function_is_offered_by_its_qualified_name_and_called_back_with_its_namespace(service):
+    namespace = {"type": "namespace", "name": "agents", "description": "Sub-agents.",
+                 "tools": [{**WEATHER, "name": "spawn"}]}
+    offline = {"type": "web_search", "external_web_access": False}
+    service.engine.script = ['<tool_call>\n{"name": "agents.spawn", "arguments": {"city": "Paris"}}\n</tool_call>']
+    events = await stream(service, input="x", tools=[namespace, offline], tool_choice="required")
+    response = check_stream(events)
+    call = response["output"][0]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "spawn", "agents")
+    assert response["tools"][0]["tools"][0]["name"] == "spawn" and response["tools"][1] == offline
+    offered = service.engine.prompts[-1][0].content
+    assert '"name": "agents.spawn"' in offered and "web_search" not in offered
+    assert service.engine.last_params.constraint.tools[0][0] == "agents.spawn"
+    # Sent back, the call is rendered as the model wrote it.
+    service.engine.script = ["Sunny."]
+    await stream(service, input=[call, {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny",
+                                        "name": "spawn", "namespace": "agents"}], tools=[namespace])
+    assert '"name": "agents.spawn"' in service.engine.prompts[-1][1].content
+
+
+PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "Apply a patch.",
+              "format": {"type": "text"}}
+
+
+async def test_a_custom_tool_call_streams_its_free_form_input(service):
+    raw = '{"input": "*** Begin Patch\\n+say \\"hi\\" \\u00e9\\n*** End"}'
+    pieces = [raw[i:i + 3] for i in range(0, len(raw), 3)]  # splits inside escapes too
+    service.engine.script = ['<tool_call>\n{"name": "apply_patch", "arguments": ', *pieces, "}\n</tool_call>"]
+    events = await stream(service, input="Patch it.", tools=[PATCH_TOOL], tool_choice={"type": "custom",
+                                                                                        "name": "apply_patch"})
+    response = check_stream(events)
+    call = response["output"][0]
+    expected = '*** Begin Patch\n+say "hi" \u00e9\n*** End'
+    assert (call["type"], call["name"], call["input"]) == ("custom_tool_call", "apply_patch", expected)
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    assert "".join(deltas) == expected and len(deltas) > 3
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert done["input"] == expected and response["tool_choice"] == {"type": "custom", "name": "apply_patch"}
+    assert service.engine.last_params.constraint.mode == "required"
+    # Its output goes back; the prompt shows the call as the model wrote it, then the result.
+    service.engine.script = ["Patched."]
+    await stream(service, input=[call, {"type": "custom_tool_call_output", "call_id": call["call_id"],
+                                        "output": "applied"}], tools=[PATCH_TOOL])
+    prompt = [m.content for m in service.engine.prompts[-1]]
+    assert '"name": "apply_patch"' in prompt[1] and "<tool_response>\napplied" in prompt[2]
+
+
+@pytest.mark.parametrize("tool, param", [
+    ({**PATCH_TOOL, "format": {"type": "grammar", "syntax": "lark", "definition": "start: x"}},
+     "tools[0].format.syntax"),
+    ({**PATCH_TOOL, "format": {"type": "yaml"}}, "tools[0].format.type"),
+    ({**PATCH_TOOL, "defer_loading": True}, "tools[0].defer_loading"),
+])
+async def test_a_custom_tool_this_server_cannot_honour_is_refused_by_name(service, tool, param):
+    from parley.errors import ApiError
+
+    with pytest.raises(ApiError) as caught:
+        await service.create("default", {"model": service.engine.model_id, "input": "x", "tools": [tool]})
+    assert caught.value.param == param
+
+
+def test_the_custom_input_decoder_decodes_at_every_split():
+    from parley.service.tools import CustomInputDecoder
+
+    raw = '{"input": "a\\"b\\\\c\\n\\u00e9\\ud83d\\ude00z"}'
+    expected = 'a"b\\c\n\u00e9\U0001F600z'
+    for size in range(1, 8):
+        decoder = CustomInputDecoder()
+        text = "".join(decoder.feed(raw[i:i + size]) for i in range(0, len(raw), size))
+        assert text == decoder.value == expected
