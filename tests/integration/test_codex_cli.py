@@ -35,13 +35,14 @@ def codex() -> Path:
 
 
 async def run_codex(codex: Path, base_url: str, model: str, prompt: str, home: Path, workdir: Path,
-                    timeout: float = 300, resume: bool = False) -> subprocess.CompletedProcess:
+                    timeout: float = 300, resume: bool = False, options: tuple[str, ...] = ()
+                    ) -> subprocess.CompletedProcess:
     """`codex exec` with its defaults (read-only sandbox, no approvals), Parley as the provider;
-    `resume`: the next turn of the last session."""
+    `resume`: the next turn of the last session; `options`: more `-c key=value` settings."""
     provider = f'{{name="Parley", base_url="{base_url}", wire_api="responses", env_key="PARLEY_TEST_KEY"}}'
     command = [str(codex), "exec", *(["resume", "--last"] if resume else []), "--skip-git-repo-check", "--json",
                "-c", "model_provider=parley", "-c", f"model_providers.parley={provider}", "-c", f"model={model}",
-               prompt]
+               *(f"-c{option}" for option in options), prompt]
     home.mkdir(exist_ok=True)
     environment = {**os.environ, "CODEX_HOME": str(home), "PARLEY_TEST_KEY": "unused", "NO_COLOR": "1"}
     return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=timeout,
@@ -107,3 +108,28 @@ async def test_a_codex_session_runs_on_the_cpu_default(codex, tmp_path):
     assert not [e for e in events if e.get("type") == "error" and "max_output_tokens" not in e["message"]], events
     assert failures or any(e.get("type") == "turn.completed" for e in events)
     assert result.returncode == (1 if failures else 0), result.stderr[-2000:]
+
+
+async def test_a_codex_session_that_outgrows_its_limit_is_compacted_and_goes_on(codex, tmp_path):
+    """Past `model_auto_compact_token_limit` Codex compacts. With a custom provider it asks the
+    model for a handoff summary in an ordinary request, then goes on from that summary."""
+    from tests.fakes.engines import ScriptedEngine
+
+    engine = ScriptedEngine(model_id="scripted", context_window=1 << 20)
+    engine.upcoming = [
+        ['<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo parley-$((6*7))"}}\n</tool_call>'],
+        ["Summary: the user asked for a command; it printed parley-42."],
+        ["The command printed parley-42."],
+    ]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    async with running_stack(tmp_path / "codex-compact.sqlite3", engine=engine) as stack:
+        result = await run_codex(codex, stack.base_url, "scripted", "Run a command for me.", tmp_path / "home",
+                                 workdir, options=("model_auto_compact_token_limit=3000",))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-2000:])
+    asked, continued = engine.prompts[-2:]
+    assert "CONTEXT CHECKPOINT COMPACTION" in asked[-1].content
+    assert "Summary: the user asked for a command; it printed parley-42." in continued[-1].content
+    messages = [e["item"]["text"] for e in events_of(result)
+                if e.get("type") == "item.completed" and e["item"].get("type") == "agent_message"]
+    assert messages[-1] == "The command printed parley-42."

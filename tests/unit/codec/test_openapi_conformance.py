@@ -29,6 +29,8 @@ EVENT_SCHEMAS = {
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
     "response.reasoning_text.delta": "ResponseReasoningTextDeltaEvent",
     "response.reasoning_text.done": "ResponseReasoningTextDoneEvent",
+    "response.custom_tool_call_input.delta": "ResponseCustomToolCallInputDeltaEvent",
+    "response.custom_tool_call_input.done": "ResponseCustomToolCallInputDoneEvent",
 }
 
 
@@ -89,3 +91,29 @@ async def test_reasoning_logprobs_and_tool_events(tmp_path):
     for event in events:
         openapi.validate(EVENT_SCHEMAS[event["type"]], event)
     openapi.validate("Response", events[-1]["response"])
+
+
+async def test_namespaced_custom_and_compaction_outputs_match_both_specs(tmp_path):
+    """The items and events that issue 14 added, against OpenAI's spec; the compaction run's
+    against Open Responses' too (its Response knows function tools only: namespaces, custom tools
+    and web search are OpenAI's)."""
+    namespace = {"type": "namespace", "name": "agents", "description": "Sub-agents.", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {}}}]}
+    custom = {"type": "custom", "name": "apply_patch", "format": {"type": "text"}}
+    engine = ScriptedEngine(model_id="m", script=[
+        '<tool_call>\n{"name": "agents.spawn", "arguments": {}}\n</tool_call>\n',
+        '<tool_call>\n{"name": "apply_patch", "arguments": {"input": "+ line"}}\n</tool_call>'])
+    async with service_on(tmp_path / "n.sqlite3", engine, sealer=Sealer(b"k" * 32)) as service:
+        events = await stream(service, input="x", tools=[namespace, custom,
+                                                         {"type": "web_search", "external_web_access": False}])
+        engine.script = ["A summary."]
+        compacted = await stream(service, input=[{"role": "user", "content": "x"}, {"type": "compaction_trigger"}])
+    assert [item["type"] for item in events[-1]["response"]["output"]] == ["function_call", "custom_tool_call"]
+    for event in events + compacted:
+        openapi.validate(EVENT_SCHEMAS[event["type"]], event)
+    for event in compacted:
+        other = openapi.open_responses_event_schema(event["type"])
+        if other is not None and openapi.OPEN_RESPONSES_PATH.is_file():
+            openapi.validate_open_responses(other, event)
+    openapi.validate("Response", events[-1]["response"])
+    openapi.validate("Response", compacted[-1]["response"])
