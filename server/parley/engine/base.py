@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 FinishReason = Literal["stop", "length"]
 
 
-@dataclasses.dataclass(frozen=True)
-class ChatMessage:
+class ChatMessage(NamedTuple):
+    """A tuple, not a frozen dataclass: a turn builds one per item of its whole context, and a
+    frozen dataclass's __init__ costs several times a tuple's."""
+
     role: str  # system | developer | user | assistant
     content: str
 

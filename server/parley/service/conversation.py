@@ -29,6 +29,9 @@ COMPACTED_PREFIX = "Summary of the conversation before this point:\n"
 def _text_of(content) -> str:
     if isinstance(content, str):
         return content
+    if len(content) == 1:  # the usual case, on every item of every turn's whole context
+        part = content[0]
+        return part.get("text") or part.get("refusal") or ""
     return "".join(part.get("text") or part.get("refusal") or "" for part in content)
 
 
