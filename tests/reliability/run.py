@@ -3,7 +3,8 @@ and an operator pulling the plug would try it. Each part prints its figure and w
 holds; the run exits non-zero when any rule is broken, and writes
 tests/reliability/results/<when>.json.
 
-  fuzz          requests generated from OpenAI's spec (../shared/reference; skipped without it)
+  fuzz          requests generated from OpenAI's spec for /responses and /conversations
+                (../shared/reference; skipped without it)
                 through Envoy: no 5xx, every error OpenAI-shaped
   kills         SIGKILL right after `response.created` and after the terminal event, on SQLite
                 and PostgreSQL: nothing a client saw lost or changed
@@ -75,7 +76,7 @@ def fuzz(workdir: Path, examples: int) -> dict:
         return {"skipped": f"OpenAI's spec not found at {SPEC_PATH} (it lives in the developers' shared/ folder)"}
     with Server(workdir) as server:
         command = [str(Path(sys.executable).parent / "st"), "run", str(SPEC_PATH), "-u", server.url,
-                   "--include-path-regex", "^/responses", "-c", "not_a_server_error,openai_shaped_errors",
+                   "--include-path-regex", "^/(responses|conversations)", "-c", "not_a_server_error,openai_shaped_errors",
                    "-n", str(examples), "--phases", "examples,coverage,fuzzing", "--suppress-health-check", "all",
                    "--max-time", "300",
                    "--report", "ndjson", "--report-ndjson-path", str(workdir / "fuzz.ndjson")]

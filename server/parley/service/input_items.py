@@ -10,6 +10,7 @@ from parley.errors import invalid, invalid_type, not_found
 from parley.ids import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
+ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 SUPPORTED_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call",
                         "custom_tool_call_output", "reasoning", "item_reference", "compaction", "compaction_trigger")
 # The fields each item and content part may carry; anything else is refused by name, never
@@ -52,6 +53,8 @@ def _normalize_content(content: Any, role: str, param: str) -> list[dict]:
         if not isinstance(part, dict):
             raise invalid_type(where, "an object", part)
         kind = part.get("type")
+        if not isinstance(kind, str):
+            raise invalid_type(f"{where}.type", "a string", kind)
         if kind in PART_FIELDS:
             _no_unknown_fields(part, PART_FIELDS[kind], where)
         if kind in ("input_text", "output_text"):
@@ -85,6 +88,23 @@ def _with_strings(normalized: dict, item: dict, keys: tuple[str, ...], param: st
     return normalized
 
 
+def _text_parts(parts: Any, kind: str, param: str) -> list[dict]:
+    """A reasoning item's summary or content: parts `{"type": kind, "text": ...}`."""
+    if not isinstance(parts, list):
+        raise invalid_type(param, "an array", parts)
+    for index, part in enumerate(parts):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise invalid_type(where, "an object", part)
+        if part.get("type") != kind:
+            raise invalid(f"Invalid value: {part.get('type')!r}. Supported values are: '{kind}'.", f"{where}.type",
+                          "invalid_value")
+        _no_unknown_fields(part, {"type", "text"}, where)
+        if not isinstance(part.get("text"), str):
+            raise invalid_type(f"{where}.text", "a string", part.get("text"))
+    return parts
+
+
 def _text_part(kind: str, text: str) -> dict:
     if kind == "output_text":
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -97,8 +117,17 @@ def _normalize_item(item: Any, param: str) -> dict:
     kind = item.get("type")
     if kind is None:  # EasyInputMessage may omit `type`, and so may an ItemReferenceParam
         kind = "item_reference" if "role" not in item and set(item) <= ITEM_FIELDS["item_reference"] else "message"
+    if not isinstance(kind, str):
+        raise invalid_type(f"{param}.type", "a string", kind)
     if kind in ITEM_FIELDS:
         _no_unknown_fields(item, ITEM_FIELDS[kind], param)
+    for key in ("id", "created_by"):  # kept as given, and an id is stored as a key: strings only
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise invalid_type(f"{param}.{key}", "a string", item[key])
+    status = item.get("status")
+    if status is not None and status not in ITEM_STATUSES:
+        raise invalid(f"Invalid value: {status!r}. Supported values are: 'in_progress', 'completed', and "
+                      "'incomplete'.", f"{param}.status", "invalid_value")
     if kind == "message":
         role = item.get("role")
         if role not in ROLES:
@@ -143,11 +172,10 @@ def _normalize_item(item: Any, param: str) -> dict:
         normalized["status"] = item.get("status") or "completed"
         return _with_strings(normalized, item, ("name", "namespace"), param)
     if kind == "reasoning":
-        if not isinstance(item.get("summary", []), list):
-            raise invalid_type(f"{param}.summary", "an array", item.get("summary"))
-        normalized = {"type": "reasoning", "id": item.get("id") or new_id("rs"), "summary": item.get("summary", [])}
+        normalized = {"type": "reasoning", "id": item.get("id") or new_id("rs"),
+                      "summary": _text_parts(item.get("summary", []), "summary_text", f"{param}.summary")}
         if item.get("content") is not None:
-            normalized["content"] = item["content"]
+            normalized["content"] = _text_parts(item["content"], "reasoning_text", f"{param}.content")
         encrypted = item.get("encrypted_content")
         if encrypted is not None:
             if not isinstance(encrypted, str):
@@ -168,8 +196,6 @@ def _normalize_item(item: Any, param: str) -> dict:
         if not isinstance(item.get("id"), str) or not item["id"]:
             raise invalid_type(f"{param}.id", "a string", item.get("id"))
         return {"type": "item_reference", "id": item["id"]}  # resolved from the store (preparation.py)
-    if not isinstance(kind, str):
-        raise invalid_type(f"{param}.type", "a string", kind)
     raise invalid(f"Input items of type '{kind}' are not supported by this server. Supported types: "
                   + ", ".join(f"'{t}'" for t in SUPPORTED_ITEM_TYPES) + ".", f"{param}.type", "unsupported_item_type")
 

@@ -234,7 +234,7 @@ def validate_include(values: Any, param: str = "include") -> list[str]:
     if not isinstance(values, list):
         raise invalid_type(param, "an array", values)
     for index, value in enumerate(values):
-        if value not in INCLUDE_VALUES:
+        if not isinstance(value, str) or value not in INCLUDE_VALUES:
             raise invalid(f"Invalid value: {value!r}. Supported values are: "
                           + ", ".join(f"'{v}'" for v in sorted(INCLUDE_VALUES)) + ".",
                           f"{param}[{index}]", "invalid_value")

@@ -248,3 +248,21 @@ def test_an_assistant_messages_phase_is_kept():
         {"role": "assistant", "content": "Checking.", "phase": "commentary"}, {"role": "user", "content": "ok"}]},
         [MODEL])
     assert params.input_items[0]["phase"] == "commentary" and "phase" not in params.input_items[1]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": [{"type": {}, "id": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "compaction", "id": [None, None], "encrypted_content": ""}]}, "input[0].id"),
+    ({"input": [{"role": "user", "content": "x", "status": {"a": 1}}]}, "input[0].status"),
+    ({"input": [{"role": "user", "content": [{"type": []}]}]}, "input[0].content[0].type"),
+    ({"input": "x", "include": [{}]}, "include[0]"),
+    ({"input": [{"type": "reasoning", "summary": [1]}]}, "input[0].summary[0]"),
+    ({"input": [{"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": 3}]}]},
+     "input[0].content[0].text"),
+    ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "x", "extra": 1}]}]},
+     "input[0].summary[0].extra"),
+])
+def test_values_of_the_wrong_shape_anywhere_are_a_400_naming_them(body, param):
+    # A dict where a string belongs once reached a set lookup and became a 500 (found by the fuzzer).
+    error = rejected({"model": MODEL, **body})
+    assert error.kind.http_status == 400 and error.param == param
