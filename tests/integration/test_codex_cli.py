@@ -49,19 +49,26 @@ async def run_codex(codex: Path, base_url: str, model: str, prompt: str, home: P
                                    env=environment, stdin=subprocess.DEVNULL, cwd=workdir)
 
 
+RUN_A_COMMAND = '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo parley-$((6*7))"}}\n</tool_call>'
+
+
+def scripted(*replies: str):
+    """A scripted engine whose next generations answer with `replies`, one each; a window that
+    holds Codex's prompt (its instructions and tools are about 10k words)."""
+    from tests.fakes.engines import ScriptedEngine
+
+    engine = ScriptedEngine(model_id="scripted", context_window=1 << 20)
+    engine.upcoming = [[reply] for reply in replies]
+    return engine
+
+
 def events_of(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 async def test_a_codex_session_calls_a_tool_and_answers_with_its_output(codex, tmp_path):
-    from tests.fakes.engines import ScriptedEngine
-
-    engine = ScriptedEngine(model_id="scripted", context_window=1 << 20)
-    engine.upcoming = [
-        ['<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo parley-$((6*7))"}}\n</tool_call>'],
-        ["The command printed parley-42."],
-        ["You asked me to run a command; it printed parley-42."],
-    ]
+    engine = scripted(RUN_A_COMMAND, "The command printed parley-42.",
+                      "You asked me to run a command; it printed parley-42.")
     workdir = tmp_path / "work"
     workdir.mkdir()
     async with running_stack(tmp_path / "codex.sqlite3", engine=engine) as stack:
@@ -113,14 +120,8 @@ async def test_a_codex_session_runs_on_the_cpu_default(codex, tmp_path):
 async def test_a_codex_session_that_outgrows_its_limit_is_compacted_and_goes_on(codex, tmp_path):
     """Past `model_auto_compact_token_limit` Codex compacts. With a custom provider it asks the
     model for a handoff summary in an ordinary request, then goes on from that summary."""
-    from tests.fakes.engines import ScriptedEngine
-
-    engine = ScriptedEngine(model_id="scripted", context_window=1 << 20)
-    engine.upcoming = [
-        ['<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo parley-$((6*7))"}}\n</tool_call>'],
-        ["Summary: the user asked for a command; it printed parley-42."],
-        ["The command printed parley-42."],
-    ]
+    engine = scripted(RUN_A_COMMAND, "Summary: the user asked for a command; it printed parley-42.",
+                      "The command printed parley-42.")
     workdir = tmp_path / "work"
     workdir.mkdir()
     async with running_stack(tmp_path / "codex-compact.sqlite3", engine=engine) as stack:
