@@ -525,10 +525,12 @@ class LlamaCppEngine:
         opened more). True when it did, and the answer is complete."""
         sequence.closer.feed(text)
         closing = sequence.closer.suffix()
-        if not closing:
+        left = sequence.budget - sequence.produced - CLOSING_MARGIN
+        # The closing is ASCII, at most a token per byte: far from the end, no need to tokenize it.
+        if not closing or len(closing) < left:
             return False
         tokens = self._llm.tokenize(closing.encode(), add_bos=False, special=False)
-        if sequence.budget - sequence.produced > len(tokens) + CLOSING_MARGIN:
+        if len(tokens) < left:
             return False
         sequence.outbox.append(TextDelta(closing, len(tokens)))
         sequence.produced += len(tokens)

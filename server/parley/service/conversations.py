@@ -14,10 +14,10 @@ from typing import Any
 
 from parley.errors import invalid, invalid_type, not_found
 from parley.ids import new_id
-from parley.service.includes import shape_items
+from parley.service.includes import checked_include, shape_items
 from parley.service.input_items import normalize_input, resolve_references
 from parley.service.sealing import Sealer
-from parley.service.validation import item_list, page_bounds, validate_string_map
+from parley.service.validation import check_body, item_list, page_bounds, validate_string_map
 from parley.store.base import Conversation, ResponseStore, paginate
 
 MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items added by one create or add call
@@ -26,15 +26,6 @@ MAX_ITEMS_AT_ONCE = 20  # OpenAI's limit on items added by one create or add cal
 def _resource(conversation: Conversation) -> dict:
     return {"id": conversation.id, "object": "conversation", "created_at": conversation.created_at,
             "metadata": conversation.metadata}
-
-
-def _body(body: Any, allowed: set[str]) -> dict:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", None, "invalid_body")
-    for key in body:
-        if key not in allowed:
-            raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
-    return body
 
 
 class Conversations:
@@ -66,7 +57,7 @@ class Conversations:
         return conversation
 
     async def create(self, project: str, body: Any) -> dict:
-        body = _body(body, {"metadata", "items"})
+        body = check_body(body, {"metadata", "items"})
         conversation = Conversation(new_id("conv"), project, int(time.time()),
                                     validate_string_map(body.get("metadata"), "metadata"))
         await self.store.create_conversation(conversation, await self._items(project, body.get("items")))
@@ -76,7 +67,7 @@ class Conversations:
         return _resource(await self._existing(project, conversation_id))
 
     async def update(self, project: str, conversation_id: str, body: Any) -> dict:
-        body = _body(body, {"metadata"})
+        body = check_body(body, {"metadata"})
         if "metadata" not in body:
             raise invalid("Missing required parameter: 'metadata'.", "metadata", "missing_required_parameter")
         metadata = validate_string_map(body["metadata"], "metadata")
@@ -90,11 +81,11 @@ class Conversations:
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     async def add_items(self, project: str, conversation_id: str, body: Any, include: list[str]) -> dict:
-        body = _body(body, {"items"})
+        body = check_body(body, {"items"})
         if "items" not in body:
             raise invalid("Missing required parameter: 'items'.", "items", "missing_required_parameter")
         items = await self._items(project, body["items"])
-        shape_items([], include, self.sealer)  # a bad include is refused before anything is added
+        checked_include(include, self.sealer)  # refused before anything is added
         if not await self.store.add_conversation_items(conversation_id, items, project):
             raise not_found(f"Conversation with id '{conversation_id}' not found.", "conversation_id")
         return item_list(shape_items(items, include, self.sealer))
@@ -102,7 +93,7 @@ class Conversations:
     async def list_items(self, project: str, conversation_id: str, *, limit: int | None, order: str | None,
                          after: str | None, include: list[str]) -> dict:
         limit, order = page_bounds(limit, order)
-        shape_items([], include, self.sealer)
+        checked_include(include, self.sealer)
         items = await self.store.conversation_items(conversation_id, project)
         if items is None:
             raise not_found(f"Conversation with id '{conversation_id}' not found.", "conversation_id")
@@ -110,7 +101,7 @@ class Conversations:
         return item_list(shape_items(page.items, include, self.sealer), page.has_more)
 
     async def get_item(self, project: str, conversation_id: str, item_id: str, include: list[str]) -> dict:
-        shape_items([], include, self.sealer)
+        checked_include(include, self.sealer)
         items = await self.store.conversation_items(conversation_id, project)
         if items is None:
             raise not_found(f"Conversation with id '{conversation_id}' not found.", "conversation_id")

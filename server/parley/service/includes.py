@@ -23,12 +23,18 @@ def shape_stored(document: dict, include: list[str], sealer: Sealer | None) -> d
     return document
 
 
-def shape_items(items: list[dict], include: list[str], sealer: Sealer | None) -> list[dict]:
-    """Stored items (fresh copies, changed in place) with the optional parts `include` asks for."""
+def checked_include(include: list[str], sealer: Sealer | None) -> list[str]:
+    """`include` if this server can honour it on stored items; else a 400 naming it."""
     include = validate_include(include)
     if ENCRYPTED_REASONING in include and sealer is None:
         raise ApiError(ErrorKind.INVALID_REQUEST, "Encrypted reasoning is not configured on this server.",
                        "include", "unsupported_value")
+    return include
+
+
+def shape_items(items: list[dict], include: list[str], sealer: Sealer | None) -> list[dict]:
+    """Stored items (fresh copies, changed in place) with the optional parts `include` asks for."""
+    include = checked_include(include, sealer)
     for item in items:
         if item.get("type") == "message" and LOGPROBS not in include:
             for part in item.get("content") or []:

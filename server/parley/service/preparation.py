@@ -63,7 +63,9 @@ class PreparedResponse:
     charge: Charge  # what the project's rate limits were charged; settled when it ends
     arrived_at: float  # time.perf_counter() when the request arrived (time to first token)
     span: Span | None  # the request's RPC span (traces), parent of the run's spans
-    context: list[dict] = dataclasses.field(default_factory=list)  # the items the prompt was made of
+    # A compaction run's context (its window is made of it); empty otherwise, so that a long
+    # stream does not hold its whole history.
+    context: list[dict] = dataclasses.field(default_factory=list)
     compacted: tuple[dict, dict] | None = None  # (compaction item, usage) that opens the output
 
     @property
@@ -131,35 +133,32 @@ class Preparer:
     async def prompt(self, project: str, params: CreateParams) -> list[int]:
         """The prompt tokens the engine gets for `params`: its context with instructions and
         tools (or, for a compaction run, the request to summarise it), fitted to the window."""
-        return self.render(params, (await self.context(project, params)).items)[0]
+        return self._prompt_or_compact_first(params, await self.context(project, params), may_compact=False)
 
-    def render(self, params: CreateParams, items: list[dict]) -> tuple[list[int], int]:
-        """The prompt, and how many of the oldest items truncation dropped."""
-        prompt, dropped = self._fit(params, items)
-        if dropped:
-            log.info("prompt.truncated", dropped_items=dropped)
-        if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
-            log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, items)])
-        return prompt, dropped
-
-    def _over_threshold(self, params: CreateParams, context: Context) -> bool:
-        """context_management: whether the prompt is past the threshold (0: would not fit)."""
-        if params.compact_threshold is None or params.compact or not context.history:
-            return False
+    def _prompt_or_compact_first(self, params: CreateParams, context: Context, may_compact: bool) -> list[int]:
+        """The prompt; or, under context_management, CompactFirst when the prompt is past its
+        threshold (with none: when it would not fit, truncated or not). Nothing is charged,
+        admitted or stored yet when it is raised."""
+        compactable = (may_compact and params.compact_threshold is not None and not params.compact
+                       and bool(context.history))
         try:
             prompt, dropped = self._fit(params, context.items)
         except ApiError as error:
-            if error.code == "context_length_exceeded":
-                return True
+            if compactable and error.code == "context_length_exceeded":
+                raise CompactFirst(context.history) from None
             raise
-        return dropped > 0 or (params.compact_threshold > 0 and len(prompt) > params.compact_threshold)
+        if compactable and (dropped or 0 < params.compact_threshold < len(prompt)):
+            raise CompactFirst(context.history)
+        if dropped:
+            log.info("prompt.truncated", dropped_items=dropped)
+        if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
+            log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, context.items)])
+        return prompt
 
     async def _prepare(self, project: str, body, arrived_at: float, compacted) -> PreparedResponse:
         params = self.validate(body)
         context = await self.context(project, params, compacted and compacted[0])
-        if compacted is None and self._over_threshold(params, context):
-            raise CompactFirst(context.history)  # nothing is charged, admitted or stored yet
-        prompt, _ = self.render(params, context.items)
+        prompt = self._prompt_or_compact_first(params, context, may_compact=compacted is None)
         default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
         max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
         sampling = params.sampling(max_tokens)
@@ -193,7 +192,7 @@ class Preparer:
                                     self.events.stream(response_id, persist=params.store,
                                                        background=params.background),
                                     prompt, sampling, ticket, project, charge, arrived_at,
-                                    tracing.rpc_span(), context.items, compacted)
+                                    tracing.rpc_span(), context.items if params.compact else [], compacted)
         log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared

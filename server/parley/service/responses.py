@@ -27,7 +27,7 @@ from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
 from parley.service.preparation import CompactFirst, PreparedResponse, Preparer
 from parley.service.sealing import Sealer
-from parley.service.validation import item_list, page_bounds, validate_include
+from parley.service.validation import check_body, item_list, page_bounds, validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
 
@@ -118,11 +118,7 @@ class ResponsesService:
     async def count_input_tokens(self, project: str, body) -> dict:
         """POST /v1/responses/input_tokens: the length of the prompt a create with these fields
         would give the engine, computed by the very code that builds it; nothing is stored."""
-        if not isinstance(body, dict):
-            raise invalid("The request body must be a JSON object.", None, "invalid_body")
-        for key in body:
-            if key not in COUNT_FIELDS:
-                raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+        check_body(body, COUNT_FIELDS)
         params = self.preparer.validate({**body, "model": body.get("model") or self.engine.model_id})
         prompt = await self.preparer.prompt(project, params)
         return {"object": "response.input_tokens", "input_tokens": len(prompt)}
@@ -130,11 +126,7 @@ class ResponsesService:
     async def compact(self, project: str, body) -> dict:
         """POST /v1/responses/compact: a compaction run (service/compaction.py) that is not
         stored; the reply is the compacted window to send instead of the context."""
-        if not isinstance(body, dict):
-            raise invalid("The request body must be a JSON object.", None, "invalid_body")
-        for key in body:
-            if key not in COMPACT_FIELDS:
-                raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+        check_body(body, COMPACT_FIELDS)
         window = body.get("input")
         if isinstance(window, str):
             window = [{"role": "user", "content": window}]

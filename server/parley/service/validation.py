@@ -208,6 +208,16 @@ def _validate_conversation(value: Any) -> str | None:
     return value
 
 
+def check_body(body: Any, allowed: frozenset[str] | set[str]) -> dict:
+    """A JSON body that is an object of `allowed` keys (a 400 names the first key that is not)."""
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", None, "invalid_body")
+    for key in body:
+        if key not in allowed:
+            raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+    return body
+
+
 def page_bounds(limit: int | None, order: str | None) -> tuple[int, str]:
     """A list route's `limit` (1..100, default 20) and `order` (`asc` or `desc`, the default)."""
     limit = 20 if limit is None else limit
@@ -304,11 +314,7 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
 
 
 def validate_create(body: Any, served_models: list[str], *, reasoning_model: bool = False) -> CreateParams:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", None, "invalid_body")
-    for key in body:
-        if key not in KNOWN_FIELDS:
-            raise invalid(f"Unknown parameter: '{key}'.", key, "unknown_parameter")
+    check_body(body, KNOWN_FIELDS)
     for key, message in NOT_YET.items():
         # `"prompt": {}` asks for a prompt too; an empty list asks for nothing (the typed API
         # cannot tell an empty repeated field from an absent one).

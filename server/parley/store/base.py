@@ -78,6 +78,25 @@ CHAIN_CONTEXT = """
 """
 
 
+# A stored item by id, in a response of the project: an output item of a finished response first,
+# else an input item. `{0}` is the dialect's placeholder, `{1}` the project condition (or none).
+FIND_ITEM = """
+    SELECT document FROM (
+        SELECT 0 AS kind, o.document FROM output_items o JOIN responses r ON r.id = o.response_id
+            WHERE o.item_id = {0}{1}
+        UNION ALL
+        SELECT 1, i.document FROM input_items i JOIN responses r ON r.id = i.response_id
+            WHERE i.item_id = {0}{1}
+    ) AS found ORDER BY kind LIMIT 1
+"""
+
+
+def loaded(document) -> dict:
+    """A stored JSON document as the drivers return it (bytes, memoryview, or the TEXT that
+    SQLite's JSON functions wrote during a migration)."""
+    return orjson.loads(document.encode() if isinstance(document, str) else bytes(document))
+
+
 class ChainBroken(Exception):
     """A response of the chain is gone (deleted, expired, or another project's)."""
 
@@ -96,8 +115,7 @@ def chain_items(rows) -> list[dict] | None:
     if deepest[1] == -1 and deepest[3] is not None:
         link = deepest[3]
         raise ChainBroken(link.decode() if isinstance(link, (bytes, memoryview)) else str(link))
-    return [orjson.loads(document.encode() if isinstance(document, str) else bytes(document))
-            for _, part, _, document in rows if part != -1]
+    return [loaded(document) for _, part, _, document in rows if part != -1]
 
 
 # The same in both stores (SQL that both dialects read alike). A conversation's items are an
@@ -256,10 +274,6 @@ class ResponseStore(Protocol):
 
     async def delete_finished_before(self, cutoff: float) -> int:
         """Retention: delete finished responses created before `cutoff` (unix seconds)."""
-
-
-def output_item(document: dict, item_id: str) -> dict | None:
-    return next((item for item in document["output"] if item.get("id") == item_id), None)
 
 
 def output_item_rows(document: dict) -> list[tuple[str, str, int, bytes]]:

@@ -19,6 +19,7 @@ from parley.store.base import (
     CHAIN_STEP_LATERAL,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
+    FIND_ITEM,
     KEY_COLUMNS,
     Conversation,
     EventRun,
@@ -29,7 +30,7 @@ from parley.store.base import (
     chain_items,
     conversation_item_rows,
     joins_conversation,
-    output_item,
+    loaded,
     output_item_rows,
     pack,
 )
@@ -279,14 +280,8 @@ class PostgresStore(InputItemPaging):
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         where, values = _scoped(project)
-        row = await self._fetchone("SELECT r.document FROM output_items o JOIN responses r ON r.id = o.response_id "
-                                   "WHERE o.item_id = %s" + where, (item_id, *values))
-        found = output_item(orjson.loads(row[0]), item_id) if row else None
-        if found is None:
-            row = await self._fetchone("SELECT i.document FROM input_items i JOIN responses r ON r.id = i.response_id "
-                                       "WHERE i.item_id = %s" + where + " LIMIT 1", (item_id, *values))
-            found = orjson.loads(row[0]) if row else None
-        return found
+        row = await self._fetchone(FIND_ITEM.format("%s", where), (item_id, *values, item_id, *values))
+        return loaded(row[0]) if row else None
 
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
         rows = await self._fetchall(

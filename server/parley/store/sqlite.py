@@ -24,6 +24,7 @@ from parley.store.base import (
     CHAIN_STEP_JOIN,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
+    FIND_ITEM,
     KEY_COLUMNS,
     Conversation,
     EventRun,
@@ -34,7 +35,7 @@ from parley.store.base import (
     chain_items,
     conversation_item_rows,
     joins_conversation,
-    output_item,
+    loaded,
     output_item_rows,
     pack,
 )
@@ -368,14 +369,8 @@ class SqliteStore(InputItemPaging):
         where, values = _scoped(project)
 
         def _find():
-            row = self._db.execute("SELECT r.document FROM output_items o JOIN responses r ON r.id = o.response_id "
-                                   "WHERE o.item_id = ?" + where, (item_id, *values)).fetchone()
-            found = output_item(orjson.loads(row[0]), item_id) if row else None
-            if found is None:
-                row = self._db.execute("SELECT i.document FROM input_items i JOIN responses r ON r.id = i.response_id "
-                                       "WHERE i.item_id = ?" + where + " LIMIT 1", (item_id, *values)).fetchone()
-                found = orjson.loads(row[0]) if row else None
-            return found
+            row = self._db.execute(FIND_ITEM.format("?", where), (item_id, *values, item_id, *values)).fetchone()
+            return loaded(row[0]) if row else None
         return await self._call(_find)
 
     async def event_rows(self, response_id: str, starting_after: int = -1) -> list[bytes]:
