@@ -202,7 +202,7 @@ async def parley_server(sequences: int, kv_cache: str):
     context = CONTEXT // sequences if kv_cache == "per_sequence" else CONTEXT
     workdir = Path(tempfile.mkdtemp(prefix="parley-cpu-bench-"))
     server = start([sys.executable, "-m", "parley", "serve"], {
-        "PARLEY_GRPC_PORT": str(grpc_port), "PARLEY_METRICS_PORT": "0", "PARLEY_STORE_PATH": str(workdir / "cpu.sqlite3"),
+        "PARLEY_GRPC_PORT": str(grpc_port), "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0", "PARLEY_STORE_PATH": str(workdir / "cpu.sqlite3"),
         "PARLEY_ENGINE_THREADS": str(THREADS), "PARLEY_CONTEXT_WINDOW": str(context), "PARLEY_KV_CACHE": kv_cache,
         "PARLEY_LOG_LEVEL": "warning",
         "PARLEY_MAX_CONCURRENT_GENERATIONS": str(sequences)}, "listening on")

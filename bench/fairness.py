@@ -92,7 +92,7 @@ async def main() -> None:
         keys = {project: create_key(store, project) for project in ("a", "b")}
         port = free_port()
         env = {**os.environ, "PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": "synthetic",
-               "PARLEY_STORE_PATH": store, "PARLEY_HTTP_PORT": str(port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0",
+               "PARLEY_STORE_PATH": store, "PARLEY_HTTP_PORT": str(port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
                "PARLEY_SYNTHETIC_OUTPUT_TOKENS": str(args.tokens),
                "PARLEY_SYNTHETIC_TOKENS_PER_SECOND": str(args.rate),
                "PARLEY_MAX_CONCURRENT_GENERATIONS": str(args.slots),

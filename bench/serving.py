@@ -45,7 +45,7 @@ MODEL = "synthetic"
 
 def parley_command(port: int, store: str, tokens: int, rate: float = 0,
                    durability: str = "acknowledged") -> tuple[list[str], dict]:
-    env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port), "PARLEY_METRICS_PORT": "0",
+    env = {"PARLEY_ENGINE": "synthetic", "PARLEY_MODEL_NAME": MODEL, "PARLEY_GRPC_PORT": str(port), "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
            "PARLEY_DURABILITY": durability,
            "PARLEY_STORE_PATH": store, "PARLEY_SYNTHETIC_OUTPUT_TOKENS": str(tokens),
            "PARLEY_SYNTHETIC_TOKENS_PER_SECOND": str(rate), "PARLEY_LOG_LEVEL": "warning",

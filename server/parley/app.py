@@ -24,10 +24,12 @@ from parley.service.keys import Authenticator
 from parley.service.limits import RateLimits
 from parley.service.responses import ResponsesService
 from parley.service.sealing import Sealer, load_key
+from parley.service.sessions import SessionLimits
 from parley.store.signals import LocalSignals, PostgresSignals
 from parley.transport.boundary import Gate
 from parley.transport.intake import BodyIntake
 from parley.transport.servicers import add_servicers
+from parley.transport.websocket import WebSocketServer, WebSocketSettings
 
 log = get_logger(__name__)
 
@@ -38,6 +40,14 @@ ENGINE_HEALTH_INTERVAL_SECONDS = 1.0
 
 def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def websocket_settings(settings: Settings) -> WebSocketSettings:
+    return WebSocketSettings(
+        host=settings.grpc_host, port=settings.websocket_port, max_message_bytes=settings.websocket_max_message_bytes,
+        max_connections=settings.websocket_max_connections, idle_seconds=settings.websocket_idle_seconds,
+        session=SessionLimits(max_lanes=settings.websocket_max_lanes, max_seconds=settings.websocket_max_seconds,
+                              max_pending_bytes=settings.websocket_max_message_bytes))
 
 
 def build_store(settings: Settings):
@@ -66,6 +76,8 @@ class App:
         self.authenticator = Authenticator(self.store, settings.api_key)
         self.limits = RateLimits(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute)
         self.metrics_port: int | None = None
+        self.websocket: WebSocketServer | None = None
+        self.websocket_port: int | None = None
         self._metrics_server = None
         self._maintenance: asyncio.Task | None = None
         self._engine_watch: asyncio.Task | None = None
@@ -106,16 +118,25 @@ class App:
         ])
         self._services = add_servicers(
             self.server, self.service, Gate(self.authenticator, self.limits),
-            BodyIntake(self.settings.max_request_body_bytes, self.settings.large_bodies_at_once))
+            BodyIntake(self.settings.max_request_body_bytes, self.settings.large_bodies_at_once),
+            websocket_settings(self.settings).session)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self._services, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
+        self.websocket = WebSocketServer(self.service, self.authenticator, websocket_settings(self.settings))
+        try:
+            self.websocket_port = await self.websocket.start()
+        except OSError as exc:
+            raise RuntimeError(f"WebSocket mode cannot listen on {self.settings.grpc_host}:"
+                               f"{self.settings.websocket_port} ({exc.strerror}); set PARLEY_WEBSOCKET_PORT "
+                               "(0 picks a free port)") from None
         self._serve_metrics()
         await self._report_health(True)
         self._engine_watch = asyncio.create_task(self._watch_engine(), name="engine-health")
-        log.info("server.started", grpc=f"{self.settings.grpc_host}:{self.grpc_port}", model=self.engine.model_id,
+        log.info("server.started", grpc=f"{self.settings.grpc_host}:{self.grpc_port}", websocket=self.websocket_port,
+                 model=self.engine.model_id,
                  engine=self.settings.engine, store="postgres" if self.settings.store_dsn else self.settings.store_path,
                  replica=self.replica_id)
         return self.grpc_port
@@ -188,7 +209,8 @@ class App:
             # Refuses new RPCs at once; in-flight ones get `grace` seconds. Background work
             # drains concurrently within the same grace.
             await asyncio.gather(self.server.stop(grace),
-                                 self.service.shutdown(grace) if self.service else asyncio.sleep(0))
+                                 self.service.shutdown(grace) if self.service else asyncio.sleep(0),
+                                 self.websocket.stop(grace) if self.websocket else asyncio.sleep(0))
         for task in (self._maintenance, self._engine_watch):
             if task is not None:
                 task.cancel()
@@ -235,7 +257,7 @@ async def serve(settings: Settings, with_gateway: bool) -> int:
         if with_gateway:
             from parley.gateway import Envoy
 
-            envoy = Envoy(settings, app.grpc_port)
+            envoy = Envoy(settings, app.grpc_port, websocket_port=app.websocket_port)
             await asyncio.to_thread(envoy.start)
             watcher = asyncio.create_task(_watch_gateway(envoy, stop), name="gateway-watch")
             print(f"Parley is serving the OpenAI Responses API at {envoy.url}  "

@@ -30,6 +30,12 @@ class Settings:
     http_request_timeout_seconds: int = 30
     http_max_connections: int = 4096
     rest_port_serves_grpc: bool = False
+    websocket_port: int = 50052
+    websocket_max_seconds: int = 3600
+    websocket_idle_seconds: int = 600
+    websocket_max_message_bytes: int = 16 * 1024 * 1024
+    websocket_max_connections: int = 1024
+    websocket_max_lanes: int = 16
     api_key: str = ""
     allow_unauthenticated: bool = False
     rate_limit_requests_per_minute: int = 0
@@ -66,7 +72,7 @@ class Settings:
 
     def validate(self) -> "Settings":
         problems = []
-        for name in ("grpc_port", "http_port", "envoy_admin_port", "metrics_port"):
+        for name in ("grpc_port", "http_port", "envoy_admin_port", "metrics_port", "websocket_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 problems.append(f"{name} must be 0..65535, got {port}")
@@ -82,12 +88,16 @@ class Settings:
             problems.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
         if self.max_request_body_bytes < 1024:
             problems.append("max_request_body_bytes must be >= 1024")
+        if self.websocket_max_message_bytes < 1024:
+            problems.append("websocket_max_message_bytes must be >= 1024")
         if self.default_max_output_tokens < 16:
             problems.append("default_max_output_tokens must be >= 16")
         if self.store_dsn and not self.store_dsn.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
             problems.append("store_dsn must be a PostgreSQL DSN (postgresql://... or key=value)")
         for name in ("lease_seconds", "maintenance_interval_seconds", "max_concurrent_generations",
-                     "http_request_timeout_seconds", "http_max_connections", "large_bodies_at_once"):
+                     "http_request_timeout_seconds", "http_max_connections", "large_bodies_at_once",
+                     "websocket_max_seconds", "websocket_idle_seconds", "websocket_max_connections",
+                     "websocket_max_lanes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.api_key and (len(self.api_key) < 16 or any(c.isspace() for c in self.api_key)):
@@ -132,6 +142,15 @@ HELP = {
     "http_max_connections": "open client connections Envoy accepts at once; beyond, new ones are refused",
     "rest_port_serves_grpc": "also serve the typed gRPC API (parley.v1.Responses) on the REST port; off: "
                              "gRPC clients use the gRPC port",
+    "websocket_port": "internal port of WebSocket mode (Envoy forwards `GET /v1/responses` upgrades from the "
+                      "REST port here; clients never use it); 0 picks a free port",
+    "websocket_max_seconds": "a WebSocket connection's life; then running turns finish, new ones get "
+                             "`websocket_connection_limit_reached`, and it closes (the spec's 60 minutes)",
+    "websocket_idle_seconds": "a WebSocket connection with nothing running that sends nothing for this long is closed",
+    "websocket_max_message_bytes": "largest WebSocket message a client may send (larger: closed with 1009)",
+    "websocket_max_connections": "open WebSocket connections per server; beyond, the handshake gets 503",
+    "websocket_max_lanes": "lanes (`stream_id`s) with work at once on one WebSocket connection; beyond, "
+                           "`websocket_stream_limit_reached`",
     "api_key": "a key every request must send (`Authorization: Bearer ...`), for the `default` project; keys "
                "made with `parley keys create` work beside it. No key at all: auth is off",
     "allow_unauthenticated": "with auth off, still bind addresses other than loopback (anyone who can reach "

@@ -41,10 +41,15 @@ def envoy_binary() -> str:
     return found
 
 
+# Envoy's own limits on a WebSocket stream, beyond Parley's (which end it first).
+WEBSOCKET_BACKSTOP_SECONDS = 300
+
+
 def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
-           admin_socket: Path | None = None) -> str:
-    """The sidecar config; `extra_upstreams` ("host:port") join the cluster (several replicas);
-    the admin API listens on `admin_socket` unless settings name a port."""
+           admin_socket: Path | None = None, websocket_port: int | None = None) -> str:
+    """The sidecar config; `extra_upstreams` ("host:port") join the gRPC cluster (several
+    replicas); the admin API listens on `admin_socket` unless settings name a port. Without
+    `websocket_port` (Parley's actual one), WebSocket mode is left out."""
     if settings.envoy_admin_port:
         admin = f"{{ socket_address: {{ address: 127.0.0.1, port_value: {settings.envoy_admin_port} }} }}"
     else:
@@ -61,18 +66,25 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_GRPC_PORT": str(grpc_port),
         "PARLEY_DESCRIPTOR_PATH": str(descriptor_path()),
         "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
+        "PARLEY_WEBSOCKET_PORT": str(websocket_port or settings.websocket_port),
+        "PARLEY_WEBSOCKET_IDLE_TIMEOUT": str(settings.websocket_idle_seconds + WEBSOCKET_BACKSTOP_SECONDS),
+        "PARLEY_WEBSOCKET_MAX_DURATION": str(settings.websocket_max_seconds + WEBSOCKET_BACKSTOP_SECONDS),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
-    if settings.rest_port_serves_grpc and not extra_upstreams:
+    if settings.rest_port_serves_grpc and not extra_upstreams and websocket_port:
         return text
     import yaml
 
     config = yaml.safe_load(text)
-    if not settings.rest_port_serves_grpc:
-        [listener] = config["static_resources"]["listeners"]
-        [host] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
-        host["routes"] = [route for route in host["routes"] if route.get("name") != "typed_grpc"]
-    [cluster] = config["static_resources"]["clusters"]
+    [listener] = config["static_resources"]["listeners"]
+    [host] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+    dropped = set() if settings.rest_port_serves_grpc else {"typed_grpc"}
+    if not websocket_port:
+        dropped.add("websocket")
+        config["static_resources"]["clusters"] = [c for c in config["static_resources"]["clusters"]
+                                                  if c["name"] != "parley_websocket"]
+    host["routes"] = [route for route in host["routes"] if route.get("name") not in dropped]
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "parley_grpc"]
     endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     for upstream in extra_upstreams:
         host, port = upstream.rsplit(":", 1)
@@ -105,10 +117,12 @@ def guarded_command(command: list[str]) -> list[str]:
 
 
 class Envoy:
-    def __init__(self, settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = ()):
+    def __init__(self, settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
+                 websocket_port: int | None = None):
         self.settings = settings
         self.grpc_port = grpc_port
         self.extra_upstreams = extra_upstreams
+        self.websocket_port = websocket_port
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="parley-envoy-")
 
@@ -119,7 +133,8 @@ class Envoy:
     def start(self, timeout: float = 30.0) -> None:
         config = Path(self._dir.name) / "envoy.yaml"
         config.write_text(render(self.settings, self.grpc_port, self.extra_upstreams,
-                                 admin_socket=Path(self._dir.name) / "admin.sock"))
+                                 admin_socket=Path(self._dir.name) / "admin.sock",
+                                 websocket_port=self.websocket_port))
         # A distinct base id per instance: several Envoys on one host must not share memory.
         base_id = str(os.getpid() % 60000 + self.settings.http_port % 5000)
         command = [envoy_binary(), "-c", str(config), "--base-id", base_id, "--log-level", "warn",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -43,6 +43,10 @@ STORE_WRITE_SECONDS = Histogram("parley_store_write_seconds", "One event-log tra
                                 buckets=_LATENCY, registry=REGISTRY)
 STORE_READ_SECONDS = Histogram("parley_store_read_seconds", "One stored response read", buckets=_LATENCY,
                                registry=REGISTRY)
+SESSIONS = Gauge("parley_sessions_open", "Open sessions (WebSocket connections and typed Session streams)",
+                 registry=REGISTRY)
+SESSION_TURNS = Counter("parley_session_turns", "Creates over sessions, by how their stream ended "
+                        "(`refused`: an error before any event)", ["outcome"], registry=REGISTRY)
 
 
 class LiveGauges:

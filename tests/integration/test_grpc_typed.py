@@ -59,7 +59,7 @@ async def test_list_models(stub):
     ({"model": "nope", "input": "x"}, grpc.StatusCode.NOT_FOUND, "model"),
     ({"input": "x", "temperature": 3}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ({"input": "x", "top_logprobs": 21}, grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
-    ({"input": "x", "previous_response_id": "resp_gone"}, grpc.StatusCode.NOT_FOUND, "previous_response_id"),
+    ({"input": "x", "previous_response_id": "resp_gone"}, grpc.StatusCode.INVALID_ARGUMENT, "previous_response_id"),
 ])
 async def test_errors_are_canonical_codes_with_rich_details(stub, fields, code, param):
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -34,7 +34,7 @@ async def test_responses_survive_a_restart(tmp_path):
 def test_parley_run_prints_the_url_serves_and_stops_cleanly(tmp_path, api_key):
     """What `make run` starts; with PARLEY_API_KEY set it works the same for that key only."""
     http_port = free_port()
-    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0",
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
            "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"), "PARLEY_LOG_FORMAT": "json",
            **({"PARLEY_API_KEY": api_key} if api_key else {})}
     process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,
@@ -73,7 +73,7 @@ def test_bad_configuration_stops_start_up_with_a_message(tmp_path):
 def test_an_open_server_beyond_loopback_is_refused_with_a_message_not_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "parley", "serve"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PARLEY_ENGINE": "scripted", "PARLEY_GRPC_HOST": "0.0.0.0",
-                                 "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0",
+                                 "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
                                  "PARLEY_STORE_PATH": str(tmp_path / "open.sqlite3")})
     assert result.returncode == 1
     assert "parley: no API key is configured" in result.stderr and "PARLEY_ALLOW_UNAUTHENTICATED" in result.stderr
@@ -97,7 +97,7 @@ def test_parley_run_exits_non_zero_soon_after_its_envoy_dies(tmp_path):
     """No REST listener means no service: `parley run` must not look alive without one. Also:
     the admin API is on a private unix socket, on no TCP port."""
     http_port = free_port()
-    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_ENGINE": "scripted",
+    env = {**os.environ, "PARLEY_HTTP_PORT": str(http_port), "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0", "PARLEY_ENGINE": "scripted",
            "PARLEY_MODEL_NAME": "scripted", "PARLEY_STORE_PATH": str(tmp_path / "run.sqlite3"),
            "PARLEY_LOG_FORMAT": "json"}
     process = subprocess.Popen([sys.executable, "-m", "parley", "run"], env=env, stdout=subprocess.PIPE,

@@ -144,7 +144,7 @@ async def test_models_list(client):
 BAD_REQUESTS = [
     ({"model": "no-such-model", "input": "x"}, openai.NotFoundError, "model"),
     ({"model": MODEL, "input": 42}, openai.BadRequestError, "input"),
-    ({"model": MODEL, "input": "x", "previous_response_id": "resp_doesnotexist"}, openai.NotFoundError,
+    ({"model": MODEL, "input": "x", "previous_response_id": "resp_doesnotexist"}, openai.BadRequestError,
      "previous_response_id"),
     ({"model": MODEL, "input": "x", "temperature": 2.1}, openai.BadRequestError, "temperature"),
     ({"model": MODEL, "input": "x", "top_p": 1.1}, openai.BadRequestError, "top_p"),

@@ -97,14 +97,14 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(store_path: Path, engine=None, gateway: bool = True, **overrides):
-    settings = config.load(environ={}, grpc_port=0, metrics_port=0, http_port=free_port(), store_path=str(store_path),
-                           **overrides)
+    settings = config.load(environ={}, **{"grpc_port": 0, "metrics_port": 0, "websocket_port": 0,
+                                          "http_port": free_port(), "store_path": str(store_path), **overrides})
     server = ServerThread(settings, engine)
     await asyncio.to_thread(server.start)
     envoy = None
     try:
         if gateway:
-            envoy = Envoy(settings, server.app.grpc_port)
+            envoy = Envoy(settings, server.app.grpc_port, websocket_port=server.app.websocket_port)
             await asyncio.to_thread(envoy.start)
         yield Stack(server, envoy)
     finally:

@@ -76,3 +76,18 @@ def encode_sse(events: list[dict], encoded: list[bytes] | None = None, obfuscate
             data = obfuscated(data)
         parts += (head, data, b"\n\n")
     return b"".join(parts)
+
+
+def encode_ws(events: list[dict], encoded: list[bytes] | None = None, stream_id: str | None = None,
+              obfuscate: bool = True) -> list[bytes]:
+    """WebSocket messages, one per event: the event's JSON (the same bytes an SSE frame carries,
+    padded alike), with the lane's `stream_id` added when it has one."""
+    tag = None if stream_id is None else b',"stream_id":' + orjson.dumps(stream_id) + b"}"
+    messages = []
+    for event, data in zip(events, encoded or map(orjson.dumps, events), strict=True):
+        if obfuscate and event["type"] in OBFUSCATED_EVENTS:
+            data = obfuscated(data)
+        if tag is not None and "stream_id" not in event:
+            data = data[:-1] + tag
+        messages.append(data)
+    return messages

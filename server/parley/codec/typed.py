@@ -192,3 +192,21 @@ def _append(container, field: FieldDescriptor, element, path: str) -> None:
         json_format.ParseDict(element, container.add())
     else:
         from_json(element, container.add(), path)
+
+
+def session_events(events: list[dict], stream_id: str | None) -> list[Message]:
+    """A session's outgoing events (stream events, or an error envelope) as SessionEvents."""
+    from parley.v1 import events_pb2, service_pb2
+
+    lane = {} if stream_id is None else {"stream_id": stream_id}
+    messages = []
+    for event in events:
+        if event["type"] == "error" and "error" in event:  # the envelope (service/sessions.py)
+            details = {key: value for key, value in event["error"].items() if value is not None}
+            error = service_pb2.SessionError(status=event["status"], sequence_number=event.get("sequence_number"),
+                                             **details)
+            messages.append(service_pb2.SessionEvent(error=error, **lane))
+        else:
+            messages.append(service_pb2.SessionEvent(event=from_json(event, events_pb2.ResponseStreamEvent()),
+                                                     **lane))
+    return messages

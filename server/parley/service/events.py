@@ -247,9 +247,10 @@ class ResponseBuilder:
         return events + [{"type": "response.output_item.done", "output_index": index, "item": json_copy(item)}]
 
     def finish(self, reason: str, input_tokens: int, output_tokens: int, cached_tokens: int,
-               cache_write_tokens: int, reasoning_tokens: int = 0) -> list[dict]:
+               cache_write_tokens: int, reasoning_tokens: int = 0, generated: bool = True) -> list[dict]:
+        """`generated` False: a warm-up (nothing was asked for, so no empty message either)."""
         events = self.close("incomplete" if reason == "length" else "completed")
-        if not self.response["output"]:  # nothing generated: still an (empty) assistant message
+        if not self.response["output"] and generated:  # nothing generated: still an (empty) assistant message
             events += self._ensure("message") + self.close("incomplete" if reason == "length" else "completed")
         self.response["usage"] = {
             "input_tokens": input_tokens,

@@ -121,7 +121,8 @@ class Generation:
             summary: list[str] = []
             to_events = _summary_collector(summary) if compacting else segment_events
             reasoning_tokens = 0
-            generation = self.engine.generate(prepared.prompt, prepared.sampling)
+            generation = (self.engine.generate(prepared.prompt, prepared.sampling) if prepared.generate
+                          else _warm_up(len(prepared.prompt)))
             result: Finished | None = None
             first_token_at = None
             async for step in generation:
@@ -155,7 +156,7 @@ class Generation:
             closing = stream.emit(tail + builder.finish(
                 result.reason, result.input_tokens + compacted_usage.get("input_tokens", 0),
                 result.output_tokens + compacted_usage.get("output_tokens", 0), result.cached_tokens,
-                result.cache_write_tokens, reasoning_tokens))
+                result.cache_write_tokens, reasoning_tokens, prepared.generate))
             finished = handed_over = True
             if first_token_at is not None and result.output_tokens > 1:
                 # One observation per response (its mean): one per token cost the hot path
@@ -231,6 +232,11 @@ class Generation:
         if event["type"] == "response.failed":
             raise ApiError(ErrorKind.SERVER_ERROR, event["response"]["error"]["message"], None, "server_error")
         return event["response"]
+
+
+async def _warm_up(prompt_tokens: int):
+    """A session's `generate: false`: the request's state is prepared (and stored), no output."""
+    yield Finished("stop", prompt_tokens, 0)
 
 
 def _summary_collector(summary: list[str]):

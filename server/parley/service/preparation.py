@@ -34,6 +34,9 @@ from parley.store.base import ChainBroken, ResponseStore
 
 log = get_logger(__name__)
 
+# OpenAI's code (a 400, as OpenAI answers it), on every transport; the WebSocket spec names it.
+PREVIOUS_NOT_FOUND = "previous_response_not_found"
+
 
 class Context(NamedTuple):
     history: list[dict]  # the conversation's or the chain's items, as stored
@@ -67,6 +70,11 @@ class PreparedResponse:
     # stream does not hold its whole history.
     context: list[dict] = dataclasses.field(default_factory=list)
     compacted: tuple[dict, dict] | None = None  # (compaction item, usage) that opens the output
+    # For a session (service/sessions.py): what a continuation of this response starts from
+    # before its output, as the store would give it (the chain's items, then this input); None
+    # when not asked for, or when the response belongs to a conversation (its items live there).
+    chain: list[dict] | None = None
+    generate: bool = True  # False: a session's warm-up, which prepares state and generates nothing
 
     @property
     def response(self) -> dict:
@@ -89,13 +97,17 @@ class Preparer:
         self.sealer = sealer
         self.tool_format = tool_format(engine.tool_format)
 
-    async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None) -> PreparedResponse:
+    async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None, *,
+                      known: list[dict] | None = None, keep_chain: bool = False,
+                      generate: bool = True) -> PreparedResponse:
         """`compacted`: (compaction item, its run's usage) when context_management compacted
-        the history first; the item opens the response's output."""
+        the history first; the item opens the response's output. `known`: the chain's items
+        of previous_response_id, when a session holds them (no store read); `keep_chain`: the
+        prepared response carries its `chain`."""
         arrived_at = time.perf_counter()
         span = tracing.child("parley.prepare", tracing.rpc_span())
         try:
-            prepared = await self._prepare(project, body, arrived_at, compacted)
+            prepared = await self._prepare(project, body, arrived_at, compacted, known, keep_chain, generate)
             span.set_attributes({"parley.prompt_tokens": len(prepared.prompt),
                                  "parley.response_id": prepared.response["id"]})
             return prepared
@@ -108,17 +120,19 @@ class Preparer:
     def validate(self, body) -> CreateParams:
         return validate_create(body, [self.engine.model_id], reasoning_model=self.engine.reasoning_format != "none")
 
-    async def context(self, project: str, params: CreateParams, compacted: dict | None = None) -> Context:
+    async def context(self, project: str, params: CreateParams, compacted: dict | None = None,
+                      known: list[dict] | None = None) -> Context:
         """The items the model sees, in order: the conversation or the previous_response_id
-        chain (`compacted`: a compaction item of it, from context_management), then the new
-        input; references resolved, sealed reasoning and compactions opened."""
+        chain (`known` when the caller holds it; `compacted`: a compaction item of it, from
+        context_management), then the new input; references resolved, sealed reasoning and
+        compactions opened."""
         await resolve_references(self.store, project, params.input_items)
         if params.conversation_id is not None:
             history = await self.store.conversation_items(params.conversation_id, project)
             if history is None:
                 raise not_found(f"Conversation with id '{params.conversation_id}' not found.", "conversation")
         elif params.previous_response_id:
-            history = await self._history(project, params.previous_response_id)
+            history = known if known is not None else await self._history(project, params.previous_response_id)
         else:
             history = []
         leading = [compacted] if compacted is not None else []
@@ -155,9 +169,10 @@ class Preparer:
             log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, context.items)])
         return prompt
 
-    async def _prepare(self, project: str, body, arrived_at: float, compacted) -> PreparedResponse:
+    async def _prepare(self, project: str, body, arrived_at: float, compacted, known, keep_chain: bool,
+                       generate: bool) -> PreparedResponse:
         params = self.validate(body)
-        context = await self.context(project, params, compacted and compacted[0])
+        context = await self.context(project, params, compacted and compacted[0], known)
         prompt = self._prompt_or_compact_first(params, context, may_compact=compacted is None)
         default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
         max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
@@ -192,7 +207,9 @@ class Preparer:
                                     self.events.stream(response_id, persist=params.store,
                                                        background=params.background),
                                     prompt, sampling, ticket, project, charge, arrived_at,
-                                    tracing.rpc_span(), context.items if params.compact else [], compacted)
+                                    tracing.rpc_span(), context.items if params.compact else [], compacted,
+                                    [*context.history, *params.input_items]
+                                    if keep_chain and params.conversation_id is None else None, generate)
         log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared
@@ -216,10 +233,11 @@ class Preparer:
         try:
             items = await self.store.chain_context(response_id, project)
         except ChainBroken as broken:
-            raise not_found(f"Response '{broken.missing}' in the chain of '{response_id}' no longer exists.",
-                            "previous_response_id") from None
+            raise invalid(f"Response '{broken.missing}' in the chain of '{response_id}' no longer exists.",
+                          "previous_response_id", PREVIOUS_NOT_FOUND) from None
         if items is None:
-            raise not_found(f"Previous response with id '{response_id}' not found.", "previous_response_id")
+            raise invalid(f"Previous response with id '{response_id}' not found.", "previous_response_id",
+                          PREVIOUS_NOT_FOUND)
         return items
 
     def _messages(self, params: CreateParams, items: list[dict]):

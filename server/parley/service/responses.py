@@ -27,6 +27,7 @@ from parley.service.limits import RateLimits
 from parley.service.maintenance import Maintenance
 from parley.service.preparation import CompactFirst, PreparedResponse, Preparer
 from parley.service.sealing import Sealer
+from parley.service.sessions import Session, SessionLimits
 from parley.service.validation import check_body, item_list, page_bounds, validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
@@ -73,7 +74,10 @@ class ResponsesService:
 
     # -- create -------------------------------------------------------------------------------
 
-    async def prepare(self, project: str, body) -> PreparedResponse:
+    async def prepare(self, project: str, body, *, known: list[dict] | None = None, keep_chain: bool = False,
+                      generate: bool = True) -> PreparedResponse:
+        """A create, validated and admitted (service/preparation.py); the keywords are a
+        session's (service/sessions.py)."""
         if self._shutting_down:
             raise ApiError(ErrorKind.UNAVAILABLE, "The server is shutting down; retry on another replica.",
                            None, "server_shutting_down")
@@ -81,11 +85,12 @@ class ResponsesService:
         if not health.ok:
             raise ApiError(ErrorKind.UNAVAILABLE, f"The model engine is not available ({health.detail}); retry "
                            "on another replica.", None, "engine_unavailable")
+        session = {"known": known, "keep_chain": keep_chain, "generate": generate}
         try:
-            return await self.preparer.prepare(project, body)
+            return await self.preparer.prepare(project, body, **session)
         except CompactFirst as signal:
-            return await self.preparer.prepare(project, body, await self._compaction_of(project, body,
-                                                                                       signal.history))
+            return await self.preparer.prepare(project, body, await self._compaction_of(project, body, signal.history),
+                                               **session)
 
     async def _compaction_of(self, project: str, body: dict, history: list[dict]) -> tuple[dict, dict]:
         """context_management: a compaction run (not stored) over the history; its one item and
@@ -97,6 +102,10 @@ class ResponsesService:
 
     def run(self, prepared: PreparedResponse):
         return self.generation.run(prepared)
+
+    def open_session(self, project: str, limits: SessionLimits) -> Session:
+        """Many turns over one connection (WebSocket mode, the typed Session RPC)."""
+        return Session(self, project, limits)
 
     async def create(self, project: str, body) -> dict:
         return await self.create_prepared(await self.prepare(project, body))

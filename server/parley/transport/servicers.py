@@ -11,6 +11,7 @@ from parley.codec import rest, typed
 from parley.log import get_logger
 from parley.service.event_log import EventBatch
 from parley.service.responses import ResponsesService
+from parley.service.sessions import SessionLimits
 from parley.transport.boundary import Gate, streaming, unary
 from parley.transport.intake import BodyIntake
 from parley.v1 import events_pb2, items_pb2, responses_pb2, service_pb2, service_pb2_grpc
@@ -264,9 +265,25 @@ class ResponsesHttpServicer(service_pb2_grpc.ResponsesHttpServicer):
 class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
     """The typed face: parley.v1 messages in and out, the same pipeline underneath."""
 
-    def __init__(self, service: ResponsesService, gate: Gate):
+    def __init__(self, service: ResponsesService, gate: Gate, session_limits: SessionLimits):
         self.service = service
         self.gate = gate
+        self.session_limits = session_limits
+
+    @streaming
+    async def Session(self, request_iterator, context, project):
+        session = self.service.open_session(project, self.session_limits)
+        feeding = asyncio.create_task(_feed(request_iterator, session), name="session-feed")
+        try:
+            async for outgoing in session.outgoing():
+                for message in typed.session_events(outgoing.events, outgoing.stream_id):
+                    yield message
+                del outgoing
+        finally:
+            feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeding
+            await session.close()
 
     @unary
     async def CreateResponse(self, request, context, project):
@@ -381,8 +398,31 @@ TYPED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Responses"].full_name
 HTTP_SERVICE = service_pb2.DESCRIPTOR.services_by_name["ResponsesHttp"].full_name
 
 
-def add_servicers(server, service: ResponsesService, gate: Gate, intake: BodyIntake) -> list[str]:
+async def _feed(requests, session) -> None:
+    """A Session's requests into it, each read once it has room; the end of the requests ends
+    the session when its lanes are done."""
+    requests = aiter(requests)
+    while True:
+        await session.room()
+        if session.ended:
+            return
+        try:
+            request = await anext(requests)
+        except StopAsyncIteration:
+            break
+        message = {"type": "response.create", **typed.to_json(request.create)}
+        if request.HasField("stream_id"):
+            message["stream_id"] = request.stream_id
+        if request.HasField("generate"):
+            message["generate"] = request.generate
+        session.receive(message, request.ByteSize())
+        del request, message
+    await session.finish()
+
+
+def add_servicers(server, service: ResponsesService, gate: Gate, intake: BodyIntake,
+                  session_limits: SessionLimits) -> list[str]:
     """Register both faces on `server`; return their full service names."""
-    service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service, gate), server)
+    service_pb2_grpc.add_ResponsesServicer_to_server(ResponsesServicer(service, gate, session_limits), server)
     service_pb2_grpc.add_ResponsesHttpServicer_to_server(ResponsesHttpServicer(service, gate, intake), server)
     return [TYPED_SERVICE, HTTP_SERVICE]

@@ -59,4 +59,4 @@ async def test_another_projects_response_is_not_found(service):
     first = await service.create("default", {"model": MODEL, "input": "x"})
     with pytest.raises(ApiError) as caught:
         await service.count_input_tokens("other", {"input": "y", "previous_response_id": first["id"]})
-    assert caught.value.kind.http_status == 404
+    assert caught.value.code == "previous_response_not_found"

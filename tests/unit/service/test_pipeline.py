@@ -109,10 +109,11 @@ async def test_chain_of_three_is_assembled_oldest_first(service):
     assert users == ["one", "two", "three"]
 
 
-async def test_unknown_previous_response_is_404(service):
+async def test_unknown_previous_response_is_openais_400(service):
     with pytest.raises(ApiError) as info:
         await service.prepare("default", {"model": MODEL, "input": "x", "previous_response_id": "resp_missing"})
-    assert (info.value.kind.http_status, info.value.param) == (404, "previous_response_id")
+    assert (info.value.kind.http_status, info.value.param, info.value.code) == (
+        400, "previous_response_id", "previous_response_not_found")
 
 
 async def test_context_overflow_with_truncation_disabled_is_400(service):
