@@ -68,11 +68,14 @@ async def test_another_projects_response_is_not_found_by_any_route(stack):
         beta.responses.input_items.list(own.id),
         beta.responses.cancel(own.id),
         beta.responses.delete(own.id),
-        beta.responses.create(model=MODEL, input="go on", previous_response_id=own.id),
     ]
     for attempt in attempts:
         with pytest.raises(openai.NotFoundError):
             await attempt
+    # A continuation names the missing id the way OpenAI does: 400, previous_response_not_found.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await beta.responses.create(model=MODEL, input="go on", previous_response_id=own.id)
+    assert refused.value.code == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
         async for _ in await beta.responses.retrieve(own.id, stream=True):
             pass

@@ -1,5 +1,7 @@
 """The typed gRPC API with a generated stub, on the real model (no Envoy in between)."""
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -109,3 +111,37 @@ async def test_count_input_tokens_and_compact_over_the_typed_api(stub, client):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CountInputTokens(service_pb2.CountInputTokensRequest(model="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_session_runs_lanes_and_reports_errors_in_typed_messages(stub):
+    """The bidirectional Session RPC: two creates on one lane in order, a continuation, a bad one."""
+    requests: asyncio.Queue = asyncio.Queue()
+
+    async def feed():
+        while (message := await requests.get()) is not None:
+            yield message
+
+    call = stub.Session(feed())
+    events = aiter(call)
+    requests.put_nowait(service_pb2.SessionRequest(stream_id="lane_1", create=request(input="Say hi.")))
+    first = []
+    async for message in events:
+        assert message.stream_id == "lane_1" and message.WhichOneof("kind") == "event"
+        first.append(typed.to_json(message.event))
+        if first[-1]["type"] in ("response.completed", "response.incomplete"):
+            break
+    response = check_stream(first)
+    requests.put_nowait(service_pb2.SessionRequest(create=request(input="Again.", previous_response_id=response["id"])))
+    requests.put_nowait(service_pb2.SessionRequest(create=request(input="x", temperature=5)))
+    second = []
+    async for message in events:
+        assert not message.HasField("stream_id")
+        if message.WhichOneof("kind") == "error":
+            error = message.error
+            break
+        second.append(typed.to_json(message.event))
+    assert check_stream(second)["previous_response_id"] == response["id"]
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", "temperature")
+    requests.put_nowait(None)  # half-close: the session ends once its lanes are done
+    assert [message async for message in events] == []
+    assert await call.code() == grpc.StatusCode.OK
