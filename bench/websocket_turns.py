@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def serve(port: int, store: str) -> None:
         settings = config.load(environ={}, grpc_port=0, metrics_port=0, websocket_port=0, http_port=port,
                                store_path=store, log_level="warning", websocket_max_connections=4096,
                                rate_limit_requests_per_minute=0)
-        configure(settings)
+        configure(level="warning")
         app = App(settings, engine=ScriptedEngine(model_id="scripted", context_window=1 << 20, script=TOOL_CALL))
         await app.start()
         envoy = Envoy(settings, app.grpc_port, websocket_port=app.websocket_port)
@@ -156,6 +157,10 @@ async def http_loop(url: str, turns: int) -> list[tuple[float, float]]:
     return timings
 
 
+def progress(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
 def slope(values: list[float]) -> float:
     """Least-squares ms per turn over turns 2..N (turn 1 has no history)."""
     xs = list(range(2, len(values) + 1))
@@ -221,14 +226,17 @@ async def measure(args) -> dict:
             while "serving" not in server.stdout.readline():
                 if server.poll() is not None:
                     raise SystemExit("the server exited during start-up")
+            # Whatever it logs from now on is read and dropped: a full pipe would stall the server.
+            threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
             url, ws_url = f"http://127.0.0.1:{port}/v1", f"ws://127.0.0.1:{port}/v1/responses"
             await http_loop(url, 3)  # warm both paths (first connections, SQLite pages)
             await websocket_loop(ws_url, 3, True)
             runs: dict[str, list] = {"websocket": [], "websocket_store_false": [], "http": []}
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 runs["websocket"].append(await websocket_loop(ws_url, args.turns, True))
                 runs["websocket_store_false"].append(await websocket_loop(ws_url, args.turns, False))
                 runs["http"].append(await http_loop(url, args.turns))
+                progress(f"round {round_ + 1} of {args.rounds} done")
             results = {name: summarize(rounds) for name, rounds in runs.items()}
             http_first = results["http"]["first_event_ms_median_turns_2_on"]
             for name in ("websocket", "websocket_store_false"):
@@ -236,7 +244,9 @@ async def measure(args) -> dict:
                                                               / http_first, 3)
             envoy = envoy_pid(server.pid)
             results["idle"] = await idle_memory(ws_url, server.pid, envoy, args.idle)
+            progress(f"{args.idle} idle connections measured")
             results["busy"] = await busy_sessions(ws_url, server.pid, args.busy)
+            progress(f"{args.busy} busy sessions measured")
         finally:
             server.terminate()
             server.wait(timeout=60)
