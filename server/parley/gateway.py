@@ -42,6 +42,7 @@ def envoy_binary() -> str:
 
 
 # Envoy's own limits on a WebSocket stream, beyond Parley's (which end it first).
+WEBSOCKET_HEADROOM = 64  # upstream connections beyond Parley's WebSocket limit
 WEBSOCKET_BACKSTOP_SECONDS = 300
 
 
@@ -69,6 +70,9 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_WEBSOCKET_PORT": str(websocket_port or settings.websocket_port),
         "PARLEY_WEBSOCKET_IDLE_TIMEOUT": str(settings.websocket_idle_seconds + WEBSOCKET_BACKSTOP_SECONDS),
         "PARLEY_WEBSOCKET_MAX_DURATION": str(settings.websocket_max_seconds + WEBSOCKET_BACKSTOP_SECONDS),
+        # Above Parley's own limit, so that its 503 answers the connection past it: at Envoy's
+        # breaker the upgrade would wait, with no timeout, for a connection to free up.
+        "PARLEY_WEBSOCKET_UPSTREAM_CONNECTIONS": str(settings.websocket_max_connections + WEBSOCKET_HEADROOM),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
     if settings.rest_port_serves_grpc and not extra_upstreams and websocket_port:

@@ -200,6 +200,7 @@ async def test_compacted_output_starts_a_new_chain_on_the_socket(stack, engine):
 @pytest.fixture(scope="module")
 async def limited(tmp_path_factory):
     async with scripted_stack(tmp_path_factory, "websocket-limited", api_key=KEY, websocket_max_seconds=2,
+                              websocket_max_connections=2,
                               rate_limit_requests_per_minute=1000) as running:
         yield running
 
@@ -215,6 +216,19 @@ async def test_the_key_is_checked_before_the_upgrade(limited):
             pass
     assert orjson.loads(refused.value.response.body)["error"]["code"] == "invalid_api_key"
     async with open_socket(limited.base_url, KEY) as socket:
+        assert check_stream(await socket.turn(model=MODEL, input="hi"))["status"] == "completed"
+
+
+async def test_past_the_connection_limit_the_handshake_is_a_503(limited):
+    async with open_socket(limited.base_url, KEY), open_socket(limited.base_url, KEY):
+        with pytest.raises(InvalidStatus) as refused:
+            async with open_socket(limited.base_url, KEY):
+                pass
+    assert refused.value.response.status_code == 503
+    assert orjson.loads(refused.value.response.body)["error"]["code"] == "websocket_connections_exhausted"
+    while limited.app.websocket.open_sessions:  # the server lets go of them just after the close
+        await asyncio.sleep(0.02)
+    async with open_socket(limited.base_url, KEY) as socket:  # a freed place is taken again
         assert check_stream(await socket.turn(model=MODEL, input="hi"))["status"] == "completed"
 
 
