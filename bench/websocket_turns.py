@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import signal
 import statistics
@@ -64,7 +65,7 @@ def serve(port: int, store: str) -> None:
     async def main() -> None:
         settings = config.load(environ={}, grpc_port=0, metrics_port=0, websocket_port=0, http_port=port,
                                store_path=store, log_level="warning", websocket_max_connections=4096,
-                               rate_limit_requests_per_minute=0)
+                               rate_limit_requests_per_minute=0, max_queued_generations=4096)
         configure(level="warning")
         app = App(settings, engine=ScriptedEngine(model_id="scripted", context_window=1 << 20, script=TOOL_CALL))
         await app.start()
@@ -182,14 +183,18 @@ def summarize(rounds: list[list[tuple[float, float]]]) -> dict:
 
 # -- memory and many sessions ----------------------------------------------------------------------
 
+async def close_all(sockets) -> None:
+    """At once: each close waits about 1 s for Envoy's TCP close (its delayed_close_timeout)."""
+    await asyncio.gather(*(socket.close() for socket in sockets))
+
+
 async def idle_memory(ws_url: str, server: int, envoy: int, count: int) -> dict:
     await asyncio.sleep(1)
     before = rss_bytes(server), rss_bytes(envoy)
     sockets = [await connect(ws_url, compression=None) for _ in range(count)]
     await asyncio.sleep(2)
     after = rss_bytes(server), rss_bytes(envoy)
-    for socket in sockets:
-        await socket.close()
+    await close_all(sockets)
     return {"connections": count,
             "parley_rss_mb_before": round(before[0] / 2**20, 1), "parley_rss_mb_after": round(after[0] / 2**20, 1),
             "parley_bytes_per_connection": round((after[0] - before[0]) / count),
@@ -201,19 +206,20 @@ async def busy_sessions(ws_url: str, server: int, count: int) -> dict:
     sockets = [await connect(ws_url, compression=None) for _ in range(count)]
     started = time.perf_counter()
 
-    async def one(socket) -> bool:
+    async def one(socket) -> str:
         await socket.send(orjson.dumps({"type": "response.create", **turn_body(1, None)}).decode())
         while True:
             event = orjson.loads(await socket.recv())
-            if event["type"] in ("response.completed", "response.failed", "error"):
-                return event["type"] == "response.completed"
+            if event["type"] == "error":
+                return event["error"]["code"] or "error"
+            if event["type"] in ("response.completed", "response.failed"):
+                return event["type"]
 
     outcomes = await asyncio.gather(*(one(socket) for socket in sockets))
     seconds = time.perf_counter() - started
     rss = rss_bytes(server)
-    for socket in sockets:
-        await socket.close()
-    return {"sessions": count, "completed": sum(outcomes), "seconds": round(seconds, 2),
+    await close_all(sockets)
+    return {"sessions": count, "outcomes": dict(collections.Counter(outcomes)), "seconds": round(seconds, 2),
             "turns_per_second": round(count / seconds, 1), "parley_rss_mb": round(rss / 2**20, 1)}
 
 
