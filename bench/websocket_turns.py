@@ -164,10 +164,7 @@ def progress(line: str) -> None:
 
 def slope(values: list[float]) -> float:
     """Least-squares ms per turn over turns 2..N (turn 1 has no history)."""
-    xs = list(range(2, len(values) + 1))
-    ys = values[1:]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return statistics.linear_regression(range(2, len(values) + 1), values[1:]).slope
 
 
 def summarize(rounds: list[list[tuple[float, float]]]) -> dict:
