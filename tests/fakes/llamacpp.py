@@ -11,6 +11,7 @@ from parley.engine.llamacpp import LlamaCppEngine
 
 @dataclasses.dataclass
 class RunStats:
+    prompt: list[int] = dataclasses.field(default_factory=list)
     produced: int = 0
     produced_when_stopped: int | None = None  # None: ran to its end
     # Set once the sequence has left the batch (finished, failed or stopped).
@@ -21,10 +22,20 @@ class InstrumentedLlamaCppEngine(LlamaCppEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_run = RunStats()
+        self.recent_runs: list[RunStats] = []  # the last 32, oldest first
         self._runs: dict[int, RunStats] = {}  # by id() of the request's SamplingParams
 
+    def run_with(self, text: str) -> RunStats | None:
+        """The latest run whose prompt contains `text` (another request's run may have started
+        since: `last_run` is then not this request's)."""
+        for stats in reversed(self.recent_runs):
+            if text in self._llm.detokenize(stats.prompt).decode("utf-8", "replace"):
+                return stats
+        return None
+
     async def generate(self, prompt, params):
-        stats = self.last_run = self._runs[id(params)] = RunStats()
+        stats = self.last_run = self._runs[id(params)] = RunStats(list(prompt))
+        self.recent_runs = [*self.recent_runs[-31:], stats]
         steps = super().generate(prompt, params)
         ended = False
         try:

@@ -211,16 +211,15 @@ async def test_cancel_of_a_foreground_response_is_a_clear_400(client):
         await client.responses.cancel("resp_missing")
 
 
+ESSAY = "Write a very long essay about the history of computing."
+
+
 async def test_disconnect_stops_generation_within_two_tokens(stack):
     engine = stack.engine
-    # Alone on the engine: a generation left by an earlier test (a background one taking its
-    # turn) would become `last_run`.
-    while stack.app.service.admission.running or stack.app.service.admission.waiting:
-        await asyncio.sleep(0.05)
     run = None
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{stack.base_url}/responses", json={
-                "model": MODEL, "input": "Write a very long essay about the history of computing.",
+                "model": MODEL, "input": ESSAY,
                 "stream": True, "max_output_tokens": 2000, "temperature": 0}) as reply:
             deltas = 0
             response_id = None
@@ -229,15 +228,16 @@ async def test_disconnect_stops_generation_within_two_tokens(stack):
                     event = orjson.loads(line[6:])
                     response_id = response_id or event.get("response", {}).get("id")
                     deltas += event["type"] == "response.output_text.delta"
-                    run = run or (engine.last_run if deltas else None)  # this request's run, while it runs
+                    run = run or (engine.run_with(ESSAY) if deltas else None)  # this request's, while it runs
                     if deltas == 5:
                         break
     # The abort reaches the engine thread asynchronously: wait for the sequence to leave the batch.
     assert await asyncio.to_thread(run.released.wait, 30), "the sequence never left the batch"
-    assert run.produced_when_stopped is not None, "generation was not stopped"
+    stored = await stack.call(stack.app.service.get, "default", response_id)
+    assert run.produced_when_stopped is not None, f"generation was not stopped ({run}, stored {stored['status']})"
     assert run.produced - run.produced_when_stopped <= 2
     assert run.produced < 2000
-    assert (await stack.call(stack.app.service.get, "default", response_id))["status"] == "cancelled"
+    assert stored["status"] == "cancelled"
 
 
 async def test_background_cancel_stops_the_real_model(stack, client):
@@ -251,7 +251,8 @@ async def test_background_cancel_stops_the_real_model(stack, client):
             break
     cancelled = await client.responses.cancel(queued.id)
     assert cancelled.status == "cancelled"
-    run = engine.last_run
+    run = engine.run_with("essay about the sea")
+    assert await asyncio.to_thread(run.released.wait, 30), "the sequence never left the batch"
     assert run.produced_when_stopped is not None
     assert run.produced - run.produced_when_stopped <= 2
     assert run.produced < 2000
