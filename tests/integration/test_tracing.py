@@ -8,6 +8,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from parley import tracing
 
 from tests.support.stack import scripted_stack
+from tests.support.websocket import open_socket
 
 pytestmark = pytest.mark.integration
 
@@ -44,3 +45,20 @@ async def test_a_create_is_one_span_under_the_callers_trace_with_its_steps(trace
     assert children["parley.engine"].attributes["parley.output_tokens"] == response.usage.output_tokens
     for span in spans:
         assert "secret" not in str(dict(span.attributes or {}))
+
+
+async def test_each_websocket_turn_is_a_span_under_the_handshakes_trace(traced):
+    stack, exporter = traced
+    async with open_socket(stack.base_url, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}) as socket:
+        await socket.turn(model=MODEL, input="a secret prompt", stream_id="lane_1")
+        await socket.turn(model=MODEL, input="x", temperature=9)
+    turns = [span for span in exporter.get_finished_spans() if span.name == "parley.rpc"
+             and span.attributes["rpc.method"] == "Session/response.create"]
+    assert [span.attributes["parley.outcome"] for span in turns[-2:]] == ["response.completed", "refused"]
+    assert turns[-2].attributes["parley.stream_id"] == "lane_1"
+    for span in turns[-2:]:
+        assert format(span.context.trace_id, "032x") == TRACE_ID and format(span.parent.span_id, "016x") == PARENT_ID
+    children = [span.name for span in exporter.get_finished_spans() if span.parent is not None
+                and span.parent.span_id == turns[-2].context.span_id]
+    assert children, "the turn's steps are not under its span"
+    assert "secret" not in str([span.attributes for span in exporter.get_finished_spans()])

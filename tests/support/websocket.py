@@ -65,7 +65,7 @@ class Socket:
 
 
 @contextlib.asynccontextmanager
-async def open_socket(base_url: str, api_key: str | None = None, **options):
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+async def open_socket(base_url: str, api_key: str | None = None, headers: dict | None = None, **options):
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     async with connect(websocket_url(base_url), additional_headers=headers, **options) as connection:
         yield Socket(connection)

@@ -103,9 +103,9 @@ class ResponsesService:
     def run(self, prepared: PreparedResponse):
         return self.generation.run(prepared)
 
-    def open_session(self, project: str, limits: SessionLimits) -> Session:
+    def open_session(self, project: str, limits: SessionLimits, trace_metadata=()) -> Session:
         """Many turns over one connection (WebSocket mode, the typed Session RPC)."""
-        return Session(self, project, limits)
+        return Session(self, project, limits, trace_metadata)
 
     async def create(self, project: str, body) -> dict:
         return await self.create_prepared(await self.prepare(project, body))

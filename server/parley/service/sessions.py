@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import re
 
-from parley import metrics
+from parley import metrics, tracing
 from parley.errors import ApiError, ErrorKind, invalid, invalid_type, server_error
 from parley.log import get_logger
 
@@ -95,7 +95,7 @@ def _create_body(message: dict) -> dict:
                       "background", "unsupported_parameter")
     if not isinstance(body.get("generate", True), bool):
         raise invalid_type("generate", "a boolean", body["generate"])
-    return body
+    return {**body, "stream": True}  # what it is: logs and traces say so
 
 
 class SessionEnded(Exception):
@@ -114,10 +114,11 @@ class Session:
     """One connection's turns. The transport feeds `receive()` and drains `outgoing()`; it calls
     `close()` when the connection ends, however it ends."""
 
-    def __init__(self, service, project: str, limits: SessionLimits = SessionLimits()):
+    def __init__(self, service, project: str, limits: SessionLimits = SessionLimits(), trace_metadata=()):
         self.service = service
         self.project = project
         self.limits = limits
+        self.trace_metadata = tuple(trace_metadata)  # the connection's `traceparent`: each turn's span goes under it
         self._outbox: asyncio.Queue = asyncio.Queue(limits.outbox_batches)
         self._lanes: dict[str | None, _Lane] = {}
         self._contexts: dict[str, list[dict]] = {}  # response id -> its whole context, one per lane
@@ -223,6 +224,9 @@ class Session:
         previous = body.get("previous_response_id")
         previous = previous if isinstance(previous, str) else None
         outcome = None
+        # One span per turn, as one per RPC over HTTP; the lane's task owns it (its context is its own).
+        span = tracing.start_rpc("Session/response.create", self.trace_metadata, **{"parley.project": self.project},
+                                 **({} if lane.stream_id is None else {"parley.stream_id": lane.stream_id}))
         try:
             generate = body.pop("generate", True)
             prepared = await self.service.prepare(self.project, body, known=self._contexts.get(previous),
@@ -242,6 +246,9 @@ class Session:
         except Exception:
             log.exception("session.turn_crashed")
             await self._post(Outgoing(lane.stream_id, [error_envelope(server_error(), lane.stream_id)]))
+        finally:
+            span.set_attribute("parley.outcome", outcome or "refused")
+            span.end()
         metrics.SESSION_TURNS.labels(outcome or "refused").inc()
         if outcome in CONTINUABLE and prepared.chain is not None:
             self._remember(lane, prepared.response["id"], prepared.chain + prepared.response["output"])

@@ -272,7 +272,7 @@ class ResponsesServicer(service_pb2_grpc.ResponsesServicer):
 
     @streaming
     async def Session(self, request_iterator, context, project):
-        session = self.service.open_session(project, self.session_limits)
+        session = self.service.open_session(project, self.session_limits, context.invocation_metadata())
         feeding = asyncio.create_task(_feed(request_iterator, session), name="session-feed")
         try:
             async for outgoing in session.outgoing():

@@ -77,6 +77,8 @@ class WebSocketServer:
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         request_id = request.headers.get("x-request-id") or "req_" + uuid.uuid4().hex
         connection.request_id = request_id
+        connection.trace_metadata = [(name, request.headers[name]) for name in ("traceparent", "tracestate")
+                                     if name in request.headers]
         if request.path.split("?", 1)[0] != PATH:
             return _reply(404, invalid(f"Invalid URL (GET {request.path[:200]}): WebSocket mode is served at "
                                        f"{PATH}."), request_id)
@@ -95,7 +97,7 @@ class WebSocketServer:
     async def _handle(self, connection: ServerConnection) -> None:
         structlog.contextvars.bind_contextvars(request_id=connection.request_id, rpc="WebSocket",
                                                project=connection.project)
-        session = self.service.open_session(connection.project, self.settings.session)
+        session = self.service.open_session(connection.project, self.settings.session, connection.trace_metadata)
         self._sessions.add(session)
         started = time.monotonic()
         log.info("websocket.opened")
