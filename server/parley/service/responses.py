@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 
 from parley import metrics
 from parley.engine.base import Engine
@@ -67,6 +68,7 @@ class ResponsesService:
         self.conversations = Conversations(store, sealer)
         self.created_at = int(time.time())
         self._shutting_down = False
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # open ones, for forget()
 
     @property
     def models(self) -> list[dict]:
@@ -105,7 +107,9 @@ class ResponsesService:
 
     def open_session(self, project: str, limits: SessionLimits, trace_metadata=()) -> Session:
         """Many turns over one connection (WebSocket mode, the typed Session RPC)."""
-        return Session(self, project, limits, trace_metadata)
+        session = Session(self, project, limits, trace_metadata)
+        self._sessions.add(session)
+        return session
 
     async def create(self, project: str, body) -> dict:
         return await self.create_prepared(await self.prepare(project, body))
@@ -181,6 +185,9 @@ class ResponsesService:
         self.background.stop(response_id)
         if not await self.store.delete(response_id, project):
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
+        for session in list(self._sessions):  # a socket on this replica may hold it in memory
+            if session.project == project:
+                session.forget(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     async def list_input_items(self, project: str, response_id: str, *, limit: int | None, order: str | None,

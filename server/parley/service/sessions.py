@@ -255,6 +255,10 @@ class Session:
         elif previous is not None:  # the spec: a failed continuation evicts what it named
             self._contexts.pop(previous, None)
 
+    def forget(self, response_id: str) -> None:
+        """The response was deleted: no later turn here may continue from it."""
+        self._contexts.pop(response_id, None)
+
     def _remember(self, lane: _Lane, response_id: str, context: list[dict]) -> None:
         """One context per lane, its latest; the one it replaces goes unless another lane's
         latest is that very response (a fork)."""

@@ -102,6 +102,16 @@ async def test_a_continuation_reads_no_store_when_the_connection_holds_it(client
     assert reads == []
 
 
+async def test_a_deleted_response_is_not_continued_from_the_connections_memory(client, service):
+    client.send(input="one")
+    [first] = responses(await client.until(1))
+    first_id = first[-1]["response"]["id"]
+    await service.delete("default", first_id)  # over HTTP, say, while the socket holds it
+    client.send(input="two", previous_response_id=first_id)
+    error = (await client.until(2))[-1]
+    assert error["type"] == "error" and error["error"]["code"] == "previous_response_not_found"
+
+
 async def test_the_context_equals_what_the_store_would_give(service):
     """The same chain through a session and over HTTP's path renders the same prompt."""
     client = Client(service)
