@@ -116,16 +116,17 @@ class App:
             # window to megabytes and 12 waiting 15 MB bodies took 260 MB instead of 45.
             ("grpc.http2.bdp_probe", 0),
         ])
+        websocket = websocket_settings(self.settings)  # the typed Session RPC keeps the same limits
         self._services = add_servicers(
             self.server, self.service, Gate(self.authenticator, self.limits),
             BodyIntake(self.settings.max_request_body_bytes, self.settings.large_bodies_at_once),
-            websocket_settings(self.settings).session)
+            websocket.session)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*self._services, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
-        self.websocket = WebSocketServer(self.service, self.authenticator, websocket_settings(self.settings))
+        self.websocket = WebSocketServer(self.service, self.authenticator, websocket)
         try:
             self.websocket_port = await self.websocket.start()
         except OSError as exc:
