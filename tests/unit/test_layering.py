@@ -46,3 +46,22 @@ def test_layers_import_downwards_only(layer):
             if any(name == banned or name.startswith(banned + ".") for banned in FORBIDDEN[layer]):
                 offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert offenders == []
+
+
+def test_only_the_tensorrt_llm_engine_imports_tensorrt_llm():
+    importers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                       if any(name == "tensorrt_llm" or name.startswith("tensorrt_llm.") for name in imports_of(path)))
+    assert importers == ["engine/trtllm.py"]
+
+
+def test_the_cpu_path_never_loads_the_tensorrt_llm_engine():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from parley import config, cli, app; from parley.engine.registry import build_engine; "
+             "build_engine(config.load(environ={}, engine='scripted')); "
+             "import parley.engine.llamacpp; "
+             "loaded = [m for m in sys.modules if m == 'tensorrt_llm' or m.startswith(('tensorrt_llm.', "
+             "'parley.engine.trtllm'))]; print(loaded); sys.exit(1 if loaded else 0)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -78,6 +78,19 @@ class Finished:
     cache_write_tokens: int = 0  # prompt tokens newly written to a reusable prefix cache
 
 
+class EngineError(Exception):
+    """A generation the engine could not finish; its message is safe to show the client."""
+
+
+class RequestFailed(EngineError):
+    """The engine failed this one request (TensorRT-LLM's RequestError); others go on."""
+
+
+class EngineDead(EngineError):
+    """The engine is gone (TensorRT-LLM's EngineDeadError): every running request fails with
+    it, health() turns not ok (probes fail, the pod restarts) and new requests get 503."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineHealth:
     """Whether the engine can generate; `detail` says why not (logged, and in 503 messages)."""
@@ -95,6 +108,9 @@ class Engine(Protocol):
     context_window: int
     tool_format: str       # family of the tool-call text format: "hermes" (generic), "llama3_json", "mistral"
     reasoning_format: str  # "none", or "think" for <think>...</think> families
+    # Whether render_prompt is slow enough (a Hugging Face tokenizer over a long context) that the
+    # service calls it on a worker thread rather than on the event loop. Optional; default False.
+    renders_off_loop: bool
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize.
@@ -104,6 +120,9 @@ class Engine(Protocol):
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[EngineEvent]:
         """Stream TextDelta events (a list when several tokens are ready at once), then one Finished.
+
+        A failure the engine reports raises EngineError (RequestFailed, EngineDead): its message
+        reaches the client in `response.failed`; any other exception is a bug, shown generically.
 
         Closing the iterator early (aclose, or a cancelled consumer) is the abort: it must stop
         generation in the engine within a token or two, and release what the request held. An

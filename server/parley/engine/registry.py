@@ -11,6 +11,10 @@ def build_engine(settings: Settings) -> Engine:
         from parley.engine.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine.from_settings(settings)
+    if settings.engine == "tensorrt_llm":
+        from parley.engine.trtllm import TensorRTLLMEngine
+
+        return TensorRTLLMEngine.from_settings(settings)
     if settings.engine == "scripted":
         from parley.engine.scripted import ScriptedEngine
 

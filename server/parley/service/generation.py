@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from parley import metrics, tracing
-from parley.engine.base import Engine, Finished
+from parley.engine.base import Engine, EngineError, Finished
 from parley.engine.formats import (
     CallArguments,
     CallEnd,
@@ -179,7 +179,10 @@ class Generation:
             log.exception("response.failed", response_id=response_id, error=type(exc).__name__)
             if not finished:
                 finished = handed_over = True
-                closing = stream.emit(builder.fail("server_error", "The model failed while generating the response."))
+                # An engine's own report says what happened; anything else is a bug, not shown.
+                message = f"The model engine failed: {exc}" if isinstance(exc, EngineError) \
+                    else "The model failed while generating the response."
+                closing = stream.emit(builder.fail("server_error", message))
                 with contextlib.suppress(ApiError):  # the store failed too: said below
                     await self._hand_over(prepared)
                     acknowledged = True

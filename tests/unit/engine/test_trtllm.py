@@ -1,0 +1,306 @@
+"""The TensorRT-LLM adapter over a fake that keeps the LLM API's contract (tests/fakes/tensorrt_llm.py):
+settings to LLM() arguments, prompts from the checkpoint's template, streaming, sampling and guided
+decoding, abort, and every error path."""
+
+import asyncio
+import json
+
+import pytest
+from parley import config
+from parley.engine.base import ChatMessage, Constraint, EngineDead, Finished, RequestFailed, SamplingParams, TextDelta
+from parley.engine.llamacpp import LlamaCppEngine, default_model_path
+from parley.engine.trtllm import TensorRTLLMEngine
+
+from tests.fakes import tensorrt_llm as fake
+
+
+def settings_for(checkpoint, **overrides):
+    return config.load(environ={}, **{"engine": "tensorrt_llm", "model_path": str(checkpoint),
+                                      "context_window": 4096, **overrides})
+
+
+@pytest.fixture
+def engine(smollm2_checkpoint_dir):
+    return TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir), api=fake.install_api())
+
+
+async def run(engine, prompt, params):
+    deltas, finished = [], None
+    async for step in engine.generate(prompt, params):
+        if isinstance(step, Finished):
+            finished = step
+        else:
+            deltas += step if isinstance(step, list) else [step]
+    return deltas, finished
+
+
+# -- settings and construction ---------------------------------------------------------------------
+
+
+def test_settings_become_llm_arguments(smollm2_checkpoint_dir):
+    settings = settings_for(smollm2_checkpoint_dir, trtllm_tensor_parallel_size=2, trtllm_max_batch_size=64,
+                            trtllm_kv_cache_free_gpu_memory_fraction=0.8, trtllm_kv_cache_block_reuse=False)
+    engine = TensorRTLLMEngine.from_settings(settings, api=fake.install_api())
+    args = engine._llm.args
+    assert args["model"] == str(smollm2_checkpoint_dir)
+    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"], args["max_batch_size"]) == (2, 1, 64)
+    assert args["guided_decoding_backend"] == "xgrammar"  # set at construction, or guides are silently ignored
+    assert (args["max_seq_len"], args["max_num_tokens"], args["enable_chunked_prefill"]) == (4096, 8192, False)
+    kv = args["kv_cache_config"]
+    assert (kv.enable_block_reuse, kv.free_gpu_memory_fraction) == (False, 0.8)
+    assert engine.model_id == settings.model_name and engine.context_window == 4096
+
+
+def test_extra_options_reach_llm_and_an_unknown_one_stops_start_up(smollm2_checkpoint_dir, tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("stream_interval: 4\nkv_cache_config:\n  tokens_per_block: 64\n")
+    engine = TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_extra_options=str(extra)),
+                                             api=fake.install_api())
+    assert engine._llm.args["stream_interval"] == 4
+    assert engine._llm.kv_cache_config.tokens_per_block == 64
+    extra.write_text("speculative_decoding_mode: eagle\n")
+    with pytest.raises(ValueError, match="LLM got invalid argument: speculative_decoding_mode"):
+        TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_extra_options=str(extra)),
+                                        api=fake.install_api())
+
+
+def test_more_gpus_than_visible_stops_start_up(smollm2_checkpoint_dir):
+    with pytest.raises(RuntimeError, match="GPUs are visible"):
+        TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_tensor_parallel_size=16),
+                                        api=fake.install_api())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"model_path": ""}, "needs model_path: a Hugging Face checkpoint directory"),
+    ({"context_window": 16384}, "exceeds trtllm_max_num_tokens"),
+    ({"trtllm_guided_decoding_backend": "outlines"}, "trtllm_guided_decoding_backend must be one of"),
+    ({"trtllm_kv_cache_free_gpu_memory_fraction": 0.0}, "free_gpu_memory_fraction must be in"),
+    ({"trtllm_tool_format": "harmony"}, "trtllm_tool_format must be one of"),
+    ({"kv_cache": "per_sequence"}, "kv_cache is a llamacpp setting"),
+    ({"trtllm_extra_options": "/nonexistent.yaml"}, "is not a file"),
+])
+def test_bad_or_foreign_settings_stop_start_up_naming_them(smollm2_checkpoint_dir, overrides, message):
+    values = {"model_path": str(smollm2_checkpoint_dir), "context_window": 4096, **overrides}
+    with pytest.raises(ValueError, match=message):
+        config.load(environ={}, engine="tensorrt_llm", **values)
+
+
+def test_tensorrt_llm_settings_given_to_another_engine_are_refused():
+    with pytest.raises(ValueError, match="trtllm_tensor_parallel_size is a tensorrt_llm setting"):
+        config.load(environ={}, engine="scripted", trtllm_tensor_parallel_size=2)
+
+
+def test_chunked_prefill_lifts_the_prompt_limit(smollm2_checkpoint_dir):
+    assert settings_for(smollm2_checkpoint_dir, context_window=32768, trtllm_enable_chunked_prefill=True)
+    with pytest.raises(ValueError, match="exceeds trtllm_max_num_tokens"):
+        settings_for(smollm2_checkpoint_dir, context_window=32768)
+
+
+def test_without_the_package_the_error_says_what_is_missing(smollm2_checkpoint_dir):
+    import importlib.util
+
+    from parley.engine.trtllm import load_api
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("tensorrt_llm is installed here")
+    with pytest.raises(RuntimeError, match="needs the tensorrt_llm package"):
+        load_api()
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def test_prompts_are_the_checkpoint_template_and_tokenizer_as_llamacpp_renders_them(engine):
+    messages = [ChatMessage("developer", "Answer briefly."), ChatMessage("user", "What is 2 + 2?"),
+                ChatMessage("assistant", "4"), ChatMessage("user", "And 3 + 3?")]
+    llamacpp = LlamaCppEngine(default_model_path(), "SmolLM2", context_window=512, threads=1, sequences=1)
+    try:
+        assert engine.render_prompt(messages) == llamacpp.render_prompt(messages)
+    finally:
+        asyncio.run(llamacpp.close())
+    assert (engine.tool_format, engine.reasoning_format) == ("hermes", "none")
+
+
+def test_the_family_comes_from_the_template(smollm2_checkpoint_dir, tmp_path):
+    import shutil
+
+    from parley.engine.formats import formats_of_template
+
+    assert formats_of_template("{{ '<|python_tag|>' }}") == ("llama3_json", "none")
+    assert formats_of_template("[TOOL_CALLS] ... [AVAILABLE_TOOLS]") == ("mistral", "none")
+    assert formats_of_template("<tool_call> ... <think>") == ("hermes", "think")
+    harmony = tmp_path / "gpt-oss"
+    shutil.copytree(smollm2_checkpoint_dir, harmony)
+    (harmony / "chat_template.jinja").write_text("<|start|>assistant<|channel|>analysis<|message|>")
+    with pytest.raises(ValueError, match="Harmony"):
+        TensorRTLLMEngine.from_settings(settings_for(harmony), api=fake.install_api())
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+async def test_streams_the_text_of_each_step_then_finishes_with_usage(engine):
+    prompt = engine.render_prompt([ChatMessage("user", "Say hello.")])
+    deltas, finished = await run(engine, prompt, SamplingParams(max_tokens=64))
+    assert "".join(d.text for d in deltas) == engine._llm.default_reply
+    assert sum(d.tokens for d in deltas) == finished.output_tokens > 3
+    assert (finished.reason, finished.input_tokens) == ("stop", len(prompt))
+    submitted = engine._llm.submitted[-1]
+    assert submitted.streaming and submitted.prompt_token_ids == prompt  # token ids, tokenized by Parley
+
+
+async def test_every_sampling_field_is_set_on_a_fresh_sampling_params(engine):
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    params = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, presence_penalty=0.5,
+                            frequency_penalty=-0.25, seed=11)
+    await run(engine, prompt, params)
+    await run(engine, prompt, params)
+    first, second = (s.sampling_params for s in engine._llm.submitted[-2:])
+    assert first is not second  # the engine mutates what it gets
+    assert (first.max_tokens, first.temperature, first.top_p, first.presence_penalty, first.frequency_penalty,
+            first.seed, first.logprobs, first.guided_decoding) == (7, 0.0, 0.5, 0.5, -0.25, 11, None, None)
+
+
+async def test_max_tokens_is_length_and_the_budget_never_passes_the_window(engine):
+    engine._llm.replies = ["one two three four five six seven eight nine ten"]
+    prompt = engine.render_prompt([ChatMessage("user", "count")])
+    _, finished = await run(engine, prompt, SamplingParams(max_tokens=3))
+    assert (finished.reason, finished.output_tokens) == ("length", 3)
+    await run(engine, prompt, SamplingParams(max_tokens=10**6))
+    assert engine._llm.submitted[-1].sampling_params.max_tokens == engine.context_window - len(prompt)
+
+
+async def test_cached_tokens_come_from_the_engine_clamped_to_the_prompt(engine):
+    long_history = [ChatMessage("user", "word " * 200)]
+    prompt = engine.render_prompt(long_history)
+    _, first = await run(engine, prompt, SamplingParams(max_tokens=4))
+    _, second = await run(engine, prompt + [28, 29], SamplingParams(max_tokens=4))
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == len(prompt) // 32 * 32 > 0  # whole KV blocks of the shared prefix
+    engine._llm.cached_override = 10**6
+    _, third = await run(engine, prompt, SamplingParams(max_tokens=4))
+    assert third.cached_tokens == len(prompt)
+
+
+async def test_logprobs_become_the_sampled_token_and_its_alternatives(engine):
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    deltas, _ = await run(engine, prompt, SamplingParams(max_tokens=3, top_logprobs=2))
+    assert engine._llm.submitted[-1].sampling_params.logprobs == 2
+    first = deltas[0].logprobs[0]
+    assert first.token == deltas[0].text and first.logprob == -0.25 and first.bytes == tuple(first.token.encode())
+    assert [alternative[1] for alternative in first.top] == [-0.25, -1.0, -2.0]  # by rank, the sampled first
+
+
+async def test_closing_the_stream_aborts_the_request(engine):
+    engine._llm.step_seconds = 0.01
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    steps = engine.generate(prompt, SamplingParams(max_tokens=64))
+    assert isinstance(await anext(steps), TextDelta)
+    await steps.aclose()
+    output = engine._llm.submitted[-1].output
+    assert output.aborted()
+    await output.aresult()  # the engine's next step ends it as cancelled, without raising
+    assert output.outputs[0].finish_reason == "cancelled"
+
+
+async def test_a_request_the_engine_cancels_itself_fails(engine):
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    steps = engine.generate(prompt, SamplingParams(max_tokens=64))
+    await anext(steps)
+    engine._llm.submitted[-1].output.abort()  # e.g. the executor dropped it
+    with pytest.raises(RequestFailed, match="cancelled"):
+        async for _ in steps:
+            pass
+
+
+async def test_a_request_error_mid_stream_fails_that_request_only(engine):
+    engine._llm.fail_after = (2, "Encountered an error in forward step")
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    with pytest.raises(RequestFailed, match="forward step"):
+        await run(engine, prompt, SamplingParams(max_tokens=64))
+    engine._llm.fail_after = None
+    assert engine.health().ok
+    _, finished = await run(engine, prompt, SamplingParams(max_tokens=64))
+    assert finished.reason == "stop"
+
+
+async def test_an_over_long_prompt_is_a_request_failure_not_a_crash(engine):
+    engine._llm.max_num_tokens = 8
+    with pytest.raises(RequestFailed, match="should not exceed max_num_tokens"):
+        await run(engine, list(range(100)), SamplingParams(max_tokens=4))
+
+
+async def test_a_dead_engine_fails_every_running_request_and_refuses_new_ones(engine):
+    engine._llm.step_seconds = 0.05
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    running = [asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(3)]
+    await asyncio.sleep(0.02)
+    engine._llm.kill("rank 1 exited")
+    results = await asyncio.gather(*running, return_exceptions=True)
+    assert all(isinstance(result, EngineDead) and "rank 1 exited" in str(result) for result in results)
+    health = engine.health()
+    assert not health.ok and "EngineDeadError" in health.detail
+    with pytest.raises(EngineDead):
+        await run(engine, prompt, SamplingParams(max_tokens=4))
+
+
+async def test_an_unhealthy_executor_is_reported(engine):
+    engine._llm.fatal = "executor worker hung"  # the executor says so before any request noticed
+    assert not engine.health().ok
+    engine._llm.fatal = None
+    await engine.close()
+    assert engine._llm.shut_down and not engine.health().ok
+
+
+# -- guided decoding -------------------------------------------------------------------------------
+
+WEATHER = ("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                           "additionalProperties": False})
+
+
+async def test_tool_calls_in_auto_mode_are_a_structural_tag_triggered_by_the_family_marker(engine):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    engine._llm.replies = [call]
+    constraint = Constraint(kind="tools", tools=(WEATHER,), mode="auto")
+    engine.check_constraint(constraint)
+    prompt = engine.render_prompt([ChatMessage("user", "weather?")])
+    deltas, _ = await run(engine, prompt, SamplingParams(max_tokens=64, constraint=constraint))
+    assert "".join(d.text for d in deltas) == call
+    submitted = engine._llm.submitted[-1]
+    assert submitted.guide_enforced
+    tag = json.loads(submitted.sampling_params.guided_decoding.structural_tag)
+    assert tag["triggers"] == ["<tool_call>"]
+    assert tag["structures"] == [{"begin": '<tool_call>\n{"name": "get_weather", "arguments": ',
+                                  "schema": WEATHER[1], "end": "}\n</tool_call>"}]
+
+
+@pytest.mark.parametrize("constraint", [
+    Constraint(kind="tools", tools=(WEATHER,), mode="required"),
+    Constraint(kind="json_schema", schema={"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}},
+                                           "$defs": {"n": {"type": "integer"}}}),
+    Constraint(kind="json_object"),
+], ids=["required", "json_schema", "json_object"])
+async def test_other_constraints_are_the_same_grammar_llamacpp_enforces(engine, constraint):
+    from parley.engine.formats import HERMES
+    from parley.engine.grammar import compile_constraint
+
+    engine._llm.replies = ['{"a": 1}'] if constraint.kind != "tools" else ["x"]
+    prompt = engine.render_prompt([ChatMessage("user", "json please")])
+    await run(engine, prompt, SamplingParams(max_tokens=16, constraint=constraint))
+    guide = engine._llm.submitted[-1].sampling_params.guided_decoding
+    assert guide.grammar == compile_constraint(constraint, HERMES)
+    assert (guide.json, guide.structural_tag, guide.json_object) == (None, None, False)
+
+
+def test_what_the_grammar_cannot_express_is_refused_before_anything_runs(engine):
+    with pytest.raises(ValueError, match="lookarounds"):
+        engine.check_constraint(Constraint(kind="json_schema", schema={"type": "string", "pattern": "^(?=a)b$"}))
+
+
+def test_without_a_guided_decoding_backend_constraints_are_refused_not_ignored(smollm2_checkpoint_dir):
+    engine = TensorRTLLMEngine.from_settings(
+        settings_for(smollm2_checkpoint_dir, trtllm_guided_decoding_backend="none"), api=fake.install_api())
+    assert "guided_decoding_backend" not in engine._llm.args
+    engine.check_constraint(None)
+    with pytest.raises(ValueError, match="without a guided-decoding backend"):
+        engine.check_constraint(Constraint(kind="json_object"))
