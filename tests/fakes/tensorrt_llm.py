@@ -37,6 +37,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+DEFAULT_REPLY = "Hello from the fake TensorRT-LLM engine."
+
 
 class RequestError(RuntimeError):
     """tensorrt_llm.executor.utils.RequestError: one request failed."""
@@ -233,7 +235,7 @@ class LLM:
         self.chunked_prefill = kwargs.get("enable_chunked_prefill", False)
         # The scripted model and the knobs tests turn.
         self.replies: list[str] = []
-        self.default_reply = "Hello from the fake TensorRT-LLM engine."
+        self.default_reply = DEFAULT_REPLY
         self.step_seconds = 0.0
         self.fail_after: tuple[int, str] | None = None  # (tokens, message): a RequestError then
         self.cached_override: int | None = None  # what cached_tokens reports, whatever the prompts
