@@ -7,7 +7,7 @@ PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
 GEN_DIR := server/parley/v1
 STAMP := $(VENV)/.parley-installed
 
-.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-websocket bench-report clean
+.PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-websocket bench-report gpu-smoke clean
 
 help:
 	@echo "make run     set up (.venv, install, generate code) and serve on the CPU default"
@@ -16,6 +16,7 @@ help:
 	@echo "make golden-update   rewrite tests/golden/*.json from the current code"
 	@echo "make lint    ruff (pyflakes, bugbear, import order), buf lint, and buf breaking against BUF_AGAINST (HEAD~1)"
 	@echo "make bench   serving-path and CPU-engine benchmarks; results in bench/results/"
+	@echo "make gpu-smoke MODEL=/path/to/hf-checkpoint   TensorRT-LLM smoke test (inside the GPU image, on a GPU)"
 	@echo "make reliability   fuzzing, timed kills, slow readers, big bodies, soak; results in tests/reliability/results/"
 
 # llama.cpp is compiled for this CPU (-march=native), except Intel AMX: sandboxes and some VMs
@@ -118,3 +119,8 @@ golden-update: proto
 
 clean:
 	rm -rf $(GEN_DIR) build .pytest_cache
+
+# On a GPU, inside the TensorRT-LLM image: streaming, a tool call and structured output through the
+# SDK, with TTFT and tokens/s. Cannot run without a GPU (see the README).
+gpu-smoke: proto
+	deploy/gpu/smoke.sh $(MODEL)
