@@ -77,6 +77,7 @@ class Settings:
     reasoning_key: str = ""
     synthetic_output_tokens: int = 256
     synthetic_tokens_per_second: float = 0.0
+    synthetic_step_ms: float = 0.0
     scripted_output_tokens: int = 0
     scripted_token_delay_ms: int = 0
     max_request_body_bytes: int = 16 * 1024 * 1024
@@ -122,7 +123,7 @@ class Settings:
         for name in ("rate_limit_requests_per_minute", "rate_limit_tokens_per_minute",
                      "response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
                      "scripted_output_tokens", "scripted_token_delay_ms", "synthetic_output_tokens",
-                     "synthetic_tokens_per_second"):
+                     "synthetic_tokens_per_second", "synthetic_step_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.maintenance_interval_seconds * 2 > self.lease_seconds:
@@ -255,6 +256,8 @@ HELP = {
                      "(default: a key file created beside the SQLite store)",
     "synthetic_output_tokens": "synthetic engine: tokens per response (capped by max_output_tokens)",
     "synthetic_tokens_per_second": "synthetic engine: per-stream rate (0 = as fast as the server takes them)",
+    "synthetic_step_ms": "synthetic engine: lockstep mode, as a batching GPU: every running stream gets one token "
+                         "per step of this many ms (0 = off)",
     "scripted_output_tokens": "scripted engine: tokens per response (0 = a fixed sentence)",
     "scripted_token_delay_ms": "scripted engine: delay before each token",
     "max_request_body_bytes": "largest accepted request body (413 above it)",

@@ -26,5 +26,6 @@ def build_engine(settings: Settings) -> Engine:
 
         return SyntheticEngine(model_id=settings.model_name, context_window=settings.context_window,
                                output_tokens=settings.synthetic_output_tokens,
-                               tokens_per_second=settings.synthetic_tokens_per_second)
+                               tokens_per_second=settings.synthetic_tokens_per_second,
+                               step_seconds=settings.synthetic_step_ms / 1000)
     raise ValueError(f"unknown engine {settings.engine!r}")

@@ -3,6 +3,11 @@
 It goes through the same interface as real engines, so the serving path (pipeline, codec, gRPC,
 Envoy) is measured alone. Tokens are yielded in steps: everything due at a step travels
 together, as a fast real engine's tokens would.
+
+Lockstep mode (`step_seconds`) is a batching GPU's rhythm: the engine steps on its own clock,
+and every running sequence gets one token per step. A stream's first token comes at the first
+step after it arrives (its prefill); a stream whose consumer falls behind finds several tokens
+due when it next runs, and they go together, as a GPU engine's would pile up for a busy server.
 """
 
 from __future__ import annotations
@@ -21,16 +26,22 @@ class SyntheticEngine:
     reasoning_format = "none"
 
     def __init__(self, model_id: str = "synthetic", context_window: int = 32768, output_tokens: int = 256,
-                 tokens_per_second: float = 0.0):
+                 tokens_per_second: float = 0.0, step_seconds: float = 0.0):
         self.model_id = model_id
         self.context_window = context_window
         self.output_tokens = output_tokens
         self.tokens_per_second = tokens_per_second
+        self.step_seconds = step_seconds
+        self._clock: _StepClock | None = None
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         return list(range(1 + sum(len(m.content) // 4 + 4 for m in messages)))
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator:
+        if self.step_seconds > 0:
+            async for step in self._lockstep(prompt, params):
+                yield step
+            return
         total = min(self.output_tokens, params.max_tokens)
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -51,6 +62,19 @@ class SyntheticEngine:
             sent = due
         yield Finished("length" if total < self.output_tokens else "stop", len(prompt), total)
 
+    async def _lockstep(self, prompt: list[int], params: SamplingParams) -> AsyncIterator:
+        if self._clock is None:
+            self._clock = _StepClock(self.step_seconds)
+        total = min(self.output_tokens, params.max_tokens)
+        joined = self._clock.step  # the first token comes with the next step
+        sent = 0
+        while sent < total:
+            step = await self._clock.after(joined + sent)
+            due = min(total, step - joined)
+            yield [TOKEN] * (due - sent)
+            sent = due
+        yield Finished("length" if total < self.output_tokens else "stop", len(prompt), total)
+
     def check_constraint(self, constraint) -> None:
         pass  # constraints are not enforced here (no sampler)
 
@@ -62,3 +86,34 @@ class SyntheticEngine:
 
     async def close(self) -> None:
         return None
+
+
+class _StepClock:
+    """The engine's step counter, advancing every `seconds` of wall time whether or not anyone
+    is waiting (a GPU does not wait for the server). Waiters share one future per step."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._origin = self._loop.time()
+        self._next: asyncio.Future | None = None
+        self._ticker: asyncio.Task | None = None
+
+    @property
+    def step(self) -> int:
+        return int((self._loop.time() - self._origin) / self.seconds)
+
+    async def after(self, step: int) -> int:
+        """Wait until the clock has passed `step`; return the step it is at."""
+        while self.step <= step:
+            if self._next is None:
+                self._next = self._loop.create_future()
+                self._ticker = self._loop.create_task(self._tick())
+            await asyncio.shield(self._next)
+        return self.step
+
+    async def _tick(self) -> None:
+        # Sleep to the next step boundary, then wake everyone waiting for it at once.
+        await asyncio.sleep((self.step + 1) * self.seconds - (self._loop.time() - self._origin))
+        waiting, self._next = self._next, None
+        waiting.set_result(None)

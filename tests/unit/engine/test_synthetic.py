@@ -44,3 +44,31 @@ async def test_unpaced_tokens_come_in_bursts_and_max_tokens_cuts_with_length():
     cut = await steps(engine, max_tokens=5)
     assert [len(step) for step in cut[:-1]] == [5]
     assert cut[-1] == Finished("length", 3, 5)
+
+
+async def test_lockstep_streams_share_the_engine_clock_and_a_slow_reader_gets_tokens_together():
+    engine = SyntheticEngine(output_tokens=6, step_seconds=0.01)
+    fast = asyncio.create_task(steps(engine))
+    slow_steps = []
+
+    async def slow():
+        async for step in engine.generate([1], SamplingParams(max_tokens=1000)):
+            slow_steps.append(step)
+            await asyncio.sleep(0.035)  # several steps pass while this reader is busy
+
+    await asyncio.gather(fast, slow())
+    fast_steps = fast.result()
+    assert sum(len(step) for step in fast_steps[:-1]) == 6 and fast_steps[-1] == Finished("stop", 3, 6)
+    assert sum(len(step) for step in slow_steps[:-1]) == 6 and slow_steps[-1] == Finished("stop", 1, 6)
+    assert any(len(step) > 1 for step in slow_steps[:-1])  # due tokens piled up and went together
+    assert engine._clock._next is None or not engine._clock._next.done()
+
+
+async def test_lockstep_cancelling_one_stream_leaves_the_others_running():
+    engine = SyntheticEngine(output_tokens=5, step_seconds=0.01)
+    doomed = asyncio.create_task(steps(engine))
+    survivor = asyncio.create_task(steps(engine))
+    await asyncio.sleep(0.015)
+    doomed.cancel()
+    result = await survivor
+    assert result[-1] == Finished("stop", 3, 5)

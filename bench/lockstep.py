@@ -1,0 +1,119 @@
+"""Can one Parley process front a batching GPU? The synthetic engine in lockstep mode.
+
+A GPU engine steps on its own clock and gives every running sequence one token per step. The
+synthetic engine's lockstep mode (PARLEY_SYNTHETIC_STEP_MS) does the same without a model, so
+this measures the serving path (Parley's pipeline, gRPC, Envoy's transcoder, SSE) at the rhythm
+an H200 would feed it: 256, 1,024 and 2,048 streams at once, 20 ms and 10 ms steps, through
+Envoy, on this machine's cores. Per run: delivered tokens/s against what the engine produced,
+time to first token, inter-token latency p50/p99 (as the client sees it), server and Envoy CPU
+per 1,000 tokens, and memory per stream. The target (issue 16): 1,024 streams at 50,000 tokens/s
+or more with p99 inter-token latency at most 40 ms (two steps).
+
+    python bench/lockstep.py [--steps 20,10] [--levels 256,1024,2048] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
+from loadgen import run_load  # noqa: E402
+from serving import MODEL, gateway, parley_command  # noqa: E402
+
+TARGET = {"streams": 1024, "tokens_per_second": 50_000, "itl_p99_ms": 40}
+
+
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def peak_rss(pid: int, stop_at: float) -> int:
+    peak = 0
+    while time.perf_counter() < stop_at:
+        peak = max(peak, rss_bytes(pid))
+        await asyncio.sleep(0.5)
+    return peak
+
+
+async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path) -> dict:
+    port = free_port()
+    command, env = parley_command(port, str(workdir / f"lockstep-{step_ms}-{level}.sqlite3"), tokens)
+    env.update(PARLEY_SYNTHETIC_STEP_MS=str(step_ms), PARLEY_MAX_CONCURRENT_GENERATIONS=str(level * 2),
+               PARLEY_MAX_QUEUED_GENERATIONS=str(level * 2))
+    server = start(command, env, "listening on")
+    envoy = None
+    try:
+        envoy = gateway(port)
+        body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": tokens})
+        await asyncio.sleep(0.5)
+        idle_rss = rss_bytes(server.pid)
+        # The warm-up lets every client's first response start (they all arrive at once), so the
+        # measured window holds steady state: streams at every stage of their responses.
+        warmup = 2 + tokens * step_ms / 1000 / 2
+        before = (cpu_seconds(server.pid), cpu_seconds(envoy.process.pid), client_cpu_seconds())
+        sampler = asyncio.create_task(peak_rss(server.pid, time.perf_counter() + warmup + seconds))
+        result = await run_load("127.0.0.1", envoy.settings.http_port, body, level, seconds=seconds, warmup=warmup)
+        peak = await sampler
+        server_cpu = cpu_seconds(server.pid) - before[0]
+        envoy_cpu = cpu_seconds(envoy.process.pid) - before[1]
+        client_cpu = client_cpu_seconds() - before[2]
+        elapsed = warmup + result["seconds"]  # CPU was counted over the warm-up too
+        # What the engine hands out at this many streams: one token per stream per step.
+        produced = level * 1000 / step_ms
+        delivered = result["tokens_per_second"]
+        run = {"step_ms": step_ms, "streams": level, "engine_tokens_per_second": round(produced),
+               "tokens_per_second": round(delivered), "delivered_share": round(delivered / produced, 3),
+               "ttft_ms": result["ttft_ms"], "itl_ms": result["itl_ms"], "requests": result["requests"],
+               "errors": result["errors"],
+               "server_cores": round(server_cpu / elapsed, 2), "envoy_cores": round(envoy_cpu / elapsed, 2),
+               "client_cores": round(client_cpu / elapsed, 2),
+               "server_cpu_ms_per_1k_tokens": round(server_cpu / elapsed / max(delivered, 1) * 1e6, 2),
+               "envoy_cpu_ms_per_1k_tokens": round(envoy_cpu / elapsed / max(delivered, 1) * 1e6, 2),
+               "server_rss_idle_mb": round(idle_rss / 2**20, 1), "server_rss_peak_mb": round(peak / 2**20, 1),
+               "server_kib_per_stream": round((peak - idle_rss) / level / 1024, 1)}
+        print(json.dumps(run), flush=True)
+        return run
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        stop(server)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="20,10", help="engine step times, ms")
+    parser.add_argument("--levels", default="256,1024,2048", help="concurrent streams")
+    parser.add_argument("--tokens", type=int, default=256, help="output tokens per response")
+    parser.add_argument("--seconds", type=float, default=10, help="measured seconds per run (after a warm-up)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="parley-lockstep-"))
+    runs = []
+    for step_ms in [float(step) for step in args.steps.split(",")]:
+        for level in [int(level) for level in args.levels.split(",")]:
+            runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir))
+    at_target = [run for run in runs if run["streams"] == TARGET["streams"] and run["step_ms"] == 20]
+    verdict = {"target": TARGET, "met": bool(at_target) and all(
+        run["tokens_per_second"] >= TARGET["tokens_per_second"] and run["itl_ms"]["p99"] is not None
+        and run["itl_ms"]["p99"] <= TARGET["itl_p99_ms"] for run in at_target)}
+    path = save("lockstep", {"parameters": {"steps_ms": args.steps, "levels": args.levels, "tokens": args.tokens,
+                                            "seconds": args.seconds}, "runs": runs, "verdict": verdict})
+    print(json.dumps(verdict))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.install()
+    asyncio.run(main())
