@@ -46,9 +46,11 @@ async def peak_rss(pid: int, stop_at: float) -> int:
     return peak
 
 
-async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path) -> dict:
+async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path,
+                  durability: str = "acknowledged") -> dict:
     port = free_port()
-    command, env = parley_command(port, str(workdir / f"lockstep-{step_ms}-{level}.sqlite3"), tokens)
+    command, env = parley_command(port, str(workdir / f"lockstep-{step_ms}-{level}-{durability}.sqlite3"), tokens,
+                                  durability=durability)
     env.update(PARLEY_SYNTHETIC_STEP_MS=str(step_ms), PARLEY_MAX_CONCURRENT_GENERATIONS=str(level * 2),
                PARLEY_MAX_QUEUED_GENERATIONS=str(level * 2))
     server = start(command, env, "listening on")
@@ -72,7 +74,8 @@ async def measure(step_ms: float, level: int, tokens: int, seconds: float, workd
         # What the engine hands out at this many streams: one token per stream per step.
         produced = level * 1000 / step_ms
         delivered = result["tokens_per_second"]
-        run = {"step_ms": step_ms, "streams": level, "engine_tokens_per_second": round(produced),
+        run = {"step_ms": step_ms, "streams": level, "durability": durability,
+               "engine_tokens_per_second": round(produced),
                "tokens_per_second": round(delivered), "delivered_share": round(delivered / produced, 3),
                "ttft_ms": result["ttft_ms"], "itl_ms": result["itl_ms"], "requests": result["requests"],
                "errors": result["errors"],
@@ -96,18 +99,24 @@ async def main() -> None:
     parser.add_argument("--levels", default="256,1024,2048", help="concurrent streams")
     parser.add_argument("--tokens", type=int, default=256, help="output tokens per response")
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per run (after a warm-up)")
+    parser.add_argument("--durability", default="acknowledged,relaxed",
+                        help="PARLEY_DURABILITY of each run; relaxed (writes behind, not for production) shows "
+                             "what storing the stream costs")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="parley-lockstep-"))
     runs = []
     for step_ms in [float(step) for step in args.steps.split(",")]:
         for level in [int(level) for level in args.levels.split(",")]:
-            runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir))
-    at_target = [run for run in runs if run["streams"] == TARGET["streams"] and run["step_ms"] == 20]
+            for durability in args.durability.split(","):  # side by side, level by level
+                runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir, durability))
+    at_target = [run for run in runs if run["streams"] == TARGET["streams"] and run["step_ms"] == 20
+                 and run["durability"] == "acknowledged"]
     verdict = {"target": TARGET, "met": bool(at_target) and all(
         run["tokens_per_second"] >= TARGET["tokens_per_second"] and run["itl_ms"]["p99"] is not None
         and run["itl_ms"]["p99"] <= TARGET["itl_p99_ms"] for run in at_target)}
     path = save("lockstep", {"parameters": {"steps_ms": args.steps, "levels": args.levels, "tokens": args.tokens,
-                                            "seconds": args.seconds}, "runs": runs, "verdict": verdict})
+                                            "seconds": args.seconds, "durability": args.durability},
+                             "runs": runs, "verdict": verdict})
     print(json.dumps(verdict))
     print(f"wrote {path}")
 
