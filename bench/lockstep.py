@@ -28,7 +28,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
 from loadgen import run_load  # noqa: E402
-from serving import MODEL, gateway, parley_command  # noqa: E402
+from serving import MODEL, capture_batches, gateway, parley_command, start_baseline  # noqa: E402
 
 TARGET = {"streams": 1024, "tokens_per_second": 50_000, "itl_p99_ms": 40}
 
@@ -46,14 +46,38 @@ async def peak_rss(pid: int, stop_at: float) -> int:
     return peak
 
 
-async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path,
-                  durability: str = "acknowledged") -> dict:
+def start_parley(step_ms: float, level: int, tokens: int, workdir: Path, durability: str):
     port = free_port()
     command, env = parley_command(port, str(workdir / f"lockstep-{step_ms}-{level}-{durability}.sqlite3"), tokens,
                                   durability=durability)
     env.update(PARLEY_SYNTHETIC_STEP_MS=str(step_ms), PARLEY_MAX_CONCURRENT_GENERATIONS=str(level * 2),
                PARLEY_MAX_QUEUED_GENERATIONS=str(level * 2))
-    server = start(command, env, "listening on")
+    return port, start(command, env, "listening on")
+
+
+async def lockstep_messages(tokens: int, workdir: Path) -> Path:
+    """The SSE messages of one lockstep response as Parley sends them (one token each), for
+    the baseline server to replay."""
+    port, server = start_parley(20, 1, tokens, workdir, "relaxed")
+    try:
+        body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": tokens})
+        batches = await capture_batches(port, body)
+    finally:
+        stop(server)
+    path = workdir / "lockstep-events.json"
+    path.write_text(json.dumps(batches))
+    return path
+
+
+async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path,
+                  durability: str = "acknowledged", baseline_events: Path | None = None) -> dict:
+    """One run: Parley (lockstep synthetic engine), or with `baseline_events` the minimal
+    grpc.aio server replaying the same messages at the same pace, behind the same Envoy."""
+    if baseline_events is not None:
+        port = free_port()
+        server = start_baseline(port, baseline_events, 1000 / step_ms)
+    else:
+        port, server = start_parley(step_ms, level, tokens, workdir, durability)
     envoy = None
     try:
         envoy = gateway(port)
@@ -74,7 +98,8 @@ async def measure(step_ms: float, level: int, tokens: int, seconds: float, workd
         # What the engine hands out at this many streams: one token per stream per step.
         produced = level * 1000 / step_ms
         delivered = result["tokens_per_second"]
-        run = {"step_ms": step_ms, "streams": level, "durability": durability,
+        run = {"target": "baseline" if baseline_events is not None else "parley", "step_ms": step_ms,
+               "streams": level, "durability": durability if baseline_events is None else None,
                "engine_tokens_per_second": round(produced),
                "tokens_per_second": round(delivered), "delivered_share": round(delivered / produced, 3),
                "ttft_ms": result["ttft_ms"], "itl_ms": result["itl_ms"], "requests": result["requests"],
@@ -104,13 +129,17 @@ async def main() -> None:
                              "what storing the stream costs")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="parley-lockstep-"))
+    events = await lockstep_messages(args.tokens, workdir)
     runs = []
     for step_ms in [float(step) for step in args.steps.split(",")]:
         for level in [int(level) for level in args.levels.split(",")]:
-            for durability in args.durability.split(","):  # side by side, level by level
+            # Side by side, level by level: Parley as it ships, Parley writing behind, and the
+            # machine's floor (the same messages from a server that does nothing else).
+            for durability in args.durability.split(","):
                 runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir, durability))
+            runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir, baseline_events=events))
     at_target = [run for run in runs if run["streams"] == TARGET["streams"] and run["step_ms"] == 20
-                 and run["durability"] == "acknowledged"]
+                 and run["target"] == "parley" and run["durability"] == "acknowledged"]
     verdict = {"target": TARGET, "met": bool(at_target) and all(
         run["tokens_per_second"] >= TARGET["tokens_per_second"] and run["itl_ms"]["p99"] is not None
         and run["itl_ms"]["p99"] <= TARGET["itl_p99_ms"] for run in at_target)}

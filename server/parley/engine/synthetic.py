@@ -90,14 +90,13 @@ class SyntheticEngine:
 
 class _StepClock:
     """The engine's step counter, advancing every `seconds` of wall time whether or not anyone
-    is waiting (a GPU does not wait for the server). Waiters share one future per step."""
+    is waiting (a GPU does not wait for the server). One timer per step wakes every waiter."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
         self._loop = asyncio.get_running_loop()
         self._origin = self._loop.time()
-        self._next: asyncio.Future | None = None
-        self._ticker: asyncio.Task | None = None
+        self._waiting: list[asyncio.Future] = []  # each waiter's own: cancelling one leaves the rest
 
     @property
     def step(self) -> int:
@@ -106,14 +105,15 @@ class _StepClock:
     async def after(self, step: int) -> int:
         """Wait until the clock has passed `step`; return the step it is at."""
         while self.step <= step:
-            if self._next is None:
-                self._next = self._loop.create_future()
-                self._ticker = self._loop.create_task(self._tick())
-            await asyncio.shield(self._next)
+            if not self._waiting:
+                self._loop.call_at(self._origin + (self.step + 1) * self.seconds, self._tick)
+            woken = self._loop.create_future()
+            self._waiting.append(woken)
+            await woken
         return self.step
 
-    async def _tick(self) -> None:
-        # Sleep to the next step boundary, then wake everyone waiting for it at once.
-        await asyncio.sleep((self.step + 1) * self.seconds - (self._loop.time() - self._origin))
-        waiting, self._next = self._next, None
-        waiting.set_result(None)
+    def _tick(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for woken in waiting:
+            if not woken.done():
+                woken.set_result(None)

@@ -61,7 +61,7 @@ async def test_lockstep_streams_share_the_engine_clock_and_a_slow_reader_gets_to
     assert sum(len(step) for step in fast_steps[:-1]) == 6 and fast_steps[-1] == Finished("stop", 3, 6)
     assert sum(len(step) for step in slow_steps[:-1]) == 6 and slow_steps[-1] == Finished("stop", 1, 6)
     assert any(len(step) > 1 for step in slow_steps[:-1])  # due tokens piled up and went together
-    assert engine._clock._next is None or not engine._clock._next.done()
+    assert engine._clock._waiting == []  # nobody left waiting on a step
 
 
 async def test_lockstep_cancelling_one_stream_leaves_the_others_running():
