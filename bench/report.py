@@ -191,6 +191,30 @@ def history_section() -> list[str]:
     return lines + [""]
 
 
+def lockstep_section(result: dict) -> list[str]:
+    lines = ["## Lockstep: a batching GPU's rhythm (bench/lockstep.py)", "",
+             f"Machine: {_machine(result)}  ", f"Command: `{result['command']}` ({result['when']})  ",
+             f"Each response: {result['parameters']['tokens']} tokens, one per engine step per stream. "
+             "`baseline`: the minimal grpc.aio server replaying the same messages at the same pace.", "",
+             "| step ms | streams | target | engine tokens/s | delivered tokens/s | share | TTFT p50 / p99 (ms) | "
+             "ITL p50 / p99 (ms) | server / Envoy / client cores | server / Envoy CPU ms per 1k tokens | "
+             "server KiB per stream | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        target = run["target"] + (f", {run['durability']}" if run.get("durability") else "")
+        lines.append(
+            f"| {run['step_ms']:g} | {run['streams']} | {target} | {run['engine_tokens_per_second']:,} | "
+            f"{run['tokens_per_second']:,} | {run['delivered_share']} | {run['ttft_ms']['p50']} / "
+            f"{run['ttft_ms']['p99']} | {run['itl_ms']['p50']} / {run['itl_ms']['p99']} | {run['server_cores']} / "
+            f"{run['envoy_cores']} / {run['client_cores']} | {run['server_cpu_ms_per_1k_tokens']} / "
+            f"{run['envoy_cpu_ms_per_1k_tokens']} | {run['server_kib_per_stream']} | {run['errors']} |")
+    verdict = result["verdict"]
+    lines += ["", f"Target ({verdict['target']['streams']} streams, ≥ {verdict['target']['tokens_per_second']:,} "
+              f"tokens/s, ITL p99 ≤ {verdict['target']['itl_p99_ms']} ms): {'met' if verdict['met'] else 'not met'}.",
+              ""]
+    return lines
+
+
 def _measured(result: dict) -> str:
     """The CPU and the code of a run: runs on different CPUs do not compare, and a run of
     uncommitted code says so."""
@@ -212,6 +236,9 @@ def main() -> None:
     if serving:
         lines += serving_section(serving)
         chart(serving, RESULTS / "serving.png", "Streamed tokens/s through Envoy (synthetic engine)")
+    lockstep = _load("lockstep")
+    if lockstep:
+        lines += lockstep_section(lockstep)
     for layout, cpu in latest_cpu_runs().items():
         image = "cpu_engine.png" if layout == "per_sequence" else f"cpu_engine-{layout}.png"
         lines += cpu_section(cpu, image)

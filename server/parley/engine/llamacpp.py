@@ -28,7 +28,7 @@ from pathlib import Path
 
 from parley.config import KV_CACHE_LAYOUTS, Settings
 from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta
-from parley.engine.formats import tool_format
+from parley.engine.formats import formats_of_template, tool_format
 from parley.engine.grammar import lazy
 from parley.engine.json_closing import JsonCloser
 from parley.engine.llamacpp_sampling import CallOpenerWatch, Sampling
@@ -152,11 +152,11 @@ class LlamaCppEngine:
         if not template:
             raise RuntimeError(f"{model_path} has no chat template in its metadata")
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-        # Tools are rendered by Parley in its generic (Hermes-style) format and the grammar enforces
-        # that same format, so prompt, constraint and parser always agree, whatever the template.
-        # Templates that open <think> blocks mark a reasoning family.
-        self.tool_format = "hermes"
-        self.reasoning_format = "think" if "<think>" in template else "none"
+        # The family's tool format, as the GGUF's template writes calls (Hermes-style, Parley's
+        # generic format, for templates with no tool support, like SmolLM2's); Parley renders tools
+        # in it and the grammar enforces it, so prompt, constraint and parser always agree. Templates
+        # that open <think> blocks mark a reasoning family.
+        self.tool_format, self.reasoning_format = formats_of_template(template)
         self._lib = llama_cpp
         self._sampling = Sampling(llama_cpp, self._llm, tool_format(self.tool_format),
                                   reasoning=self.reasoning_format == "think")

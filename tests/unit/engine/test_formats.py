@@ -127,3 +127,14 @@ def test_what_a_family_renders_its_own_parser_reads_back(family):
     for pieces in splits(rendered):
         text, _, parsed, raw = summarize(run(OutputParser(fmt, "none", tools=True), pieces))
         assert text == "" and [(name, arguments) for name, arguments in raw] == calls, pieces
+
+
+def test_the_family_comes_from_the_chat_template():
+    from parley.engine.formats import formats_of_template
+
+    assert formats_of_template("{{ '<|python_tag|>' }}") == ("llama3_json", "none")
+    assert formats_of_template("[TOOL_CALLS] ... [AVAILABLE_TOOLS]") == ("mistral", "none")
+    assert formats_of_template("<tool_call> ... <think>") == ("hermes", "think")
+    assert formats_of_template("{{ '<|im_start|>' + message['role'] }}") == ("hermes", "none")  # no tool support
+    with pytest.raises(ValueError, match="Harmony"):
+        formats_of_template("<|start|>assistant<|channel|>final<|message|>")
