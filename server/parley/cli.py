@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     revoke.add_argument("key_id")
     for action in actions.choices.values():
         config.add_arguments(action)
+    envoy_config = commands.add_parser(
+        "envoy-config", help="print the Envoy sidecar config for these settings (for a Kubernetes ConfigMap: Envoy "
+                             "then runs beside `parley serve` in the same pod)")
+    envoy_config.add_argument("--descriptor", default=None,
+                              help="where the sidecar finds the descriptor set (default: this install's)")
+    config.add_arguments(envoy_config)
     args = parser.parse_args(argv)
     try:
         settings = config.load(args)
@@ -57,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "keys":
         log.configure(settings.log_format, "warning")
         raise SystemExit(asyncio.run(manage_keys(settings, args)))
+    if args.command == "envoy-config":
+        from parley.gateway import render
+
+        print(render(settings, settings.grpc_port, websocket_port=settings.websocket_port,
+                     descriptor=args.descriptor), end="")
+        return
     log.configure(settings.log_format, settings.log_level)
     try:
         import uvloop

@@ -47,10 +47,12 @@ WEBSOCKET_BACKSTOP_SECONDS = 300
 
 
 def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
-           admin_socket: Path | None = None, websocket_port: int | None = None) -> str:
+           admin_socket: Path | None = None, websocket_port: int | None = None,
+           descriptor: str | None = None) -> str:
     """The sidecar config; `extra_upstreams` ("host:port") join the gRPC cluster (several
     replicas); the admin API listens on `admin_socket` unless settings name a port. Without
-    `websocket_port` (Parley's actual one), WebSocket mode is left out."""
+    `websocket_port` (Parley's actual one), WebSocket mode is left out. `descriptor`: where
+    Envoy finds the descriptor set, when that is not this install's (a container's path)."""
     if settings.envoy_admin_port:
         admin = f"{{ socket_address: {{ address: 127.0.0.1, port_value: {settings.envoy_admin_port} }} }}"
     else:
@@ -65,7 +67,7 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_HTTP_MAX_CONNECTIONS": str(settings.http_max_connections),
         "PARLEY_GRPC_HOST": settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "[::]") else "127.0.0.1",
         "PARLEY_GRPC_PORT": str(grpc_port),
-        "PARLEY_DESCRIPTOR_PATH": str(descriptor_path()),
+        "PARLEY_DESCRIPTOR_PATH": descriptor or str(descriptor_path()),
         "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
         "PARLEY_WEBSOCKET_PORT": str(websocket_port or settings.websocket_port),
         "PARLEY_WEBSOCKET_IDLE_TIMEOUT": str(settings.websocket_idle_seconds + WEBSOCKET_BACKSTOP_SECONDS),
