@@ -34,6 +34,7 @@ class Settings:
     envoy_admin_port: int = 0
     http_request_timeout_seconds: int = 30
     http_max_connections: int = 4096
+    http_affinity: bool = True
     rest_port_serves_grpc: bool = False
     websocket_port: int = 50052
     websocket_max_seconds: int = 3600
@@ -192,6 +193,9 @@ HELP = {
                         "that this user alone can open (the admin API can stop Envoy)",
     "http_request_timeout_seconds": "how long Envoy waits for a whole request (headers and body) before 408",
     "http_max_connections": "open client connections Envoy accepts at once; beyond, new ones are refused",
+    "http_affinity": "Envoy sends a conversation's requests to one replica (a hash of prompt_cache_key, the "
+                     "conversation, or the previous_response_id chain), where its KV-cache prefix is; off: round "
+                     "robin. Matters with several replicas behind one Envoy",
     "rest_port_serves_grpc": "also serve the typed gRPC API (parley.v1.Responses) on the REST port; off: "
                              "gRPC clients use the gRPC port",
     "websocket_port": "internal port of WebSocket mode (Envoy forwards `GET /v1/responses` upgrades from the "

@@ -68,6 +68,7 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_GRPC_HOST": settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "[::]") else "127.0.0.1",
         "PARLEY_GRPC_PORT": str(grpc_port),
         "PARLEY_DESCRIPTOR_PATH": descriptor or str(descriptor_path()),
+        "PARLEY_LB_POLICY": "MAGLEV" if settings.http_affinity else "ROUND_ROBIN",
         "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
         "PARLEY_WEBSOCKET_PORT": str(websocket_port or settings.websocket_port),
         "PARLEY_WEBSOCKET_IDLE_TIMEOUT": str(settings.websocket_idle_seconds + WEBSOCKET_BACKSTOP_SECONDS),

@@ -19,7 +19,7 @@ from parley import tracing
 from parley.engine.base import Engine, SamplingParams
 from parley.engine.formats import tool_format
 from parley.errors import ApiError, ErrorKind, invalid, not_found
-from parley.ids import new_id
+from parley.ids import new_response_id
 from parley.log import get_logger
 from parley.service import compaction
 from parley.service.admission import Admission, Ticket
@@ -188,7 +188,7 @@ class Preparer:
             raise invalid(f"This server cannot enforce the schema in '{where}': {exc}", where,
                           "unsupported_schema") from None
         seal = self._sealer().seal if "reasoning.encrypted_content" in params.include else None
-        builder = ResponseBuilder(new_response(params, new_id("resp"), int(time.time())),
+        builder = ResponseBuilder(new_response(params, new_response_id(params.previous_response_id), int(time.time())),
                                   logprobs=params.wants_logprobs, seal=seal,
                                   custom_tools=frozenset(f["name"] for f in params.functions if f.get("custom")))
         response_id = builder.response["id"]
