@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTO_SRC := $(wildcard proto/parley/v1/*.proto)
 GEN_DIR := server/parley/v1
+DESCRIPTOR := gateway/parley.pb
 STAMP := $(VENV)/.parley-installed
 
 .PHONY: help install proto run serve test test-unit test-integration golden-update lint lint-proto reliability bench bench-serving bench-cpu bench-websocket bench-report gpu-smoke clean
@@ -33,19 +34,19 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Generated code lands in server/parley/v1 (package parley.v1, matching the proto package), never
-# committed; parley.pb is the descriptor set Envoy's transcoder loads.
-$(GEN_DIR)/parley.pb: $(PROTO_SRC) $(STAMP)
+# committed; gateway/parley.pb is the descriptor set Envoy's transcoder loads.
+$(DESCRIPTOR): $(PROTO_SRC) $(STAMP)
 	@mkdir -p $(GEN_DIR)
 	@SITE=$$($(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parents[1])'); \
 	TOOLS=$$($(PY) -c 'import grpc_tools, pathlib; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")'); \
 	$(PY) -m grpc_tools.protoc -Iproto -I$$SITE -I$$TOOLS \
 		--python_out=server --pyi_out=server --grpc_python_out=server \
-		--include_imports --include_source_info --descriptor_set_out=$(GEN_DIR)/parley.pb \
+		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) \
 		$(PROTO_SRC)
 	@touch $(GEN_DIR)/__init__.py
-	@echo "==> generated $(GEN_DIR) and $(GEN_DIR)/parley.pb"
+	@echo "==> generated $(GEN_DIR) and $(DESCRIPTOR)"
 
-proto: $(GEN_DIR)/parley.pb
+proto: $(DESCRIPTOR)
 
 run: proto
 	$(VENV)/bin/parley run
@@ -101,7 +102,7 @@ $(PROTO_DEPS): $(STAMP)
 	cp $$SITE/annotations.proto $$SITE/http.proto $$SITE/httpbody.proto $$SITE/field_behavior.proto $@/
 
 lint: $(STAMP) lint-proto
-	$(VENV)/bin/ruff check server tests bench
+	$(VENV)/bin/ruff check server gateway tests bench deploy
 
 lint-proto: $(BUF) $(PROTO_DEPS)
 	$(BUF) lint proto

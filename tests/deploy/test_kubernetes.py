@@ -20,11 +20,12 @@ from parley.gateway import descriptor_path, envoy_binary, render
 from parley.transport.servicers import HTTP_SERVICE, TYPED_SERVICE
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+ENVOY_CONFIG = K8S.parent / "envoy" / "envoy.yaml"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir())
 KUBERNETES_VERSION = "1.33.0"
 # The settings the base pod's Envoy config is rendered with (the sidecar's view of the pod).
 POD_ENVOY_SETTINGS = {"http_host": "0.0.0.0", "grpc_host": "0.0.0.0", "envoy_admin_port": 9901}
-POD_DESCRIPTOR = "/app/server/parley/v1/parley.pb"
+POD_DESCRIPTOR = "/app/gateway/parley.pb"
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed here: the manifests were not rendered or checked")
@@ -48,8 +49,37 @@ def settings_map(docs: list[dict]) -> dict:
                 and doc["metadata"]["name"].startswith("parley-settings"))["data"]
 
 
+# Kinds from CRDs, and where their pod templates are: no schema of theirs can be had offline, so
+# their pod templates are validated as Pods.
+CUSTOM_POD_TEMPLATES = {"LeaderWorkerSet": {"server": ("spec", "leaderWorkerTemplate", "leaderTemplate"),
+                                            "worker": ("spec", "leaderWorkerTemplate", "workerTemplate")}}
+
+
+def workload(docs: list[dict]) -> dict:
+    """The object that runs Parley's pods: a Deployment, or a LeaderWorkerSet (multi-node)."""
+    [found] = [doc for doc in docs if doc["kind"] in ("Deployment", *CUSTOM_POD_TEMPLATES)
+               and doc["metadata"]["name"] == "parley"]
+    return found
+
+
+def pod_templates(doc: dict) -> dict[str, dict]:
+    if doc["kind"] == "Deployment":
+        return {"server": doc["spec"]["template"]}
+    templates = {}
+    for role, path in CUSTOM_POD_TEMPLATES[doc["kind"]].items():
+        node = doc
+        for key in path:
+            node = node[key]
+        templates[role] = node
+    return templates
+
+
+def server_pod(docs: list[dict]) -> dict:
+    return pod_templates(workload(docs))["server"]["spec"]
+
+
 def containers(docs: list[dict]) -> tuple[dict, dict]:
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = server_pod(docs)
     [envoy] = pod["initContainers"]
     [parley] = pod["containers"]
     return envoy, parley
@@ -64,13 +94,20 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     name, docs = overlay
     for doc in docs:
+        if doc["kind"] in CUSTOM_POD_TEMPLATES:
+            for role, template in pod_templates(doc).items():
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"parley-{role}",
+                                                                      **template.get("metadata", {})},
+                       "spec": template["spec"]}
+                kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+            continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def test_the_validator_refuses_an_unknown_field():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     docs = rendered("cpu")
-    deployment = one(docs, "Deployment")
+    deployment = workload(docs)
     deployment["spec"]["template"]["spec"]["containers"][0]["restartPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
@@ -112,20 +149,39 @@ def test_ports_agree_between_parley_envoy_and_the_service(overlay):
 
 
 def test_gpu_requests_equal_limits(overlay):
-    _, parley = containers(overlay[1])
-    resources = parley["resources"]
-    gpus = {kind: resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")}
-    assert gpus["requests"] == gpus["limits"]
-    if overlay[0] == "gpu-tensorrt-llm":
-        assert gpus["requests"] == "1"
-        volumes = {volume["name"]: volume for volume in one(overlay[1], "Deployment")["spec"]["template"]["spec"]
-                   ["volumes"]}
+    for template in pod_templates(workload(overlay[1])).values():
+        for container in template["spec"]["containers"]:
+            resources = container["resources"]
+            gpus = {kind: resources.get(kind, {}).get("nvidia.com/gpu") for kind in ("requests", "limits")}
+            assert gpus["requests"] == gpus["limits"], container["name"]
+    if overlay[0].startswith("gpu-"):
+        _, parley = containers(overlay[1])
+        assert int(parley["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        volumes = {volume["name"]: volume for volume in server_pod(overlay[1])["volumes"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
         assert settings_map(overlay[1])["PMIX_HOSTNAME"]
 
 
+def test_the_multinode_group_matches_the_parallelism_it_launches():
+    docs = rendered("gpu-multinode")
+    lws = workload(docs)
+    env = settings_map(docs)
+    size = lws["spec"]["leaderWorkerTemplate"]["size"]
+    gpus = {role: int(template["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+            for role, template in pod_templates(lws).items()}
+    world = int(env["PARLEY_TRTLLM_TENSOR_PARALLEL_SIZE"]) * int(env["PARLEY_TRTLLM_PIPELINE_PARALLEL_SIZE"])
+    assert gpus["server"] == gpus["worker"] and size * gpus["server"] == world
+    _, parley = containers(docs)
+    script = parley["args"][0]
+    assert "trtllm-llmapi-launch /app/.venv/bin/parley serve" in script and f"* {gpus['server']}" in script
+    [worker] = pod_templates(lws)["worker"]["spec"]["containers"]
+    assert "-p" in worker["command"] and "2222" in worker["command"] and "-p 2222" in script
+    service = one(docs, "Service")
+    assert service["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"  # leaders serve
+
+
 def test_the_pod_outlives_parleys_drain(overlay):
-    pod = one(overlay[1], "Deployment")["spec"]["template"]["spec"]
+    pod = server_pod(overlay[1])
     assert pod["terminationGracePeriodSeconds"] > int(settings_map(overlay[1])["PARLEY_SHUTDOWN_GRACE_SECONDS"])
 
 
@@ -141,23 +197,25 @@ def test_parley_would_start_with_these_settings(overlay, tmp_path):
     names = {item["name"] for item in parley["env"]}
     assert {"PARLEY_API_KEY", "PARLEY_REASONING_KEY"} <= names
     if overlay[0] in ("postgres", "gpu-tensorrt-llm"):
-        assert "PARLEY_STORE_DSN" in names and one(overlay[1], "Deployment")["spec"]["replicas"] > 1
+        assert "PARLEY_STORE_DSN" in names and workload(overlay[1])["spec"]["replicas"] > 1
+    elif overlay[0] == "gpu-multinode":
+        assert "PARLEY_STORE_DSN" in names
     else:
         assert settings.store_path.startswith("/var/lib/parley/")
 
 
 def test_the_envoy_configmap_is_the_current_template_rendered_for_the_pod():
-    committed = (K8S / "base" / "envoy.yaml").read_text()
+    committed = (ENVOY_CONFIG).read_text()
     settings = config.load(environ={}, **POD_ENVOY_SETTINGS)
     assert committed == render(settings, settings.grpc_port, websocket_port=settings.websocket_port,
                                descriptor=POD_DESCRIPTOR), \
         "regenerate it: PARLEY_HTTP_HOST=0.0.0.0 PARLEY_GRPC_HOST=0.0.0.0 PARLEY_ENVOY_ADMIN_PORT=9901 " \
-        f".venv/bin/parley envoy-config --descriptor {POD_DESCRIPTOR} > deploy/k8s/base/envoy.yaml"
+        f".venv/bin/parley envoy-config --descriptor {POD_DESCRIPTOR} > deploy/envoy/envoy.yaml"
 
 
 def test_envoy_accepts_the_configmap(tmp_path):
     # The descriptor's path is the image's; here it is this checkout's.
-    text = (K8S / "base" / "envoy.yaml").read_text().replace(POD_DESCRIPTOR, str(descriptor_path()))
+    text = ENVOY_CONFIG.read_text().replace(POD_DESCRIPTOR, str(descriptor_path()))
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,

