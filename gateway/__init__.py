@@ -52,11 +52,13 @@ WEBSOCKET_BACKSTOP_SECONDS = 300
 
 def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
            admin_socket: Path | None = None, websocket_port: int | None = None,
-           descriptor: str | None = None) -> str:
+           descriptor: str | None = None, router: bool = False) -> str:
     """The sidecar config; `extra_upstreams` ("host:port") join the gRPC cluster (several
     replicas); the admin API listens on `admin_socket` unless settings name a port. Without
     `websocket_port` (Parley's actual one), WebSocket mode is left out. `descriptor`: where
-    Envoy finds the descriptor set, when that is not this install's (a container's path)."""
+    Envoy finds the descriptor set, when that is not this install's (a container's path).
+    `router`: an Envoy in front of several replicas (settings' grpc_host names them all, e.g. a
+    headless Service): ready while any of them serves, not only while all do."""
     if settings.envoy_admin_port:
         admin = f"{{ socket_address: {{ address: 127.0.0.1, port_value: {settings.envoy_admin_port} }} }}"
     else:
@@ -73,6 +75,7 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_GRPC_PORT": str(grpc_port),
         "PARLEY_DESCRIPTOR_PATH": descriptor or str(descriptor_path()),
         "PARLEY_LB_POLICY": "MAGLEV" if settings.http_affinity else "ROUND_ROBIN",
+        "PARLEY_MIN_HEALTHY_PERCENT": "1" if router else "100",
         "PARLEY_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
         "PARLEY_WEBSOCKET_PORT": str(websocket_port or settings.websocket_port),
         "PARLEY_WEBSOCKET_IDLE_TIMEOUT": str(settings.websocket_idle_seconds + WEBSOCKET_BACKSTOP_SECONDS),

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
                              "then runs beside `parley serve` in the same pod)")
     envoy_config.add_argument("--descriptor", default=None,
                               help="where the sidecar finds the descriptor set (default: this install's)")
+    envoy_config.add_argument("--router", action="store_true",
+                              help="an Envoy in front of several replicas (PARLEY_GRPC_HOST names them all, e.g. a "
+                                   "headless Service): ready while any one serves")
     config.add_arguments(envoy_config)
     args = parser.parse_args(argv)
     try:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         from parley.gateway import render
 
         print(render(settings, settings.grpc_port, websocket_port=settings.websocket_port,
-                     descriptor=args.descriptor), end="")
+                     descriptor=args.descriptor, router=args.router), end="")
         return
     log.configure(settings.log_format, settings.log_level)
     try:

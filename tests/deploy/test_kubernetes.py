@@ -38,15 +38,19 @@ def rendered(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def one(docs: list[dict], kind: str, name_prefix: str = "parley") -> dict:
-    [found] = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"].startswith(name_prefix)
-               and not doc["metadata"]["name"].startswith("parley-postgres")]
+def one(docs: list[dict], kind: str, name: str = "parley") -> dict:
+    [found] = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
     return found
 
 
+def configmap(docs: list[dict], name: str) -> dict:
+    """A generated ConfigMap's data (its name has a content hash appended)."""
+    [found] = [doc for doc in docs if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].rsplit("-", 1)[0] == name]
+    return found["data"]
+
+
 def settings_map(docs: list[dict]) -> dict:
-    return next(doc for doc in docs if doc["kind"] == "ConfigMap"
-                and doc["metadata"]["name"].startswith("parley-settings"))["data"]
+    return configmap(docs, "parley-settings")
 
 
 # Kinds from CRDs, and where their pod templates are: no schema of theirs can be had offline, so
@@ -135,16 +139,16 @@ def test_ports_agree_between_parley_envoy_and_the_service(overlay):
     ports = {port["name"]: port["containerPort"] for port in parley["ports"] + envoy["ports"]}
     assert (ports["grpc"], ports["websocket"], ports["metrics"]) == (
         int(env["PARLEY_GRPC_PORT"]), int(env["PARLEY_WEBSOCKET_PORT"]), int(env["PARLEY_METRICS_PORT"]))
-    envoy_config = yaml.safe_load(next(doc for doc in docs if doc["kind"] == "ConfigMap"
-                                       and doc["metadata"]["name"].startswith("parley-envoy"))["data"]["envoy.yaml"])
+    envoy_config = yaml.safe_load(configmap(docs, "parley-envoy")["envoy.yaml"])
     [listener] = envoy_config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["port_value"] == ports["http"]
     upstreams = {cluster["name"]: cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
                  ["socket_address"] for cluster in envoy_config["static_resources"]["clusters"]}
     assert upstreams["parley_grpc"] == {"address": "127.0.0.1", "port_value": ports["grpc"]}
     assert upstreams["parley_websocket"] == {"address": "127.0.0.1", "port_value": ports["websocket"]}
-    service = one(docs, "Service")
-    assert {port["targetPort"] for port in service["spec"]["ports"]} <= set(ports)
+    if not any(doc["metadata"]["name"] == "parley-router" for doc in docs):  # else the router's (below)
+        service = one(docs, "Service")
+        assert {port["targetPort"] for port in service["spec"]["ports"]} <= set(ports)
     assert envoy["readinessProbe"]["httpGet"]["port"] == "http"
 
 
@@ -204,18 +208,51 @@ def test_parley_would_start_with_these_settings(overlay, tmp_path):
         assert settings.store_path.startswith("/var/lib/parley/")
 
 
-def test_the_envoy_configmap_is_the_current_template_rendered_for_the_pod():
-    committed = (ENVOY_CONFIG).read_text()
-    settings = config.load(environ={}, **POD_ENVOY_SETTINGS)
-    assert committed == render(settings, settings.grpc_port, websocket_port=settings.websocket_port,
-                               descriptor=POD_DESCRIPTOR), \
-        "regenerate it: PARLEY_HTTP_HOST=0.0.0.0 PARLEY_GRPC_HOST=0.0.0.0 PARLEY_ENVOY_ADMIN_PORT=9901 " \
-        f".venv/bin/parley envoy-config --descriptor {POD_DESCRIPTOR} > deploy/envoy/envoy.yaml"
+# Each committed Envoy config, and what renders it: (file, settings, router).
+ENVOY_CONFIGS = {
+    "sidecar": (ENVOY_CONFIG, POD_ENVOY_SETTINGS, False),
+    "router": (ENVOY_CONFIG.parent / "router" / "envoy.yaml", {**POD_ENVOY_SETTINGS, "grpc_host": "parley-replicas"},
+               True),
+}
 
 
-def test_envoy_accepts_the_configmap(tmp_path):
+@pytest.mark.parametrize("which", sorted(ENVOY_CONFIGS))
+def test_the_envoy_configmaps_are_the_current_template_rendered(which):
+    path, overrides, router = ENVOY_CONFIGS[which]
+    settings = config.load(environ={}, **overrides)
+    flag = " --router" if router else ""
+    assert path.read_text() == render(settings, settings.grpc_port, websocket_port=settings.websocket_port,
+                                      descriptor=POD_DESCRIPTOR, router=router), \
+        (f"regenerate it: PARLEY_HTTP_HOST=0.0.0.0 PARLEY_GRPC_HOST={settings.grpc_host} "
+         f"PARLEY_ENVOY_ADMIN_PORT=9901 .venv/bin/parley envoy-config{flag} --descriptor {POD_DESCRIPTOR} > {path}")
+
+
+def test_the_router_hashes_across_every_replica_and_is_what_the_service_reaches():
+    docs = rendered("postgres")
+    router_pod = one(docs, "Deployment", "parley-router")["spec"]["template"]
+    [router] = router_pod["spec"]["containers"]
+    replicas = one(docs, "Service", "parley-replicas")
+    _, parley = containers(docs)
+    assert replicas["spec"]["clusterIP"] == "None"  # headless: Envoy resolves every pod
+    server_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert replicas["spec"]["selector"].items() <= server_labels.items()
+    public = one(docs, "Service")
+    assert public["spec"]["selector"].items() <= router_pod["metadata"]["labels"].items()
+    assert {port["targetPort"] for port in public["spec"]["ports"]} <= {port["name"] for port in router["ports"]}
+    envoy_config = yaml.safe_load(configmap(docs, "parley-router-envoy")["envoy.yaml"])
+    clusters = {cluster["name"]: cluster for cluster in envoy_config["static_resources"]["clusters"]}
+    server_ports = {port["name"]: port["containerPort"] for port in parley["ports"]}
+    for name, port in (("parley_grpc", "grpc"), ("parley_websocket", "websocket")):
+        address = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": "parley-replicas", "port_value": server_ports[port]}
+        assert clusters[name]["type"] == "STRICT_DNS"
+    assert clusters["parley_grpc"]["lb_policy"] == "MAGLEV"
+
+
+@pytest.mark.parametrize("which", sorted(ENVOY_CONFIGS))
+def test_envoy_accepts_the_configmaps(which, tmp_path):
     # The descriptor's path is the image's; here it is this checkout's.
-    text = ENVOY_CONFIG.read_text().replace(POD_DESCRIPTOR, str(descriptor_path()))
+    text = ENVOY_CONFIGS[which][0].read_text().replace(POD_DESCRIPTOR, str(descriptor_path()))
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
