@@ -25,10 +25,12 @@ from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
 from loadgen import run_load  # noqa: E402
-from serving import MODEL, capture_batches, gateway, parley_command, start_baseline  # noqa: E402
+from parley import config  # noqa: E402
+from parley.gateway import Envoy  # noqa: E402
+from serving import MODEL, capture_batches, parley_command, start_baseline  # noqa: E402
 
 TARGET = {"streams": 1024, "tokens_per_second": 50_000, "itl_p99_ms": 40}
 
@@ -38,20 +40,22 @@ def client_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def peak_rss(pid: int, stop_at: float) -> int:
+async def peak_rss(pids: list[int], stop_at: float) -> int:
     peak = 0
     while time.perf_counter() < stop_at:
-        peak = max(peak, rss_bytes(pid))
+        peak = max(peak, sum(map(rss_bytes, pids)))
         await asyncio.sleep(0.5)
     return peak
 
 
-def start_parley(step_ms: float, level: int, tokens: int, workdir: Path, durability: str):
+def start_parley(step_ms: float, level: int, tokens: int, workdir: Path, durability: str, dsn: str | None = None):
     port = free_port()
     command, env = parley_command(port, str(workdir / f"lockstep-{step_ms}-{level}-{durability}.sqlite3"), tokens,
                                   durability=durability)
     env.update(PARLEY_SYNTHETIC_STEP_MS=str(step_ms), PARLEY_MAX_CONCURRENT_GENERATIONS=str(level * 2),
                PARLEY_MAX_QUEUED_GENERATIONS=str(level * 2))
+    if dsn:
+        env["PARLEY_STORE_DSN"] = dsn
     return port, start(command, env, "listening on")
 
 
@@ -70,28 +74,40 @@ async def lockstep_messages(tokens: int, workdir: Path) -> Path:
 
 
 async def measure(step_ms: float, level: int, tokens: int, seconds: float, workdir: Path,
-                  durability: str = "acknowledged", baseline_events: Path | None = None) -> dict:
+                  durability: str = "acknowledged", baseline_events: Path | None = None, processes: int = 1,
+                  dsn: str | None = None) -> dict:
     """One run: Parley (lockstep synthetic engine), or with `baseline_events` the minimal
-    grpc.aio server replaying the same messages at the same pace, behind the same Envoy."""
+    grpc.aio server replaying the same messages at the same pace, behind the same Envoy. With
+    `processes` > 1, that many Parley processes on one PostgreSQL (`dsn`) behind the one Envoy:
+    the serving path spread over processes (each with its own event loop and GIL)."""
+    servers = []
     if baseline_events is not None:
         port = free_port()
-        server = start_baseline(port, baseline_events, 1000 / step_ms)
+        servers.append(start_baseline(port, baseline_events, 1000 / step_ms))
+        ports = [port]
     else:
-        port, server = start_parley(step_ms, level, tokens, workdir, durability)
+        ports = []
+        for _ in range(processes):
+            port, server = start_parley(step_ms, level, tokens, workdir, durability, dsn)
+            ports.append(port)
+            servers.append(server)
     envoy = None
     try:
-        envoy = gateway(port)
+        settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=ports[0])
+        envoy = Envoy(settings, ports[0], tuple(f"127.0.0.1:{port}" for port in ports[1:]))
+        envoy.start()
         body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": tokens})
         await asyncio.sleep(0.5)
-        idle_rss = rss_bytes(server.pid)
+        pids = [server.pid for server in servers]
+        idle_rss = sum(map(rss_bytes, pids))
         # The warm-up lets every client's first response start (they all arrive at once), so the
         # measured window holds steady state: streams at every stage of their responses.
         warmup = 2 + tokens * step_ms / 1000 / 2
-        before = (cpu_seconds(server.pid), cpu_seconds(envoy.process.pid), client_cpu_seconds())
-        sampler = asyncio.create_task(peak_rss(server.pid, time.perf_counter() + warmup + seconds))
+        before = (sum(map(cpu_seconds, pids)), cpu_seconds(envoy.process.pid), client_cpu_seconds())
+        sampler = asyncio.create_task(peak_rss(pids, time.perf_counter() + warmup + seconds))
         result = await run_load("127.0.0.1", envoy.settings.http_port, body, level, seconds=seconds, warmup=warmup)
         peak = await sampler
-        server_cpu = cpu_seconds(server.pid) - before[0]
+        server_cpu = sum(map(cpu_seconds, pids)) - before[0]
         envoy_cpu = cpu_seconds(envoy.process.pid) - before[1]
         client_cpu = client_cpu_seconds() - before[2]
         elapsed = warmup + result["seconds"]  # CPU was counted over the warm-up too
@@ -100,6 +116,7 @@ async def measure(step_ms: float, level: int, tokens: int, seconds: float, workd
         delivered = result["tokens_per_second"]
         run = {"target": "baseline" if baseline_events is not None else "parley", "step_ms": step_ms,
                "streams": level, "durability": durability if baseline_events is None else None,
+               "processes": len(servers), "store": "postgresql" if dsn and baseline_events is None else "sqlite",
                "engine_tokens_per_second": round(produced),
                "tokens_per_second": round(delivered), "delivered_share": round(delivered / produced, 3),
                "ttft_ms": result["ttft_ms"], "itl_ms": result["itl_ms"], "requests": result["requests"],
@@ -115,7 +132,8 @@ async def measure(step_ms: float, level: int, tokens: int, seconds: float, workd
     finally:
         if envoy is not None:
             envoy.stop()
-        stop(server)
+        for server in servers:
+            stop(server)
 
 
 async def main() -> None:
@@ -127,6 +145,9 @@ async def main() -> None:
     parser.add_argument("--durability", default="acknowledged,relaxed",
                         help="PARLEY_DURABILITY of each run; relaxed (writes behind, not for production) shows "
                              "what storing the stream costs")
+    parser.add_argument("--processes", default="",
+                        help="also run Parley as this many processes on one PostgreSQL behind one Envoy (e.g. 1,2), "
+                             "at 20 ms steps: the serving path scaled out")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="parley-lockstep-"))
     events = await lockstep_messages(args.tokens, workdir)
@@ -138,13 +159,22 @@ async def main() -> None:
             for durability in args.durability.split(","):
                 runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir, durability))
             runs.append(await measure(step_ms, level, args.tokens, args.seconds, workdir, baseline_events=events))
+    if args.processes:
+        from tests.support import postgres
+
+        for level in [int(level) for level in args.levels.split(",")]:
+            for processes in [int(count) for count in args.processes.split(",")]:
+                with postgres.fresh_schema() as dsn:
+                    runs.append(await measure(20, level, args.tokens, args.seconds, workdir, "acknowledged",
+                                              processes=processes, dsn=dsn))
     at_target = [run for run in runs if run["streams"] == TARGET["streams"] and run["step_ms"] == 20
                  and run["target"] == "parley" and run["durability"] == "acknowledged"]
     verdict = {"target": TARGET, "met": bool(at_target) and all(
         run["tokens_per_second"] >= TARGET["tokens_per_second"] and run["itl_ms"]["p99"] is not None
         and run["itl_ms"]["p99"] <= TARGET["itl_p99_ms"] for run in at_target)}
     path = save("lockstep", {"parameters": {"steps_ms": args.steps, "levels": args.levels, "tokens": args.tokens,
-                                            "seconds": args.seconds, "durability": args.durability},
+                                            "seconds": args.seconds, "durability": args.durability,
+                                            "processes": args.processes},
                              "runs": runs, "verdict": verdict})
     print(json.dumps(verdict))
     print(f"wrote {path}")
