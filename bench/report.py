@@ -202,6 +202,8 @@ def lockstep_section(result: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         target = run["target"] + (f", {run['durability']}" if run.get("durability") else "")
+        if run.get("processes", 1) > 1 or run.get("store") == "postgresql":
+            target += f", {run['processes']} × {run['store']}"
         lines.append(
             f"| {run['step_ms']:g} | {run['streams']} | {target} | {run['engine_tokens_per_second']:,} | "
             f"{run['tokens_per_second']:,} | {run['delivered_share']} | {run['ttft_ms']['p50']} / "
