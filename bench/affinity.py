@@ -98,7 +98,7 @@ async def main() -> None:
     args = parser.parse_args()
     runs = {}
     with postgres.fresh_schema() as dsn:
-        replicas = [ServerProcess(engine="llamacpp", model_name=MODEL, engine_threads=1, store_dsn=dsn, grpc_port=0,
+        replicas = [ServerProcess(engine="llamacpp", model_name=MODEL, engine_threads=1, store_dsn=dsn,
                                   log_level="warning", max_concurrent_generations=4, replica_id=name).start()
                     for name in ("replica-a", "replica-b")]
         gateways = {}

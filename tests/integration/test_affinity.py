@@ -24,7 +24,7 @@ MODEL = "scripted"
 
 @contextlib.asynccontextmanager
 async def replicas_behind_envoy(dsn: str, affinity: bool):
-    servers = [ServerProcess(store_dsn=dsn, grpc_port=0, metrics_port=free_port(), replica_id=name).start()
+    servers = [ServerProcess(store_dsn=dsn, metrics_port=free_port(), replica_id=name).start()
                for name in ("replica-a", "replica-b")]
     settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), http_affinity=affinity)
     envoy = Envoy(settings, servers[0].port, (servers[1].target,))

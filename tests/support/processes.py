@@ -14,7 +14,9 @@ import time
 class ServerProcess:
     def __init__(self, **settings):
         self.env = {**os.environ, "PARLEY_ENGINE": "scripted", "PARLEY_MODEL_NAME": "scripted", "PARLEY_LOG_FORMAT": "json",
-                    "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
+                    # Port 0: a free port each (the default 50051 is shared through SO_REUSEPORT, and two
+                    # "replicas" there are one port that the kernel balances).
+                    "PARLEY_GRPC_PORT": "0", "PARLEY_METRICS_PORT": "0", "PARLEY_WEBSOCKET_PORT": "0",
                     **{f"PARLEY_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
