@@ -21,8 +21,8 @@ What it reproduces, from the LLM API's source (docs/engines.md cites it):
 - Guided decoding is recorded and, without a backend set at construction, silently ignored.
 - Failure injection: a RequestError after n tokens (`fail_after`), EngineDeadError for every
   pending and new request (`kill`), after which _check_health() is False.
-- cached_tokens: the prompt prefix shared with an earlier prompt, in whole KV blocks, when block
-  reuse is on (0 until the first step).
+- cached_tokens: the prompt prefix shared with an earlier prompt of the same `cache_salt`, in
+  whole KV blocks, when block reuse is on (0 until the first step).
 
 The model itself is scripted: `replies` (a queue of texts for the next generations), then
 `default_reply`.
@@ -187,8 +187,8 @@ class Submitted:
 
 
 OPTIONAL_KEYWORDS = frozenset({
-    "lora_request", "prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params", "trace_headers",
-    "scheduling_params", "conversation_params", "cache_salt", "priority", "_postproc_params"})
+    "kv_cache_retention_config", "disaggregated_params", "trace_headers", "scheduling_params", "conversation_params",
+    "priority", "_postproc_params"})
 
 ARGUMENTS = frozenset({
     "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "tensor_parallel_size", "dtype",
@@ -248,7 +248,8 @@ class LLM:
     # -- the LLM API ----------------------------------------------------------------------------
 
     def generate_async(self, inputs, sampling_params: SamplingParams | None = None, lora_request=None,
-                       prompt_adapter_request=None, streaming: bool = False, **keywords) -> "RequestOutput":
+                       prompt_adapter_request=None, streaming: bool = False, cache_salt: str | None = None,
+                       **keywords) -> "RequestOutput":
         unknown = set(keywords) - OPTIONAL_KEYWORDS
         if unknown:
             raise TypeError(f"generate_async() got an unexpected keyword argument {sorted(unknown)[0]!r}")
@@ -285,9 +286,11 @@ class LLM:
         enforced = sampling_params.guided_decoding is not None and self.guided_decoding_backend is not None
         if enforced:
             _check_guide(sampling_params.guided_decoding, reply)
-        output = RequestOutput(self, next(self._ids), prompt, ids, sampling_params, reply, streaming, loop)
-        self.submitted.append(Submitted(ids, sampling_params, streaming, dict(keywords), output, enforced))
-        self._prompts = [*self._prompts[-63:], ids]
+        output = RequestOutput(self, next(self._ids), prompt, ids, sampling_params, reply, streaming, loop,
+                               cached=self.cached_for(ids, cache_salt))
+        self.submitted.append(Submitted(ids, sampling_params, streaming, {**keywords, "cache_salt": cache_salt},
+                                        output, enforced))
+        self._prompts = [*self._prompts[-63:], (cache_salt, ids)]
         return output
 
     def shutdown(self) -> None:
@@ -316,13 +319,16 @@ class LLM:
         """The engine dies: every pending and new request gets EngineDeadError."""
         self.fatal = message
 
-    def cached_for(self, ids: list[int]) -> int:
+    def cached_for(self, ids: list[int], salt: str | None) -> int:
+        """What block reuse would find for `ids` among the prompts submitted before it."""
         if self.cached_override is not None:
             return self.cached_override
         if not self.kv_cache_config.enable_block_reuse:
             return 0
         best = 0
-        for earlier in self._prompts[:-1]:
+        for earlier_salt, earlier in self._prompts:
+            if earlier_salt != salt:  # blocks are never shared across salts
+                continue
             shared = 0
             for a, b in zip(earlier, ids, strict=False):
                 if a != b:
@@ -353,7 +359,7 @@ class RequestOutput:
     """tensorrt_llm.RequestOutput: the same object each step, mutated."""
 
     def __init__(self, llm: LLM, request_id: int, prompt, prompt_token_ids: list[int], params: SamplingParams,
-                 reply: str, streaming: bool, loop):
+                 reply: str, streaming: bool, loop, cached: int = 0):
         self._llm = llm
         self.request_id = request_id
         self.prompt = prompt
@@ -370,6 +376,7 @@ class RequestOutput:
         eos = llm.tokenizer.eos_token_id
         self._script = [*llm.tokenizer.encode(reply, add_special_tokens=False), eos]
         self._position = 0
+        self._cached = cached  # reported from the first step on, as the engine's is
 
     def abort(self) -> None:
         if not self.finished:
@@ -410,7 +417,7 @@ class RequestOutput:
                 self._finish("cancelled")
                 return
             if self._position == 0:
-                self.cached_tokens = llm.cached_for(self.prompt_token_ids)
+                self.cached_tokens = self._cached
             for _ in range(len(self._script) if not self._streaming else 1):
                 if self._emit_one():
                     return

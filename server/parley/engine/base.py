@@ -50,6 +50,9 @@ class SamplingParams:
     seed: int | None = None
     constraint: Constraint | None = None
     top_logprobs: int | None = None  # None: no logprobs; 0..20: the sampled token plus that many alternatives
+    # Requests of different scopes never share cached prompt tokens: the service sets its project,
+    # so one tenant's prefixes are never reused for (nor timed by) another's.
+    cache_scope: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

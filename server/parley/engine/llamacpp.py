@@ -179,6 +179,8 @@ class LlamaCppEngine:
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
         # What each sequence slot's KV cache holds: the prefix the next request may reuse.
         self._slot_tokens: list[list[int]] = [[] for _ in range(sequences)]
+        # ... and whose it is (SamplingParams.cache_scope): a prefix is reused within its scope only.
+        self._slot_scope: list[str] = [""] * sequences
         # The step at which each slot was last taken or left: idle prefixes are dropped oldest first.
         self._slot_used_at: list[int] = [0] * sequences
         self._steps = 0
@@ -334,8 +336,8 @@ class LlamaCppEngine:
             free = [slot for slot in range(len(self._slot_tokens)) if slot not in busy]
             if not free:
                 return
-            tokens = sequence.tokens
-            slot = max(free, key=lambda candidate: self._slot_worth(candidate, tokens, busy))
+            tokens, scope = sequence.tokens, sequence.params.cache_scope
+            slot = max(free, key=lambda candidate: self._slot_worth(candidate, tokens, busy, scope))
             idle = self._idle_slots(busy | {slot})
             while idle and self._overflows(sequence, active, idle):
                 self._drop_prefix(idle.pop())
@@ -343,7 +345,8 @@ class LlamaCppEngine:
                 return  # waits for running sequences to finish
             waiting.pop(0)
             self._slot_used_at[slot] = self._steps
-            shared = _shared_prefix(self._slot_tokens[slot], tokens)
+            shared = _shared_prefix(self._slot_tokens[slot], tokens) if self._slot_scope[slot] == scope else 0
+            self._slot_scope[slot] = scope
             if not self._lib.llama_memory_seq_rm(self._memory, slot, shared, -1):
                 self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
                 shared = 0
@@ -359,7 +362,7 @@ class LlamaCppEngine:
                     continue
             active.append(sequence)
 
-    def _slot_worth(self, slot: int, prompt: list[int], busy: set[int]) -> tuple[int, ...]:
+    def _slot_worth(self, slot: int, prompt: list[int], busy: set[int], scope: str = "") -> tuple[int, ...]:
         """What taking `slot` is worth to `prompt`: the prompt tokens its cache saves; among
         equals (most often: only the chat template's opening), the slot left longest ago, so
         the latest conversations keep their prefixes. Saving now beats keeping another
@@ -367,8 +370,9 @@ class LlamaCppEngine:
         template-only matches doubled the time to first token at concurrency 1 and 4.
         With a cache per sequence, equal prefixes go next to the slot that leaves the fewest runs
         of consecutive `busy` slots: llama.cpp evaluates each run in a pass over the weights of
-        its own, every step (at concurrency 8 here, eight runs decoded 1.5 times slower than one)."""
-        saved = _shared_prefix(self._slot_tokens[slot], prompt)
+        its own, every step (at concurrency 8 here, eight runs decoded 1.5 times slower than one).
+        Another scope's prefix saves nothing (it is never reused across scopes)."""
+        saved = _shared_prefix(self._slot_tokens[slot], prompt) if self._slot_scope[slot] == scope else 0
         if self._shared_kv:
             return saved, -self._slot_used_at[slot]
         return saved, -_runs(busy | {slot}), -self._slot_used_at[slot]

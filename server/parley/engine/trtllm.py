@@ -147,6 +147,9 @@ class TensorRTLLMEngine:
         self._format = tool_format(self.tool_format)
         self._dead: str | None = None
         self._closed = False
+        # `cache_salt` (TensorRT-LLM 1.1 and later): requests with different salts never share KV
+        # blocks. Passed only where this build's generate_async names it.
+        self._salts = "cache_salt" in _parameters(llm.generate_async)
         log.info("engine.ready", engine="tensorrt_llm", model=model_id, tool_format=self.tool_format,
                  reasoning_format=self.reasoning_format, guided_decoding=guided)
 
@@ -217,7 +220,8 @@ class TensorRTLLMEngine:
         fatal = self._api.fatal_errors
         result = None
         try:
-            result = self._llm.generate_async(list(prompt), sampling, streaming=True)  # on the loop thread
+            salt = {"cache_salt": params.cache_scope} if self._salts and params.cache_scope else {}
+            result = self._llm.generate_async(list(prompt), sampling, streaming=True, **salt)  # on the loop thread
             async for output in result:
                 completion = output.outputs[0]
                 ids = completion.token_ids_diff
@@ -300,3 +304,11 @@ class TensorRTLLMEngine:
             self._closed = True
             await asyncio.to_thread(self._llm.shutdown)
 
+
+def _parameters(function) -> frozenset[str]:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return frozenset()

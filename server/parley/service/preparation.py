@@ -180,7 +180,7 @@ class Preparer:
         prompt = await self._prompt_or_compact_first(params, context, may_compact=compacted is None)
         default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
         max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
-        sampling = params.sampling(max_tokens)
+        sampling = dataclasses.replace(params.sampling(max_tokens), cache_scope=project)
         try:
             self.engine.check_constraint(sampling.constraint)
         except ValueError as exc:

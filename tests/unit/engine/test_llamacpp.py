@@ -342,3 +342,13 @@ async def test_a_json_object_closes_within_its_budget(engine):
             text, finished = await run(engine, prompt, constraint=Constraint("json_object"), max_tokens=budget)
             assert isinstance(json.loads(text), dict), text
             assert finished.output_tokens <= budget and finished.reason == "stop"
+
+
+@pytest.mark.model
+async def test_a_cached_prefix_is_reused_within_its_scope_only(engine):
+    prompt = "Describe a quiet harbour at dawn."
+    _, first = await run(engine, prompt, cache_scope="acme")
+    _, other = await run(engine, prompt, cache_scope="globex")
+    _, again = await run(engine, prompt, cache_scope="acme")
+    assert other.cached_tokens == 0  # another project's prefix is never reused
+    assert again.cached_tokens == first.input_tokens - 1  # its own still is

@@ -3,6 +3,7 @@ settings to LLM() arguments, prompts from the checkpoint's template, streaming, 
 decoding, abort, and every error path."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -299,3 +300,24 @@ def test_without_a_guided_decoding_backend_constraints_are_refused_not_ignored(s
     engine.check_constraint(None)
     with pytest.raises(ValueError, match="without a guided-decoding backend"):
         engine.check_constraint(Constraint(kind="json_object"))
+
+
+async def test_prefixes_are_cached_per_scope_through_cache_salt(engine):
+    prompt = engine.render_prompt([ChatMessage("user", "word " * 200)])
+    _, first = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
+    _, same = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
+    _, other = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="globex"))
+    assert (first.cached_tokens, other.cached_tokens) == (0, 0) and same.cached_tokens > 0
+    assert [s.keywords["cache_salt"] for s in engine._llm.submitted[-3:]] == ["acme", "acme", "globex"]
+
+
+async def test_a_build_without_cache_salt_is_not_given_one(smollm2_checkpoint_dir):
+    class OlderLLM(fake.LLM):  # generate_async before cache_salt existed
+        def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                           streaming=False):
+            return super().generate_async(inputs, sampling_params, lora_request, prompt_adapter_request, streaming)
+
+    api = dataclasses.replace(fake.install_api(), LLM=OlderLLM)
+    engine = TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir), api=api)
+    _, finished = await run(engine, [1, 2, 3], SamplingParams(max_tokens=4, cache_scope="acme"))
+    assert finished.output_tokens == 4 and engine._llm.submitted[-1].keywords["cache_salt"] is None

@@ -228,3 +228,12 @@ def test_the_custom_input_decoder_decodes_at_every_split():
         decoder = CustomInputDecoder()
         text = "".join(decoder.feed(raw[i:i + size]) for i in range(0, len(raw), size))
         assert text == decoder.value == expected
+
+
+async def test_the_engine_caches_prompts_per_project(service):
+    await stream(service, input="x")
+    assert service.engine.last_params.cache_scope == "default"
+    prepared = await service.prepare("acme", {"model": MODEL, "stream": True, "input": "x"})
+    async for _ in service.run(prepared):
+        pass
+    assert service.engine.last_params.cache_scope == "acme"
