@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate  # a test dependency: the manifests are always validated
 import pytest
 import yaml
 from parley import config
@@ -95,7 +96,6 @@ def overlay(request):
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(overlay):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     name, docs = overlay
     for doc in docs:
         if doc["kind"] in CUSTOM_POD_TEMPLATES:
@@ -109,7 +109,6 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay):
 
 
 def test_the_validator_refuses_an_unknown_field():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     docs = rendered("cpu")
     deployment = workload(docs)
     deployment["spec"]["template"]["spec"]["containers"][0]["restartPolicyy"] = "Always"

@@ -172,24 +172,40 @@ def scripted(stack, reply: str):
     return stack.engine._llm
 
 
-@pytest.mark.parametrize(("tool_choice", "guide"), [("auto", "structural_tag"), ("required", "grammar")])
-async def test_tool_calls_are_parsed_and_guided(served, tool_choice, guide):
+async def test_a_required_tool_call_is_parsed_and_guided(served):
     stack, model = served
-    if tool_choice == "auto" and not isinstance(stack.engine, TensorRTLLMEngine):
-        pytest.skip("whether the real model calls under `auto` is its choice; `required` is tested on it")
-    llm = scripted(stack, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    llm = scripted(stack, CALL_REPLY)
+    call = await weather_call(stack, model, "required")
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    if llm is not None:
+        check_guided_call(call, llm, "grammar")
+
+
+async def test_an_optional_tool_call_is_a_structural_tag(trtllm_stack, llm):
+    # Only the fake: whether a real model calls under `auto` is its own choice.
+    llm.replies = [CALL_REPLY]
+    check_guided_call(await weather_call(trtllm_stack, TRTLLM_MODEL, "auto"), llm, "structural_tag")
+
+
+CALL_REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+async def weather_call(stack, model: str, tool_choice: str):
     async with sdk(stack) as client:
         response = await client.responses.create(model=model, input="Weather in Oslo?", tools=[WEATHER_TOOL],
                                                  tool_choice=tool_choice, parallel_tool_calls=False, temperature=0,
                                                  max_output_tokens=64)
     [call] = [item for item in response.output if item.type == "function_call"]
-    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
-    if llm is not None:
-        assert call.arguments == '{"city": "Oslo"}'
-        submitted = llm.submitted[-1]
-        assert submitted.guide_enforced and getattr(submitted.sampling_params.guided_decoding, guide)
-        prompt = llm.tokenizer.decode(submitted.prompt_token_ids)
-        assert "<tools>" in prompt and '"get_weather"' in prompt  # the tool offered in the family's format
+    return call
+
+
+def check_guided_call(call, llm, guide: str) -> None:
+    """The fake's call came back whole, under the guide `guide`, with the tool in its prompt."""
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Oslo"}')
+    submitted = llm.submitted[-1]
+    assert submitted.guide_enforced and getattr(submitted.sampling_params.guided_decoding, guide)
+    prompt = llm.tokenizer.decode(submitted.prompt_token_ids)
+    assert "<tools>" in prompt and '"get_weather"' in prompt  # the tool offered in the family's format
 
 
 class City(BaseModel):
