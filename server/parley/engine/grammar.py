@@ -9,6 +9,7 @@ an optional leading reasoning block.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -155,7 +156,7 @@ def _add_calls(builder: GrammarBuilder, constraint: Constraint, fmt: ToolFormat)
     objects = []
     for index, (name, schema) in enumerate(constraint.tools):
         arguments = builder.schema_rule(schema or {"type": "object"}, f"args{index}")
-        prefix = _literal(f'{{"name": {json.dumps(name)}, "{fmt.arguments_key}": ')
+        prefix = _literal(fmt.call_prefix(name))
         objects.append(f"( {prefix} {arguments} {_literal(chr(125))} )")
     builder.add({"object": " | ".join(objects)})
     builder.add({"call": _sequence(_literal(fmt.call_open), "object", _literal(fmt.call_close))})
@@ -175,6 +176,11 @@ def compile_call_continuation(constraint: Constraint, fmt: ToolFormat) -> str:
     builder = GrammarBuilder()
     _add_calls(builder, constraint, fmt)
     return builder.build("rest")
+
+
+def constraint_key(constraint: Constraint) -> str:
+    """A constraint as a cache key (it holds schemas, which are dicts: not hashable)."""
+    return json.dumps(dataclasses.asdict(constraint), sort_keys=True)
 
 
 def lazy(constraint: Constraint | None) -> bool:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import math
 import random
 
 from parley.engine.base import Constraint, SamplingParams, TokenLogprob
 from parley.engine.formats import ToolFormat
-from parley.engine.grammar import compile_call_continuation, compile_constraint, lazy
+from parley.engine.grammar import compile_call_continuation, compile_constraint, constraint_key, lazy
 
 GRAMMAR_CACHE_SIZE = 64
 
@@ -55,7 +54,7 @@ def grammar_text(constraint: Constraint | None, fmt: ToolFormat, reasoning: bool
 
 
 def _grammar_key(constraint: Constraint, opened: bool) -> str:
-    return json.dumps([opened, dataclasses.asdict(constraint)], sort_keys=True)
+    return f"{opened}:{constraint_key(constraint)}"
 
 
 @dataclasses.dataclass

@@ -41,12 +41,13 @@ from parley.engine.base import (
     TokenLogprob,
 )
 from parley.engine.formats import formats_of_template, tool_format
-from parley.engine.grammar import compile_constraint, lazy
+from parley.engine.grammar import compile_constraint, constraint_key, lazy
 from parley.log import get_logger
 
 log = get_logger(__name__)
 
 _NOT_THERE = ()  # an exception class a build lacks: `except ()` matches nothing
+GUIDE_CACHE_SIZE = 256  # compiled guides kept (an agent's tools and schema repeat turn after turn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,7 @@ class TensorRTLLMEngine:
         self._format = tool_format(self.tool_format)
         self._dead: str | None = None
         self._closed = False
+        self._guides: dict[str, tuple[str, str]] = {}
         # `cache_salt` (TensorRT-LLM 1.1 and later): requests with different salts never share KV
         # blocks. Passed only where this build's generate_async names it.
         self._salts = "cache_salt" in _parameters(llm.generate_async)
@@ -183,24 +185,42 @@ class TensorRTLLMEngine:
         if not self._guided:
             raise ValueError("this server runs TensorRT-LLM without a guided-decoding backend "
                              "(PARLEY_TRTLLM_GUIDED_DECODING_BACKEND=none), so it cannot constrain output")
-        self._guide(constraint)  # builds the grammar: what it cannot express is refused here
+        self._guide_text(constraint)  # builds the grammar: what it cannot express is refused here
 
     def _guide(self, constraint: Constraint):
-        """The engine-neutral constraint as TensorRT-LLM guided decoding. Free text with optional
-        calls is a structural tag (the call grammar applies from the family's marker on); the rest
-        is the same EBNF grammar llama.cpp enforces (xgrammar and llguidance read its GBNF), so
-        prompt, grammar and parser agree on one format whatever the engine."""
+        kind, text = self._guide_text(constraint)
+        return self._api.GuidedDecodingParams(**{kind: text})  # fresh per request, as SamplingParams is
+
+    def _guide_text(self, constraint: Constraint) -> tuple[str, str]:
+        """The engine-neutral constraint as TensorRT-LLM guided decoding: (GuidedDecodingParams
+        field, its text), compiled once per constraint (a request's check and its run share it).
+        Free text with optional calls is a structural tag (the call grammar applies from the
+        family's marker on); the rest is the same GBNF grammar llama.cpp enforces (xgrammar and
+        llguidance read it), so prompt, grammar and parser agree on one format whatever the engine.
+        What the grammar compiler cannot express raises ValueError."""
+        key = constraint_key(constraint)
+        guide = self._guides.get(key)
+        if guide is None:
+            try:
+                guide = self._compile(constraint)
+            except ValueError:
+                raise
+            except Exception as exc:  # the schema converter asserts on what it cannot express
+                raise ValueError(str(exc) or type(exc).__name__) from None
+            if len(self._guides) >= GUIDE_CACHE_SIZE:
+                self._guides.pop(next(iter(self._guides)))
+            self._guides[key] = guide
+        return guide
+
+    def _compile(self, constraint: Constraint) -> tuple[str, str]:
         if lazy(constraint):
             fmt = self._format
-            structures = [{"begin": fmt.calls_open + fmt.call_open + f'{{"name": {json.dumps(name)}, '
-                                    f'"{fmt.arguments_key}": ',
+            structures = [{"begin": fmt.calls_open + fmt.call_open + fmt.call_prefix(name),
                            "schema": schema or {"type": "object"},
                            "end": "}" + fmt.call_close + fmt.calls_close} for name, schema in constraint.tools]
-            return self._api.GuidedDecodingParams(
-                structural_tag=json.dumps({"type": "structural_tag", "structures": structures,
-                                           "triggers": [fmt.marker]}))
-        grammar = compile_constraint(constraint, self._format, reasoning=self.reasoning_format == "think")
-        return self._api.GuidedDecodingParams(grammar=grammar)
+            return "structural_tag", json.dumps({"type": "structural_tag", "structures": structures,
+                                                 "triggers": [fmt.marker]})
+        return "grammar", compile_constraint(constraint, self._format, reasoning=self.reasoning_format == "think")
 
     def _sampling_params(self, params: SamplingParams, budget: int):
         # Fresh per request (the engine mutates it); every field set, none left to defaults.

@@ -320,3 +320,25 @@ async def test_a_build_without_cache_salt_is_not_given_one(smollm2_checkpoint_di
     engine = TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir), api=api)
     _, finished = await run(engine, [1, 2, 3], SamplingParams(max_tokens=4, cache_scope="acme"))
     assert finished.output_tokens == 4 and engine._llm.submitted[-1].keywords["cache_salt"] is None
+
+
+async def test_a_guide_is_compiled_once_and_a_converter_failure_is_a_refusal(engine, monkeypatch):
+    from parley.engine import trtllm
+
+    compiled = []
+
+    def counting(constraint, fmt, reasoning=False):
+        compiled.append(constraint)
+        if constraint.schema == {"type": "broken"}:
+            raise AssertionError("Unrecognized schema")  # as llama.cpp's converter fails
+        return "root ::= \"{}\"\n"
+
+    monkeypatch.setattr(trtllm, "compile_constraint", counting)
+    constraint = Constraint(kind="json_schema", schema={"type": "object"})
+    engine.check_constraint(constraint)  # before the request is stored
+    prompt = engine.render_prompt([ChatMessage("user", "json")])
+    engine._llm.replies = ["{}"]
+    await run(engine, prompt, SamplingParams(max_tokens=8, constraint=constraint))  # its run
+    assert len(compiled) == 1
+    with pytest.raises(ValueError, match="Unrecognized schema"):
+        engine.check_constraint(Constraint(kind="json_schema", schema={"type": "broken"}))

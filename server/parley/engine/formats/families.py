@@ -48,8 +48,12 @@ class ToolFormat:
         """What the first call writes after the marker (the lazy grammar starts there)."""
         return (self.calls_open + self.call_open)[len(self.marker):]
 
+    def call_prefix(self, name: str) -> str:
+        """A call object up to its arguments (what the grammar and a structural tag fix)."""
+        return f'{{"name": {json.dumps(name)}, "{self.arguments_key}": '
+
     def call_object(self, name: str, arguments: str) -> str:
-        return f'{{"name": {json.dumps(name)}, "{self.arguments_key}": {arguments}}}'
+        return f"{self.call_prefix(name)}{arguments}}}"
 
     def render_calls(self, calls: list[tuple[str, str]]) -> str:
         """One assistant turn's calls [(name, arguments JSON text)], as the model writes them."""
