@@ -22,10 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from common import free_port, save  # noqa: E402
+from common import save  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
-from parley import config  # noqa: E402
-from parley.gateway import Envoy  # noqa: E402
+from serving import gateway  # noqa: E402
 
 from tests.support import postgres  # noqa: E402
 from tests.support.processes import ServerProcess  # noqa: E402
@@ -104,10 +103,8 @@ async def main() -> None:
         gateways = {}
         try:
             for affinity in (True, False):
-                settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(),
-                                       http_affinity=affinity)
-                gateways[affinity] = Envoy(settings, replicas[0].port, (replicas[1].target,))
-                await asyncio.to_thread(gateways[affinity].start)
+                gateways[affinity] = await asyncio.to_thread(gateway, replicas[0].port, replicas[1].port,
+                                                             http_affinity=affinity)
             for keyed in (False, True):
                 for affinity in (True, False):  # side by side, on the same replicas
                     name = f"{'prompt_cache_key' if keyed else 'chain'}, affinity {'on' if affinity else 'off'}"

@@ -28,9 +28,7 @@ import orjson
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_seconds, free_port, rss_bytes, save, start, stop  # noqa: E402
 from loadgen import run_load  # noqa: E402
-from parley import config  # noqa: E402
-from parley.gateway import Envoy  # noqa: E402
-from serving import MODEL, capture_batches, parley_command, start_baseline  # noqa: E402
+from serving import MODEL, capture_batches, gateway, parley_command, start_baseline  # noqa: E402
 
 TARGET = {"streams": 1024, "tokens_per_second": 50_000, "itl_p99_ms": 40}
 
@@ -93,9 +91,7 @@ async def measure(step_ms: float, level: int, tokens: int, seconds: float, workd
             servers.append(server)
     envoy = None
     try:
-        settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=ports[0])
-        envoy = Envoy(settings, ports[0], tuple(f"127.0.0.1:{port}" for port in ports[1:]))
-        envoy.start()
+        envoy = gateway(*ports)
         body = orjson.dumps({"model": MODEL, "input": "Write a story.", "stream": True, "max_output_tokens": tokens})
         await asyncio.sleep(0.5)
         pids = [server.pid for server in servers]

@@ -246,9 +246,11 @@ async def durability_cost(workdir: Path, body: bytes, tokens: int, levels: list[
     return runs
 
 
-def gateway(grpc_port: int) -> Envoy:
-    settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_port=grpc_port)
-    envoy = Envoy(settings, grpc_port)
+def gateway(grpc_port: int, *others: int, **overrides) -> Envoy:
+    """A started Envoy in front of the server on `grpc_port` (and replicas on `others`)."""
+    settings = config.load(environ={}, **{"http_port": free_port(), "envoy_admin_port": free_port(),
+                                          "grpc_port": grpc_port, **overrides})
+    envoy = Envoy(settings, grpc_port, tuple(f"127.0.0.1:{port}" for port in others))
     envoy.start()
     return envoy
 

@@ -10,12 +10,10 @@ import re
 import httpx
 import pytest
 from openai import AsyncOpenAI
-from parley import config
-from parley.gateway import Envoy
 
 from tests.support import postgres
 from tests.support.processes import ServerProcess
-from tests.support.stack import free_port
+from tests.support.stack import envoy_over, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +24,10 @@ MODEL = "scripted"
 async def replicas_behind_envoy(dsn: str, affinity: bool):
     servers = [ServerProcess(store_dsn=dsn, metrics_port=free_port(), replica_id=name).start()
                for name in ("replica-a", "replica-b")]
-    settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), http_affinity=affinity)
-    envoy = Envoy(settings, servers[0].port, (servers[1].target,))
-    await asyncio.to_thread(envoy.start)
     try:
-        yield servers, envoy
+        async with envoy_over(*(server.target for server in servers), http_affinity=affinity) as envoy:
+            yield servers, envoy
     finally:
-        await asyncio.to_thread(envoy.stop)
         for server in servers:
             server.stop()
 

@@ -8,32 +8,17 @@ import grpc
 import httpx
 import pytest
 from openai import AsyncOpenAI
-from parley import config
 from parley.codec import typed
-from parley.gateway import Envoy
 from parley.v1 import responses_pb2, service_pb2, service_pb2_grpc
 
 from tests.support import postgres
 from tests.support.processes import ServerProcess
-from tests.support.stack import free_port
+from tests.support.stack import envoy_over, free_port
 
 pytestmark = pytest.mark.integration
 
 MODEL = "scripted"
 FAST_LEASES = {"lease_seconds": 2, "maintenance_interval_seconds": 1}
-
-
-@contextlib.asynccontextmanager
-async def gateway(*targets: str):
-    first, *others = targets
-    host, port = first.rsplit(":", 1)
-    settings = config.load(environ={}, http_port=free_port(), envoy_admin_port=free_port(), grpc_host=host)
-    envoy = Envoy(settings, int(port), tuple(others))
-    await asyncio.to_thread(envoy.start)
-    try:
-        yield envoy
-    finally:
-        await asyncio.to_thread(envoy.stop)
 
 
 async def wait_status(client, response_id, statuses, timeout=30):
@@ -53,7 +38,7 @@ async def test_sigkill_mid_generation_leaves_nothing_in_progress_forever(kind, t
                                grpc_port=free_port()).start()
         port = server.port
         try:
-            async with gateway(server.target) as envoy:
+            async with envoy_over(server.target) as envoy:
                 async with AsyncOpenAI(base_url=envoy.url, api_key="x", max_retries=0) as client:
                     completed = await client.responses.create(model=MODEL, input="quick", max_output_tokens=16)
                     background = await client.responses.create(model=MODEL, input="long", background=True)
@@ -88,7 +73,7 @@ async def status_after_sigterm(path, grace_seconds, tokens, delay_ms) -> str:
     server = ServerProcess(store_path=path, shutdown_grace_seconds=grace_seconds, scripted_output_tokens=tokens,
                            scripted_token_delay_ms=delay_ms).start()
     try:
-        async with gateway(server.target) as envoy:
+        async with envoy_over(server.target) as envoy:
             async with AsyncOpenAI(base_url=envoy.url, api_key="x", max_retries=0) as client:
                 background = await client.responses.create(model=MODEL, input="go", background=True)
                 await wait_status(client, background.id, ("in_progress",))
@@ -143,7 +128,7 @@ async def test_two_replicas_on_one_postgres_behind_one_envoy(tmp_path):
                 again = await on_a.GetResponse(service_pb2.GetResponseRequest(response_id=created.id))
                 assert again.output[0].message.content.output_parts.items[0].output_text.text == text
 
-            async with gateway(first.target, second.target) as envoy:           # REST across both
+            async with envoy_over(first.target, second.target) as envoy:           # REST across both
                 async with AsyncOpenAI(base_url=envoy.url, api_key="x", max_retries=0) as client:
                     background = await client.responses.create(model=MODEL, input="go", background=True)
                     statuses = {(await client.responses.retrieve(background.id)).status for _ in range(6)}

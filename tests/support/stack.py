@@ -125,3 +125,19 @@ async def scripted_stack(tmp_path_factory, name: str, **overrides):
     async with running_stack(tmp_path_factory.mktemp(name) / f"{name}.sqlite3", engine=engine,
                              **overrides) as running:
         yield running
+
+
+@contextlib.asynccontextmanager
+async def envoy_over(*targets: str, **overrides):
+    """The real Envoy in front of replicas at `targets` ("host:port", the first one's host being
+    every replica's), with settings `overrides`."""
+    first, *others = targets
+    host, port = first.rsplit(":", 1)
+    settings = config.load(environ={}, **{"http_port": free_port(), "envoy_admin_port": free_port(), "grpc_host": host,
+                                          **overrides})
+    envoy = Envoy(settings, int(port), tuple(others))
+    await asyncio.to_thread(envoy.start)
+    try:
+        yield envoy
+    finally:
+        await asyncio.to_thread(envoy.stop)

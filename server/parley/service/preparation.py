@@ -87,6 +87,9 @@ class Preparer:
                  limits: RateLimits, *, replica_id: str, lease_seconds: float, default_max_output_tokens: int,
                  log_prompts: bool, sealer: Sealer | None):
         self.engine = engine
+        # A Hugging Face tokenizer over a whole context takes milliseconds: rendered on a worker
+        # thread, so that other streams go on (Engine.renders_off_loop; optional, default off).
+        self._render_in_thread = getattr(engine, "renders_off_loop", False)
         self.store = store
         self.events = events
         self.admission = admission
@@ -157,7 +160,7 @@ class Preparer:
         compactable = (may_compact and params.compact_threshold is not None and not params.compact
                        and bool(context.history))
         try:
-            if getattr(self.engine, "renders_off_loop", False):  # a Hugging Face tokenizer: other streams go on
+            if self._render_in_thread:
                 prompt, dropped = await asyncio.to_thread(self._fit, params, context.items)
             else:
                 prompt, dropped = self._fit(params, context.items)
