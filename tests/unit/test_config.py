@@ -39,3 +39,9 @@ def test_the_readme_table_is_the_generated_one():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config.markdown_table() in readme, "regenerate it: .venv/bin/python -m parley.config"
+
+
+def test_the_tensorrt_llm_tool_formats_are_the_families_parley_parses():
+    from parley.engine.formats import TOOL_FORMATS
+
+    assert set(config.TRTLLM_TOOL_FORMATS) == {"auto", *TOOL_FORMATS}
