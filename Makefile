@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Generated code lands in server/parley/v1 (package parley.v1, matching the proto package), never
-# committed; gateway/parley.pb is the descriptor set Envoy's transcoder loads.
+# committed: only the package's __init__.py is, so that Parley installs before generation.
+# gateway/parley.pb is the descriptor set Envoy's transcoder loads.
 $(DESCRIPTOR): $(PROTO_SRC) $(STAMP)
 	@mkdir -p $(GEN_DIR)
 	@SITE=$$($(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parents[1])'); \
@@ -43,7 +44,6 @@ $(DESCRIPTOR): $(PROTO_SRC) $(STAMP)
 		--python_out=server --pyi_out=server --grpc_python_out=server \
 		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) \
 		$(PROTO_SRC)
-	@touch $(GEN_DIR)/__init__.py
 	@echo "==> generated $(GEN_DIR) and $(DESCRIPTOR)"
 
 proto: $(DESCRIPTOR)
