@@ -99,7 +99,7 @@ class App:
             self.engine, self.store, signals=self.signals, replica_id=self.replica_id, limits=self.limits,
             admission=Admission(self.settings.max_concurrent_generations, self.settings.max_queued_generations),
             lease_seconds=self.settings.lease_seconds, default_max_output_tokens=self.settings.default_max_output_tokens,
-            log_prompts=self.settings.log_prompts,
+            log_prompts=self.settings.log_prompts, context_cache_bytes=self.settings.context_cache_mb * 2**20,
             write_policy=WritePolicy(acknowledge_durably=self.settings.durability == "acknowledged"),
             sealer=Sealer(load_key(self.settings.reasoning_key, Path(self.settings.store_path).parent / "reasoning.key")))
         await self.service.maintain(self.settings.response_ttl_seconds)  # fail what a crash left running

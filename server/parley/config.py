@@ -84,6 +84,7 @@ class Settings:
     max_request_body_bytes: int = 16 * 1024 * 1024
     large_bodies_at_once: int = 1
     default_max_output_tokens: int = 1024
+    context_cache_mb: int = 256
     log_format: str = "console"
     log_level: str = "info"
     log_prompts: bool = False
@@ -124,7 +125,7 @@ class Settings:
         for name in ("rate_limit_requests_per_minute", "rate_limit_tokens_per_minute",
                      "response_ttl_seconds", "shutdown_grace_seconds", "max_queued_generations",
                      "scripted_output_tokens", "scripted_token_delay_ms", "synthetic_output_tokens",
-                     "synthetic_tokens_per_second", "synthetic_step_ms"):
+                     "synthetic_tokens_per_second", "synthetic_step_ms", "context_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.maintenance_interval_seconds * 2 > self.lease_seconds:
@@ -268,6 +269,8 @@ HELP = {
     "large_bodies_at_once": "request bodies over 1 MiB read, parsed and prepared at once; more wait, their "
                             "bytes held back in Envoy and the client (server memory stays bounded)",
     "default_max_output_tokens": "output cap when a request sets no max_output_tokens",
+    "context_cache_mb": "memory for the contexts of recently finished chains, so that a previous_response_id "
+                        "turn reads and renders only what is new (0 = off: every turn reads its chain)",
     "log_format": "console (human) or json",
     "log_level": "debug, info, warning or error",
     "log_prompts": "log prompt and output text at debug level (off: text never reaches logs)",

@@ -45,6 +45,8 @@ STORE_READ_SECONDS = Histogram("parley_store_read_seconds", "One stored response
                                registry=REGISTRY)
 SESSIONS = Gauge("parley_sessions_open", "Open sessions (WebSocket connections and typed Session streams)",
                  registry=REGISTRY)
+TURN_STATES = Counter("parley_turn_states", "previous_response_id turns whose chain's state this replica kept "
+                      "(`hit`) or did not (`miss`: the chain is read from the store)", ["result"], registry=REGISTRY)
 SESSION_TURNS = Counter("parley_session_turns", "Creates over sessions, by how their stream ended "
                         "(`refused`: an error before any event)", ["outcome"], registry=REGISTRY)
 

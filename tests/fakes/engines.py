@@ -9,10 +9,15 @@ from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingPara
 class ScriptedEngine(scripted.ScriptedEngine):
     """Records prompts and sampling parameters, counts emitted tokens and aborted generations,
     fails on demand (`fail_after` tokens), can be declared dead (`dead`), and takes the scripts
-    of its next generations from `upcoming` (one each, then `script` again)."""
+    of its next generations from `upcoming` (one each, then `script` again). Every prompt is
+    rendered whole (so that `prompts` sees each one) unless `by_message`."""
 
-    def __init__(self, *args, **kwargs):
+    message_rendering = None
+
+    def __init__(self, *args, by_message: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if by_message:
+            self.message_rendering = self
         self.prompts: list[list[ChatMessage]] = []
         self.last_params: SamplingParams | None = None
         self.last_prompt: list[int] | None = None  # the tokens of the last generation

@@ -114,6 +114,10 @@ class Engine(Protocol):
     # Whether render_prompt is slow enough (a Hugging Face tokenizer over a long context) that the
     # service calls it on a worker thread rather than on the event loop. Optional; default False.
     renders_off_loop: bool
+    # The prompt message by message (engine/segments.py: MessageRendering), where the engine's
+    # template renders each message on its own: a long conversation's turn then renders only its
+    # new messages. Optional; None or absent: every prompt is rendered whole.
+    message_rendering: object | None
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize.

@@ -32,6 +32,7 @@ from parley.engine.formats import formats_of_template, tool_format
 from parley.engine.grammar import lazy
 from parley.engine.json_closing import JsonCloser
 from parley.engine.llamacpp_sampling import CallOpenerWatch, Sampling
+from parley.engine.segments import TemplateSegments
 from parley.log import get_logger
 
 log = get_logger(__name__)
@@ -158,6 +159,9 @@ class LlamaCppEngine:
         # that open <think> blocks mark a reasoning family.
         self.tool_format, self.reasoning_format = formats_of_template(template)
         self._lib = llama_cpp
+        # The prompt message by message where the template allows it (engine/segments.py).
+        self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize, self._is_boundary)
+        log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         self._sampling = Sampling(llama_cpp, self._llm, tool_format(self.tool_format),
                                   reasoning=self.reasoning_format == "think")
 
@@ -198,11 +202,23 @@ class LlamaCppEngine:
                    settings.max_concurrent_generations, settings.kv_cache)
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        return self._tokenize(self._render_text(messages, True))
+
+    def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
         # The model family knows system/user/assistant; `developer` is OpenAI's name for system.
         chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
-        text = self._template.render(messages=chat, add_generation_prompt=True,
-                                     bos_token="", eos_token="")
+        return self._template.render(messages=chat, add_generation_prompt=generation, bos_token="", eos_token="")
+
+    def _tokenize(self, text: str) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _is_boundary(self, token: int) -> bool:
+        """A control or user-defined token (llama.cpp splits the text at those first) that
+        strips no whitespace beside it."""
+        lib = self._lib
+        attributes = lib.llama_vocab_get_attr(lib.llama_model_get_vocab(self._llm.model), token)
+        return bool(attributes & (lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_USER_DEFINED)) and \
+            not attributes & (lib.LLAMA_TOKEN_ATTR_LSTRIP | lib.LLAMA_TOKEN_ATTR_RSTRIP)
 
     # -- the consumer side (event loop) ---------------------------------------------------------
 

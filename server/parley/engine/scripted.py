@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta, TokenLogprob
 
 DEFAULT_REPLY = "Hello from Parley's scripted engine."
+START, OPEN, WORD, CLOSE = range(4)  # its prompt tokens
 
 
 class ScriptedEngine:
@@ -28,8 +29,21 @@ class ScriptedEngine:
         self.delay = delay
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        words = sum(len(m.content.split()) + 2 for m in messages)
-        return list(range(words + 1))
+        return [token for index, message in enumerate(messages) for token in self.render_message(message, index == 0)]
+
+    # Its prompt is its messages' renderings end to end (engine/segments.py): a start token, then
+    # for each message an opening, one token per word and a closing; no generation prompt.
+    @property
+    def message_rendering(self):
+        return self
+
+    @staticmethod
+    def render_message(message: ChatMessage, first: bool) -> list[int]:
+        return [*((START,) if first else ()), OPEN, *(WORD,) * len(message.content.split()), CLOSE]
+
+    @staticmethod
+    def generation_prompt() -> list[int]:
+        return []
 
     def _pieces(self) -> list[str]:
         if self.script is not None:

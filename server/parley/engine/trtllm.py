@@ -42,6 +42,7 @@ from parley.engine.base import (
 )
 from parley.engine.formats import formats_of_template, tool_format
 from parley.engine.grammar import compile_constraint, constraint_key, lazy
+from parley.engine.segments import TemplateSegments
 from parley.log import get_logger
 
 log = get_logger(__name__)
@@ -146,6 +147,11 @@ class TensorRTLLMEngine:
         detected_tools, self.reasoning_format = formats_of_template(template)
         self.tool_format = detected_tools if tool_format_name == "auto" else tool_format_name
         self._format = tool_format(self.tool_format)
+        # The prompt message by message where the template allows it (engine/segments.py).
+        boundaries = self._boundaries()
+        self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize,
+                                                                    boundaries.__contains__)
+        log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         self._dead: str | None = None
         self._closed = False
         self._guides: dict[str, tuple[str, str]] = {}
@@ -171,11 +177,23 @@ class TensorRTLLMEngine:
     # -- prompts --------------------------------------------------------------------------------
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        return self._tokenize(self._render_text(messages, True))
+
+    def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
         # The checkpoint's own template; `developer` is OpenAI's name for the system role.
         chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
-        text = self._hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return self._hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+
+    def _tokenize(self, text: str) -> list[int]:
         # The template wrote the special tokens (BOS included, where the family has one).
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def _boundaries(self) -> frozenset[int]:
+        """Added tokens (a Hugging Face tokenizer matches those before anything else) that strip
+        no whitespace beside them."""
+        added = getattr(self._hf, "added_tokens_decoder", None) or {}
+        return frozenset(token for token, spec in added.items()
+                         if not getattr(spec, "lstrip", False) and not getattr(spec, "rstrip", False))
 
     # -- constraints ----------------------------------------------------------------------------
 

@@ -62,11 +62,29 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
         last_user = max((index for index, item in enumerate(items)
                          if item["type"] == "message" and item["role"] == "user"), default=-1)
         items = [item for index, item in enumerate(items) if item["type"] != "reasoning" or index > last_user]
+    system = system_message(instructions, tools, tool_format)
+    return [*((system,) if system else ()), *body_messages(items, tool_format, reasoning_format)[0]]
+
+
+def system_message(instructions: str | None, tools: list[dict] | None, tool_format: ToolFormat) -> ChatMessage | None:
+    """The instructions and the tools offered, as the conversation's first message (if any)."""
     system = instructions or ""
     if tools:
         offered = tool_format.describe_tools(tools)
         system = f"{system}\n\n{offered}" if system else offered
-    messages = [ChatMessage("developer", system)] if system else []
+    return ChatMessage("developer", system) if system else None
+
+
+# Kinds whose consecutive items make one message: items of one of them on both sides of a cut
+# render otherwise than the two sides rendered apart.
+MERGING = frozenset({"calls", "results"})
+
+
+def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: str) -> tuple[list[ChatMessage], str | None]:
+    """The messages of `items` (no system message), and where they end: the kind of the last
+    item ("" for none), or None when a reasoning item still waits for the assistant turn it
+    opens (messages of later items would then not simply follow these)."""
+    messages: list[ChatMessage] = []
     thought = ""  # reasoning waiting for the assistant turn it opens
 
     def assistant(text: str) -> ChatMessage:
@@ -75,6 +93,7 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
             text, thought = f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}", ""
         return ChatMessage("assistant", text)
 
+    kind = ""
     for kind, grouped in groupby(items, key=lambda item: TURN_OF.get(item["type"], item["type"])):
         group = list(grouped)
         if kind == "reasoning":
@@ -95,4 +114,11 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
             messages.append(ChatMessage("user", tool_format.render_results(outputs)))
     if thought:
         messages.append(assistant(""))
-    return messages
+        return messages, None
+    return messages, kind
+
+
+def extends(end: str | None, items: list[dict]) -> bool:
+    """Whether the messages of `items` simply follow those of a context that ended at `end`
+    (body_messages): the messages of both together are the two lists end to end."""
+    return end is not None and not (items and end in MERGING and TURN_OF.get(items[0]["type"]) == end)

@@ -12,6 +12,8 @@ import contextlib
 import time
 from collections.abc import Callable
 
+import orjson
+
 from parley import metrics, tracing
 from parley.engine.base import Engine, EngineError, Finished
 from parley.engine.formats import (
@@ -31,7 +33,8 @@ from parley.service.event_log import EventBatch, EventLog
 from parley.service.events import UNACKNOWLEDGED_MESSAGE, ResponseBuilder, error_event, json_copy
 from parley.service.preparation import PreparedResponse
 from parley.service.sealing import Sealer
-from parley.store.base import ACTIVE, ResponseStore
+from parley.service.turn_state import CONTINUABLE, TurnStates
+from parley.store.base import ACTIVE, ResponseStore, stored_output
 
 log = get_logger(__name__)
 
@@ -61,8 +64,9 @@ def segment_events(builder: ResponseBuilder, segments: list[Segment], logprobs) 
 
 class Generation:
     def __init__(self, engine: Engine, store: ResponseStore, events: EventLog, *, log_prompts: bool,
-                 shutting_down: Callable[[], bool], sealer: Sealer | None = None):
+                 shutting_down: Callable[[], bool], turn_states: TurnStates, sealer: Sealer | None = None):
         self.engine = engine
+        self.turn_states = turn_states
         self.sealer = sealer
         self.store = store
         self.events = events
@@ -169,6 +173,7 @@ class Generation:
             engine_span = None
             await self._hand_over(prepared)
             acknowledged = True
+            self._keep_turn(prepared)
             yield closing
             log.info("response.finished", response_id=response_id, status=builder.response["status"],
                      input_tokens=result.input_tokens, output_tokens=result.output_tokens,
@@ -210,6 +215,15 @@ class Generation:
                 self.events.finish(builder.response, FINALIZABLE)
             self.running.discard(response_id)
             _account(prepared)
+
+    def _keep_turn(self, prepared: PreparedResponse) -> None:
+        """A stored response that may be continued leaves, durable, the state its continuation
+        starts from (service/turn_state.py)."""
+        response = prepared.builder.response
+        if prepared.turn is not None and response["status"] in CONTINUABLE:
+            output = [item for item in response["output"] if stored_output(item)]
+            state = prepared.turn.finished(response["id"], output, len(orjson.dumps(output)))
+            self.turn_states.put(prepared.project, response["id"], state, replaces=prepared.params.previous_response_id)
 
     async def _hand_over(self, prepared: PreparedResponse) -> None:
         """The final document to the log, durable with every event before it, before the

@@ -29,6 +29,7 @@ from parley.service.maintenance import Maintenance
 from parley.service.preparation import CompactFirst, PreparedResponse, Preparer
 from parley.service.sealing import Sealer
 from parley.service.sessions import Session, SessionLimits
+from parley.service.turn_state import TurnStates
 from parley.service.validation import check_body, item_list, page_bounds, validate_include
 from parley.store.base import ResponseStore
 from parley.store.signals import LocalSignals
@@ -49,18 +50,21 @@ class ResponsesService:
                  admission: Admission | None = None, limits: RateLimits | None = None,
                  replica_id: str = "local", lease_seconds: float = 30,
                  default_max_output_tokens: int = 1024, log_prompts: bool = False, follow_poll_seconds: float = 1.0,
-                 sealer: Sealer | None = None, write_policy: WritePolicy = DEFAULT_WRITE_POLICY):
+                 sealer: Sealer | None = None, write_policy: WritePolicy = DEFAULT_WRITE_POLICY,
+                 context_cache_bytes: int = 256 * 2**20):
         self.engine = engine
         self.store = store
         self.signals = signals or LocalSignals()
         self.events = EventLog(store, self.signals, write_policy, follow_poll_seconds)
         self.admission = admission or Admission(4, 64)
         self.limits = limits or RateLimits()
+        self.turn_states = TurnStates(context_cache_bytes)
         self.preparer = Preparer(engine, store, self.events, self.admission, self.limits, replica_id=replica_id,
                                  lease_seconds=lease_seconds, default_max_output_tokens=default_max_output_tokens,
-                                 log_prompts=log_prompts, sealer=sealer)
+                                 log_prompts=log_prompts, sealer=sealer, turn_states=self.turn_states)
         self.generation = Generation(engine, store, self.events, log_prompts=log_prompts,
-                                     shutting_down=lambda: self._shutting_down, sealer=sealer)
+                                     shutting_down=lambda: self._shutting_down, turn_states=self.turn_states,
+                                     sealer=sealer)
         self.background = BackgroundWork(self.generation, store, self.events, self.signals)
         self.maintenance = Maintenance(store, self.signals, replica_id=replica_id, lease_seconds=lease_seconds,
                                        running=lambda: self.generation.running)
@@ -185,6 +189,7 @@ class ResponsesService:
         self.background.stop(response_id)
         if not await self.store.delete(response_id, project):
             raise not_found(f"Response with id '{response_id}' not found.", "response_id")
+        self.turn_states.discard(project, response_id)  # others' go on their next use (tombstones)
         for session in list(self._sessions):  # a socket on this replica may hold it in memory
             if session.project == project:
                 session.forget(response_id)

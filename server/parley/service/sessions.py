@@ -32,13 +32,14 @@ import re
 from parley import metrics, tracing
 from parley.errors import ApiError, ErrorKind, invalid, invalid_type, server_error
 from parley.log import get_logger
+from parley.service.turn_state import CONTINUABLE as TURN_CONTINUABLE
 
 log = get_logger(__name__)
 
 # OpenAI's ResponsesClientEventResponseCreate.stream_id.
 STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,256}")
 # Outcomes whose context a later turn may continue from.
-CONTINUABLE = frozenset({"response.completed", "response.incomplete"})
+CONTINUABLE = frozenset(f"response.{status}" for status in TURN_CONTINUABLE)
 LIMIT_REACHED = "websocket_connection_limit_reached"
 
 

@@ -409,13 +409,26 @@ def build_constraint(mode: str, callable_tools: list[dict], parallel: bool, fmt:
     return None
 
 
-def unknown_call_outputs(items: list[dict]) -> ApiError | None:
-    """A function_call_output must answer a function_call earlier in the conversation."""
+CALLS = ("function_call", "custom_tool_call")
+CALL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+
+
+def unknown_call_outputs(items: list[dict], start: int = 0) -> ApiError | None:
+    """A function_call_output must answer a function_call earlier in the conversation. Items
+    before `start` were checked before (a chain's earlier turns): their calls are looked up
+    from the newest back, as far as an output needs, so a long chain is not walked every turn."""
     calls: set[str] = set()
-    for item in items:
-        if item["type"] in ("function_call", "custom_tool_call"):
+    earlier = (items[index] for index in range(start - 1, -1, -1))
+    for item in items[start:]:
+        if item["type"] in CALLS:
             calls.add(item["call_id"])
-        elif item["type"] in ("function_call_output", "custom_tool_call_output") and item["call_id"] not in calls:
-            return invalid(f"No tool call found for function call output with call_id '{item['call_id']}'.",
-                           "input", "invalid_call_id")
+        elif item["type"] in CALL_OUTPUTS and item["call_id"] not in calls:
+            for before in earlier:
+                if before["type"] in CALLS:
+                    calls.add(before["call_id"])
+                    if before["call_id"] == item["call_id"]:
+                        break
+            else:
+                return invalid(f"No tool call found for function call output with call_id '{item['call_id']}'.",
+                               "input", "invalid_call_id")
     return None

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
+
+from parley.ids import AFFINITY_HEX
 
 ACTIVE = ("queued", "in_progress")
 # The project of requests when auth is off, and of the bootstrap key (PARLEY_API_KEY).
@@ -105,17 +107,45 @@ class ChainBroken(Exception):
         self.missing = missing
 
 
-def chain_items(rows) -> list[dict] | None:
+class Chain(NamedTuple):
+    """A previous_response_id chain's context: its items, oldest first, and the chain tags of
+    its responses (the tags their deletions leave in chain_tombstones)."""
+
+    items: list[dict]
+    tags: frozenset[str]
+
+
+def chain_items(response_id: str, rows) -> Chain | None:
     """The context from CHAIN_CONTEXT's rows: None when the chain's last response is absent;
     ChainBroken when one it continues is."""
     rows = sorted(rows, key=lambda row: (-row[0], row[1], row[2]))
     if not rows:
         return None
+    links = [_text(document) for _, part, _, document in rows if part == -1 and document is not None]
     deepest = rows[0]
     if deepest[1] == -1 and deepest[3] is not None:
-        link = deepest[3]
-        raise ChainBroken(link.decode() if isinstance(link, (bytes, memoryview)) else str(link))
-    return [loaded(document) for _, part, _, document in rows if part != -1]
+        raise ChainBroken(links[0])
+    return Chain([loaded(document) for _, part, _, document in rows if part != -1],
+                 frozenset(map(chain_tag, [response_id, *links])))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, (bytes, memoryview)) else str(value)
+
+
+# A deleted response leaves its chain tag here, in the same transaction, so that a replica that
+# keeps a chain's context in memory (service/turn_state.py) learns, with one lookup, that the
+# chain may have lost a response. Kept TOMBSTONE_SECONDS, far longer than such a context is kept.
+TOMBSTONE_SECONDS = 24 * 3600
+TOMBSTONE_TABLE = "CREATE TABLE chain_tombstones (tag TEXT PRIMARY KEY, deleted_at DOUBLE PRECISION NOT NULL)"
+# The chain tag of the response id in column {0}: as chain_tag() (the dialects share substr).
+TAG_OF = "substr({0}, %d, %d)" % (len("resp_") + 1, AFFINITY_HEX)
+
+
+def chain_tag(response_id: str) -> str:
+    """The part of a response id that every response of its chain shares (parley.ids), or, for
+    an id from before chain tags, its own first digits; the tombstone key of its deletion."""
+    return response_id[len("resp_"):len("resp_") + AFFINITY_HEX]
 
 
 # The same in both stores (SQL that both dialects read alike). A conversation's items are an
@@ -211,10 +241,15 @@ class ResponseStore(Protocol):
     async def list_input_items(self, response_id: str, *, limit: int, order: str, after: str | None,
                                before: str | None, project: str | None = None) -> ItemPage | None: ...
 
-    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+    async def chain_context(self, response_id: str, project: str) -> Chain | None:
         """Input and output items of the whole previous_response_id chain ending at
         `response_id`, oldest first, in one query; None when it does not exist, ChainBroken when
         a response it continues does not (any more)."""
+
+    async def chain_intact(self, response_id: str, project: str, tags: Collection[str]) -> bool:
+        """Whether the response exists in the project and no response of a chain tagged with
+        one of `tags` was deleted within TOMBSTONE_SECONDS: one lookup that lets a replica trust
+        the chain's context it kept."""
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         """A stored item by its id (an output item of a finished response, else an input item),
@@ -280,7 +315,12 @@ def output_item_rows(document: dict) -> list[tuple[str, str, int, bytes]]:
     """(item id, response id, position, item) of each output item of `document`: where an
     item_reference finds it, and what a chain's context reads."""
     return [(item["id"], document["id"], position, orjson.dumps(item))
-            for position, item in enumerate(document["output"]) if isinstance(item, dict) and "id" in item]
+            for position, item in enumerate(document["output"]) if stored_output(item)]
+
+
+def stored_output(item) -> bool:
+    """Whether an output item is stored as a row of its own (what a chain's context reads)."""
+    return isinstance(item, dict) and "id" in item
 
 
 def cancel_transition(stored: bytes | None) -> tuple[dict | None, bool]:

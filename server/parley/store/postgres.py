@@ -7,6 +7,7 @@ Row locks (FOR UPDATE) make cancel and lease recovery atomic across replicas.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 import orjson
@@ -21,6 +22,10 @@ from parley.store.base import (
     DEFAULT_PROJECT,
     FIND_ITEM,
     KEY_COLUMNS,
+    TAG_OF,
+    TOMBSTONE_SECONDS,
+    TOMBSTONE_TABLE,
+    Chain,
     Conversation,
     EventRun,
     InputItemPaging,
@@ -109,12 +114,23 @@ MIGRATIONS = {
                 jsonb_array_elements(convert_from(r.document, 'UTF8')::jsonb->'output') WITH ORDINALITY e(value, ordinality)
             WHERE r.id = o.response_id AND e.value->>'id' = o.item_id;
     """,
+    7: TOMBSTONE_TABLE,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _UPSERT_BATCH = ("INSERT INTO event_batches (response_id, first_seq, last_seq, events) VALUES (%s, %s, %s, %s) "
                  "ON CONFLICT (response_id, first_seq) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
                  "events = EXCLUDED.events")
+
+
+async def _delete_responses(conn, where: str, values: tuple) -> int:
+    """Delete the responses `where` selects, leaving their chains' tombstones, in one statement."""
+    cursor = await conn.execute(
+        f"WITH gone AS (DELETE FROM responses WHERE {where} RETURNING id), "
+        f"marked AS (INSERT INTO chain_tombstones (tag, deleted_at) SELECT DISTINCT {TAG_OF.format('id')}, %s "
+        "FROM gone ON CONFLICT (tag) DO UPDATE SET deleted_at = EXCLUDED.deleted_at) "
+        "SELECT count(*) FROM gone", (*values, time.time()))
+    return (await cursor.fetchone())[0]
 
 
 def _scoped(project: str | None) -> tuple[str, tuple]:
@@ -273,10 +289,16 @@ class PostgresStore(InputItemPaging):
                 "SELECT document FROM input_items WHERE response_id = %s ORDER BY position", (response_id,))).fetchall()
         return [orjson.loads(r[0]) for r in rows]
 
-    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+    async def chain_context(self, response_id: str, project: str) -> Chain | None:
         query = CHAIN_CONTEXT.format("%(id)s", "%(project)s", "convert_to(c.previous, 'UTF8')",
                                      CHAIN_STEP_LATERAL.format("%(id)s", "%(project)s"))
-        return chain_items(await self._fetchall(query, {"id": response_id, "project": project}))
+        return chain_items(response_id, await self._fetchall(query, {"id": response_id, "project": project}))
+
+    async def chain_intact(self, response_id: str, project: str, tags) -> bool:
+        row = await self._fetchone(
+            "SELECT EXISTS (SELECT 1 FROM responses WHERE id = %s AND project = %s) AND NOT EXISTS "
+            "(SELECT 1 FROM chain_tombstones WHERE tag = ANY(%s))", (response_id, project, list(tags)))
+        return bool(row[0])
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         where, values = _scoped(project)
@@ -292,8 +314,7 @@ class PostgresStore(InputItemPaging):
     async def delete(self, response_id: str, project: str | None = None) -> bool:
         where, values = _scoped(project)
         async with self._pool.connection() as conn:
-            return (await conn.execute("DELETE FROM responses WHERE id = %s" + where,
-                                       (response_id, *values))).rowcount > 0
+            return await _delete_responses(conn, "id = %s" + where, (response_id, *values)) > 0
 
     # -- conversations -----------------------------------------------------------------------
 
@@ -408,6 +429,5 @@ class PostgresStore(InputItemPaging):
 
     async def delete_finished_before(self, cutoff: float) -> int:
         async with self._pool.connection() as conn:
-            cursor = await conn.execute("DELETE FROM responses WHERE created_at < %s AND NOT (status = ANY(%s))",
-                                        (cutoff, list(ACTIVE)))
-            return cursor.rowcount
+            await conn.execute("DELETE FROM chain_tombstones WHERE deleted_at < %s", (time.time() - TOMBSTONE_SECONDS,))
+            return await _delete_responses(conn, "created_at < %s AND NOT (status = ANY(%s))", (cutoff, list(ACTIVE)))

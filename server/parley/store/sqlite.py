@@ -26,6 +26,10 @@ from parley.store.base import (
     DEFAULT_PROJECT,
     FIND_ITEM,
     KEY_COLUMNS,
+    TAG_OF,
+    TOMBSTONE_SECONDS,
+    TOMBSTONE_TABLE,
+    Chain,
     Conversation,
     EventRun,
     InputItemPaging,
@@ -114,6 +118,7 @@ MIGRATIONS = {
             document = (SELECT o.value FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
                         WHERE r.id = output_items.response_id AND json_extract(o.value, '$.id') = output_items.item_id);
     """,
+    8: TOMBSTONE_TABLE,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -164,6 +169,13 @@ def _insert_responses(db, creates: list[tuple]) -> None:
     _insert_rows(db, _INSERT_RESPONSES, [_response_row(response, *row) for response, _, *row in creates])
     _insert_rows(db, _INSERT_ITEMS,
                  [row for response, items, *_ in creates for row in _input_item_rows(response["id"], items)])
+
+
+def _delete_responses(db, where: str, values: tuple) -> int:
+    """Delete the responses `where` selects, leaving their chains' tombstones."""
+    db.execute(f"INSERT OR REPLACE INTO chain_tombstones (tag, deleted_at) SELECT DISTINCT {TAG_OF.format('id')}, ? "
+               f"FROM responses WHERE {where}", (time.time(), *values))
+    return db.execute("DELETE FROM responses WHERE " + where, values).rowcount
 
 
 def _scoped(project: str | None) -> tuple[str, tuple]:
@@ -361,9 +373,16 @@ class SqliteStore(InputItemPaging):
             return [orjson.loads(r[0]) for r in rows]
         return await self._call(_items)
 
-    async def chain_context(self, response_id: str, project: str) -> list[dict] | None:
+    async def chain_context(self, response_id: str, project: str) -> Chain | None:
         query = CHAIN_CONTEXT.format("?1", "?2", "c.previous", CHAIN_STEP_JOIN.format("?1", "?2"))
-        return await self._call(lambda: chain_items(self._db.execute(query, (response_id, project)).fetchall()))
+        return await self._call(
+            lambda: chain_items(response_id, self._db.execute(query, (response_id, project)).fetchall()))
+
+    async def chain_intact(self, response_id: str, project: str, tags) -> bool:
+        tags = list(tags)
+        query = (f"SELECT EXISTS (SELECT 1 FROM responses WHERE id = ? AND project = ?) AND NOT EXISTS "
+                 f"(SELECT 1 FROM chain_tombstones WHERE tag IN ({', '.join('?' * len(tags))}))")
+        return await self._call(lambda: bool(self._db.execute(query, (response_id, project, *tags)).fetchone()[0]))
 
     async def find_item(self, item_id: str, project: str | None = None) -> dict | None:
         where, values = _scoped(project)
@@ -384,8 +403,7 @@ class SqliteStore(InputItemPaging):
 
     async def delete(self, response_id: str, project: str | None = None) -> bool:
         where, values = _scoped(project)
-        return await self._transact(
-            lambda db: db.execute("DELETE FROM responses WHERE id = ?" + where, (response_id, *values)).rowcount > 0)
+        return await self._transact(lambda db: _delete_responses(db, "id = ?" + where, (response_id, *values)) > 0)
 
     # -- conversations -----------------------------------------------------------------------
 
@@ -498,6 +516,7 @@ class SqliteStore(InputItemPaging):
         return await self._transact(_recover)
 
     async def delete_finished_before(self, cutoff: float) -> int:
-        return await self._transact(lambda db: db.execute(
-            f"DELETE FROM responses WHERE created_at < ? AND status NOT IN {_in(ACTIVE)}",
-            (cutoff, *ACTIVE)).rowcount)
+        def _delete(db):
+            db.execute("DELETE FROM chain_tombstones WHERE deleted_at < ?", (time.time() - TOMBSTONE_SECONDS,))
+            return _delete_responses(db, f"created_at < ? AND status NOT IN {_in(ACTIVE)}", (cutoff, *ACTIVE))
+        return await self._transact(_delete)

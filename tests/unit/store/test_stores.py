@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+import time
 
 import psycopg
 import pytest
@@ -254,13 +255,33 @@ async def test_a_chains_context_is_one_query_oldest_first_and_breaks_where_a_res
     # A branch: another continuation of the first response sees only its own line.
     await store.create(response("resp_branch", previous_response_id="resp_c0"), [item(9)], project="alpha")
     await store.finish(response("resp_branch", "completed", previous_response_id="resp_c0", output=[answer(9)]), [])
-    ids = [i["id"] for i in await store.chain_context("resp_c2", "alpha")]
-    assert ids == ["msg_0", "msg_out0", "msg_1", "msg_out1", "msg_2", "msg_out2"]
-    assert [i["id"] for i in await store.chain_context("resp_branch", "alpha")] == ["msg_0", "msg_out0", "msg_9",
-                                                                                    "msg_out9"]
+    chain = await store.chain_context("resp_c2", "alpha")
+    assert [i["id"] for i in chain.items] == ["msg_0", "msg_out0", "msg_1", "msg_out1", "msg_2", "msg_out2"]
+    assert chain.tags == {"c0", "c1", "c2"}  # ids from before chain tags: each its own
+    assert [i["id"] for i in (await store.chain_context("resp_branch", "alpha")).items] == [
+        "msg_0", "msg_out0", "msg_9", "msg_out9"]
     assert await store.chain_context("resp_c2", "beta") is None
     assert await store.chain_context("resp_nope", "alpha") is None
     await store.delete("resp_c1", "alpha")
     with pytest.raises(ChainBroken) as broken:
         await store.chain_context("resp_c2", "alpha")
     assert broken.value.missing == "resp_c1"
+
+
+async def test_a_deletion_leaves_its_chains_tombstone_so_a_kept_chain_is_known_to_be_broken(store):
+    tag = "0123456789abcdef"
+    first, second, other = f"resp_{tag}{'1' * 32}", f"resp_{tag}{'2' * 32}", f"resp_{'f' * 16}{'3' * 32}"
+    for rid in (first, second, other):
+        await store.create(response(rid), [item(0)], project="alpha")
+        await store.finish(response(rid, "completed"), [])
+    assert await store.chain_intact(second, "alpha", {tag})
+    assert not await store.chain_intact(second, "beta", {tag})  # another project's: absent
+    assert not await store.chain_intact("resp_nope", "alpha", {tag})
+    assert not await store.delete(first, "beta")  # nothing deleted: no tombstone
+    assert await store.chain_intact(second, "alpha", {tag})
+    assert await store.delete(first, "alpha")
+    assert not await store.chain_intact(second, "alpha", {tag})  # still there, but its chain lost one
+    assert await store.chain_intact(other, "alpha", {"f" * 16})
+    # Retention leaves tombstones too.
+    assert await store.delete_finished_before(time.time() + 60) == 2
+    assert not await store.chain_intact(other, "alpha", {"f" * 16})
