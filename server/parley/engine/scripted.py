@@ -9,12 +9,14 @@ lives in tests/fakes, not here.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 
 from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta, TokenLogprob
 
 DEFAULT_REPLY = "Hello from Parley's scripted engine."
-START, OPEN, WORD, CLOSE = range(4)  # its prompt tokens
+START, CLOSE, OPEN, WORDS = 0, 1, 2, 16  # its prompt tokens
+ROLES = ("system", "developer", "user", "assistant")
 
 
 class ScriptedEngine:
@@ -32,14 +34,16 @@ class ScriptedEngine:
         return [token for index, message in enumerate(messages) for token in self.render_message(message, index == 0)]
 
     # Its prompt is its messages' renderings end to end (engine/segments.py): a start token, then
-    # for each message an opening, one token per word and a closing; no generation prompt.
+    # for each message an opening that names the role, a token per word (its checksum, so that
+    # different words are different tokens) and a closing; no generation prompt.
     @property
     def message_rendering(self):
         return self
 
     @staticmethod
     def render_message(message: ChatMessage, first: bool) -> list[int]:
-        return [*((START,) if first else ()), OPEN, *(WORD,) * len(message.content.split()), CLOSE]
+        return [*((START,) if first else ()), OPEN + ROLES.index(message.role),
+                *(WORDS + zlib.crc32(word.encode()) % 65536 for word in message.content.split()), CLOSE]
 
     @staticmethod
     def generation_prompt() -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from itertools import groupby
+from typing import NamedTuple
 
 from parley.engine.base import ChatMessage
 from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
@@ -80,12 +81,22 @@ def system_message(instructions: str | None, tools: list[dict] | None, tool_form
 MERGING = frozenset({"calls", "results"})
 
 
-def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: str) -> tuple[list[ChatMessage], str | None]:
-    """The messages of `items` (no system message), and where they end: the kind of the last
-    item ("" for none), or None when a reasoning item still waits for the assistant turn it
-    opens (messages of later items would then not simply follow these)."""
+class Body(NamedTuple):
+    """A context's messages (no system message), where they end (the kind of the last item, ""
+    for none; None when a reasoning item still waits for the assistant turn it opens, so that
+    messages of later items would not simply follow these), and at which item each message's
+    items start (a reasoning item it opens included)."""
+
+    messages: list[ChatMessage]
+    end: str | None
+    starts: list[int]
+
+
+def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: str) -> Body:
     messages: list[ChatMessage] = []
+    starts: list[int] = []
     thought = ""  # reasoning waiting for the assistant turn it opens
+    thought_from = 0  # ... from this item
 
     def assistant(text: str) -> ChatMessage:
         nonlocal thought
@@ -93,29 +104,36 @@ def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: 
             text, thought = f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}", ""
         return ChatMessage("assistant", text)
 
-    kind = ""
+    def add(message: ChatMessage, start: int) -> None:
+        starts.append(thought_from if thought else start)
+        messages.append(assistant(message.content) if message.role == "assistant" else message)
+
+    kind, at = "", 0
     for kind, grouped in groupby(items, key=lambda item: TURN_OF.get(item["type"], item["type"])):
-        group = list(grouped)
+        group, start = list(grouped), at
+        at += len(group)
         if kind == "reasoning":
             if reasoning_format == "think":
+                if not thought:
+                    thought_from = start
                 thought += "\n".join(filter(None, map(reasoning_text, group)))
             continue
         if thought and not (kind == "calls" or (kind == "message" and group[0]["role"] == "assistant")):
-            messages.append(assistant(""))  # the turn was reasoning alone
+            add(ChatMessage("assistant", ""), start)  # the turn was reasoning alone
         if kind == "compaction":
-            messages += [ChatMessage("user", COMPACTED_PREFIX + item["summary"]) for item in group]
+            for index, item in enumerate(group, start):
+                add(ChatMessage("user", COMPACTED_PREFIX + item["summary"]), index)
         elif kind == "message":
-            messages += [assistant(_text_of(item["content"])) if item["role"] == "assistant"
-                         else ChatMessage(item["role"], _text_of(item["content"])) for item in group]
+            for index, item in enumerate(group, start):
+                add(ChatMessage(item["role"], _text_of(item["content"])), index)
         elif kind == "calls":
-            messages.append(assistant(tool_format.render_calls([_call(item) for item in group])))
+            add(ChatMessage("assistant", tool_format.render_calls([_call(item) for item in group])), start)
         elif kind == "results":
-            outputs = [_text_of(item["output"]) for item in group]
-            messages.append(ChatMessage("user", tool_format.render_results(outputs)))
+            add(ChatMessage("user", tool_format.render_results([_text_of(item["output"]) for item in group])), start)
     if thought:
-        messages.append(assistant(""))
-        return messages, None
-    return messages, kind
+        add(ChatMessage("assistant", ""), at)
+        return Body(messages, None, starts)
+    return Body(messages, kind, starts)
 
 
 def extends(end: str | None, items: list[dict]) -> bool:

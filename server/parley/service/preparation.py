@@ -13,23 +13,21 @@ import dataclasses
 import time
 from typing import NamedTuple
 
-import orjson
 from opentelemetry.trace import Span
 
 from parley import metrics, tracing
-from parley.engine.base import ChatMessage, Engine, SamplingParams
+from parley.engine.base import Engine, SamplingParams
 from parley.engine.formats import tool_format
-from parley.engine.segments import MessageRendering
 from parley.errors import ApiError, ErrorKind, invalid, not_found
 from parley.ids import new_response_id
 from parley.log import get_logger
 from parley.service import compaction
 from parley.service.admission import Admission, Ticket
-from parley.service.conversation import body_messages, extends, system_message, to_messages
 from parley.service.event_log import EventLog, ResponseStream
 from parley.service.events import ResponseBuilder, new_response
 from parley.service.input_items import resolve_references
 from parley.service.limits import Charge, RateLimits
+from parley.service.prompts import Prompts
 from parley.service.sealing import Sealer
 from parley.service.tools import unknown_call_outputs
 from parley.service.turn_state import TurnState, TurnStates
@@ -95,9 +93,7 @@ class Preparer:
                  log_prompts: bool, sealer: Sealer | None, turn_states: TurnStates):
         self.engine = engine
         self.turn_states = turn_states
-        # The prompt message by message, where the engine's template allows it (engine/segments.py).
-        self._rendering: MessageRendering | None = getattr(engine, "message_rendering", None)
-        self._heads: dict[ChatMessage, list[int]] = {}  # first messages rendered (instructions and tools)
+
         # A Hugging Face tokenizer over a whole context takes milliseconds: rendered on a worker
         # thread, so that other streams go on (Engine.renders_off_loop; optional, default off).
         self._render_in_thread = getattr(engine, "renders_off_loop", False)
@@ -110,7 +106,7 @@ class Preparer:
         self.default_max_output_tokens = default_max_output_tokens
         self.log_prompts = log_prompts
         self.sealer = sealer
-        self.tool_format = tool_format(engine.tool_format)
+        self.prompts = Prompts(engine, tool_format(engine.tool_format))
 
     async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None, *,
                       known: list[dict] | None = None, keep_chain: bool = False,
@@ -187,17 +183,17 @@ class Preparer:
         compactable = (may_compact and params.compact_threshold is not None and not params.compact
                        and bool(context.history))
         try:
+            tags = context.tags if params.store and self.turn_states.max_bytes and self.prompts.keeps(params) else None
+            whole_of = (params, context.items, context.history, context.kept, tags)
             # A kept state's continuation renders a turn's new messages only: on the loop.
             if self._render_in_thread and context.kept is None:
-                whole, turn = await asyncio.to_thread(self._whole, params, context)
+                whole, turn = await asyncio.to_thread(self.prompts.whole, *whole_of)
             else:
-                whole, turn = self._whole(params, context)
-            if self._fits(params, whole):
-                prompt, dropped = whole, 0
-            elif self._render_in_thread:
-                prompt, dropped = await asyncio.to_thread(self._fit, params, context.items, whole)
+                whole, turn = self.prompts.whole(*whole_of)
+            if self._render_in_thread and not self.prompts.fits(params, len(whole)):
+                prompt, dropped, turn = await asyncio.to_thread(self.prompts.fit, params, context.items, whole, turn)
             else:
-                prompt, dropped = self._fit(params, context.items, whole)
+                prompt, dropped, turn = self.prompts.fit(params, context.items, whole, turn)
         except ApiError as error:
             if compactable and error.code == "context_length_exceeded":
                 raise CompactFirst(context.history) from None
@@ -207,7 +203,7 @@ class Preparer:
         if dropped:
             log.info("prompt.truncated", dropped_items=dropped)
         if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
-            log.debug("prompt.text", messages=[(m.role, m.content) for m in self._messages(params, context.items)])
+            log.debug("prompt.text", messages=[(m.role, m.content) for m in self.prompts.messages(params, context.items)])
         return prompt, turn
 
     async def _prepare(self, project: str, body, arrived_at: float, compacted, known, keep_chain: bool,
@@ -294,143 +290,3 @@ class Preparer:
             raise invalid(f"Previous response with id '{response_id}' not found.", "previous_response_id",
                           PREVIOUS_NOT_FOUND)
         return chain
-
-    def _messages(self, params: CreateParams, items: list[dict]):
-        """The chat messages of a request. Every tool is shown, even under tool_choice `none`
-        (the grammar forbids calling them): the prompt's prefix stays the same from turn to
-        turn, and so does what the KV cache can reuse."""
-        if params.compact:
-            return compaction.summary_messages(items, params.functions, self.tool_format,
-                                               self.engine.reasoning_format)
-        return to_messages(params.instructions, items, params.functions, self.tool_format, self.engine.reasoning_format,
-                           params.reasoning_turns)
-
-    def _whole(self, params: CreateParams, context: Context) -> tuple[list[int], TurnState | None]:
-        """The prompt of the whole context (truncation is _fit's), and, for a stored chain's
-        turn, the state its continuation starts from: made from the previous response's state
-        when there is one that this turn's items continue, else from the prompt just rendered."""
-        if context.tags is None or not params.store or not self.turn_states.max_bytes or (
-                self.engine.reasoning_format == "think" and params.reasoning_turns == "current_turn"):
-            return self.engine.render_prompt(self._messages(params, context.items)), None
-        system = system_message(params.instructions, params.functions, self.tool_format)
-        chain = [*context.history, *params.input_items]
-        input_bytes = len(orjson.dumps(params.input_items))
-        if context.kept is not None:
-            continued = self._continued(system, context, chain, input_bytes)
-            if continued is not None:
-                return continued
-        body, end = body_messages(context.items, self.tool_format, self.engine.reasoning_format)
-        prompt = self.engine.render_prompt([system, *body] if system else body)
-        tokens, first_length = self._tokens_of(prompt, system, body)
-        item_bytes = (context.kept.item_bytes if context.kept is not None else len(orjson.dumps(context.history)))
-        return prompt, TurnState(chain, [], context.items, end, body[0] if body else None, tokens, first_length,
-                                 context.tags, item_bytes + input_bytes, time.time())
-
-    def _continued(self, system: ChatMessage | None, context: Context, chain: list[dict],
-                   input_bytes: int) -> tuple[list[int], TurnState] | None:
-        """The prompt and state of a turn whose items continue the kept state's: only the new
-        items become messages, only those are rendered. None where that would not give what
-        rendering the whole context gives."""
-        kept, rendering = context.kept, self._rendering
-        new = context.items[len(kept.seen):]
-        if rendering is None or kept.tokens is None or not extends(kept.end, new):
-            return None
-        messages, end = body_messages(new, self.tool_format, self.engine.reasoning_format)
-        try:
-            added = [rendering.render_message(message, False) for message in messages]
-            first, first_length = kept.first, kept.first_length
-            if first is None and messages:
-                first, first_length = messages[0], len(added[0])
-            tokens = kept.tokens + [token for rendered in added for token in rendered]
-            prompt = self._prompt_of(system, first, first_length, tokens)
-        except ValueError:  # a message the template cannot render on its own
-            return None
-        return prompt, TurnState(chain, [], context.items, end, first, tokens, first_length, kept.tags,
-                                 kept.item_bytes + input_bytes, kept.checked_at)
-
-    def _prompt_of(self, system: ChatMessage | None, first: ChatMessage | None, first_length: int,
-                   tokens: list[int]) -> list[int]:
-        """The prompt of messages whose renderings as later messages are `tokens`: the first
-        rendered as the first instead."""
-        rendering = self._rendering
-        if system is not None:
-            head, body = self._head(system), tokens
-        elif first is not None:
-            head, body = self._head(first), tokens[first_length:]
-        else:
-            head, body = [], tokens
-        return head + body + rendering.generation_prompt()
-
-    def _head(self, message: ChatMessage) -> list[int]:
-        """A first message's rendering: the same instructions and tools every turn, so kept."""
-        head = self._heads.get(message)
-        if head is None:
-            head = self._rendering.render_message(message, True)
-            if len(self._heads) >= 64:
-                self._heads.pop(next(iter(self._heads)))
-            self._heads[message] = head
-        return head
-
-    def _tokens_of(self, prompt: list[int], system: ChatMessage | None,
-                   body: list[ChatMessage]) -> tuple[list[int] | None, int]:
-        """From a whole prompt, the renderings of `body` as later messages (and how many tokens
-        the first's is); None when the engine does not render message by message."""
-        rendering = self._rendering
-        if rendering is None:
-            return None, 0
-        try:
-            generation = rendering.generation_prompt()
-            end = len(prompt) - len(generation)
-            later = rendering.render_message(body[0], False) if body else []
-            head = self._head(system if system is not None else body[0]) if system or body else []
-            if prompt[end:] != generation or prompt[:len(head)] != head:
-                return None, 0
-            if system is not None:
-                return prompt[len(head):end], len(later)
-            return later + prompt[len(head):end], len(later)
-        except ValueError:
-            return None, 0
-
-    def _fits(self, params: CreateParams, prompt: list[int]) -> bool:
-        needed = params.max_output_tokens or (compaction.SUMMARY_TOKENS if params.compact else 1)
-        return len(prompt) + needed <= self.engine.context_window
-
-    def _fit(self, params: CreateParams, items: list[dict], whole: list[int]) -> tuple[list[int], int]:
-        """The prompt, given the `whole` context's. When it does not fit and truncation is
-        `auto` (or this is a compaction run, which exists to shrink a context), keep the longest
-        run of newest items that fits: found by doubling it from the newest item, then
-        bisecting, so a long history costs a few renders of about the window's size, not one per
-        dropped item."""
-        needed = params.max_output_tokens or (compaction.SUMMARY_TOKENS if params.compact else 1)
-
-        def newest(count: int) -> list[int]:
-            return self.engine.render_prompt(self._messages(params, items[len(items) - count:]))
-
-        def fits(prompt: list[int]) -> bool:
-            return self._fits(params, prompt)
-
-        prompt = whole
-        if fits(prompt):
-            return prompt, 0
-        if (params.truncation == "auto" or params.compact) and len(items) > 1:
-            kept, kept_prompt, size = 0, None, 1
-            while size < len(items):
-                candidate = newest(size)
-                if not fits(candidate):
-                    break
-                kept, kept_prompt, size = size, candidate, size * 2
-            too_many = min(size, len(items))
-            while too_many - kept > 1:
-                middle = (kept + too_many) // 2
-                candidate = newest(middle)
-                if fits(candidate):
-                    kept, kept_prompt = middle, candidate
-                else:
-                    too_many = middle
-            if kept_prompt is not None:
-                return kept_prompt, len(items) - kept
-            prompt = newest(1)
-        raise invalid(
-            f"The input ({len(prompt)} tokens) plus max_output_tokens ({needed}) exceeds the model's "
-            f"context window of {self.engine.context_window} tokens. Shorten the input, or set "
-            "truncation to 'auto' to drop the oldest items.", "input", "context_length_exceeded")

@@ -41,6 +41,8 @@ class TurnState:
     first: ChatMessage | None   # the first of those messages (a template renders it otherwise)
     tokens: list[int] | None    # every message rendered as a later one; None: rendered whole
     first_length: int           # how many of `tokens` are the first message's
+    starts: list[int]           # the item of `seen` at which each message's items start
+    ends: list[int] | None      # where each message's rendering ends in `tokens` (None: not measured)
     tags: frozenset[str]        # the chain's tags (store.base.chain_tag)
     item_bytes: int             # the JSON size of `chain`
     checked_at: float           # when the store last vouched for the chain
@@ -58,7 +60,8 @@ class TurnState:
 
     @property
     def size(self) -> int:
-        return self.item_bytes + SLOT_BYTES * (len(self.chain) + len(self.seen) + len(self.tokens or ()))
+        return self.item_bytes + SLOT_BYTES * (len(self.chain) + len(self.seen) + len(self.tokens or ())
+                                               + len(self.starts) + len(self.ends or ()))
 
 
 class TurnStates:

@@ -45,7 +45,7 @@ def test_messages_of_a_context_and_what_follows_it_are_the_two_end_to_end_wherev
         for items in itertools.product(KINDS, repeat=length):
             for cut in range(length + 1):
                 before, after = list(items[:cut]), list(items[cut:])
-                head, end = body_messages(before, HERMES, reasoning_format)
+                head, end, _ = body_messages(before, HERMES, reasoning_format)
                 whole = body_messages(list(items), HERMES, reasoning_format)[0]
                 if extends(end, after):
                     assert head + body_messages(after, HERMES, reasoning_format)[0] == whole, (items, cut)
