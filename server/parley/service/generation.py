@@ -219,11 +219,17 @@ class Generation:
     def _keep_turn(self, prepared: PreparedResponse) -> None:
         """A stored response that may be continued leaves, durable, the state its continuation
         starts from (service/turn_state.py)."""
-        response = prepared.builder.response
+        response, conversation = prepared.builder.response, prepared.params.conversation_id
         if prepared.turn is not None and response["status"] in CONTINUABLE:
-            output = [item for item in response["output"] if stored_output(item)]
+            # What the store gives the next turn: a chain reads the output items it keeps as
+            # rows; a conversation is joined by every output item.
+            output = response["output"] if conversation else [item for item in response["output"] if stored_output(item)]
             state = prepared.turn.finished(response["id"], output, len(orjson.dumps(output)))
-            self.turn_states.put(prepared.project, response["id"], state, replaces=prepared.params.previous_response_id)
+            if conversation is not None:
+                self.turn_states.put(prepared.project, conversation, state, replaces=None)
+            else:
+                self.turn_states.put(prepared.project, response["id"], state,
+                                     replaces=prepared.params.previous_response_id)
 
     async def _hand_over(self, prepared: PreparedResponse) -> None:
         """The final document to the log, durable with every event before it, before the

@@ -46,6 +46,7 @@ class Context(NamedTuple):
     # The chain's tags, where this turn may leave a state for its continuation (None: it may not).
     tags: frozenset[str] | None = None
     kept: TurnState | None = None  # the previous response's state, when `items` continue its `seen`
+    revision: int | None = None  # a conversation's, as of `history`
 
 
 class CompactFirst(Exception):
@@ -138,11 +139,16 @@ class Preparer:
         context_management), then the new input; references resolved, sealed reasoning and
         compactions opened."""
         await resolve_references(self.store, project, params.input_items)
-        kept, tags = None, frozenset()
+        kept, tags, revision = None, frozenset(), None
         if params.conversation_id is not None:
-            history, tags = await self.store.conversation_items(params.conversation_id, project), None
-            if history is None:
-                raise not_found(f"Conversation with id '{params.conversation_id}' not found.", "conversation")
+            kept = await self._kept(project, params.conversation_id, vouched=False)
+            if kept is not None:
+                history, revision = kept.history, kept.revision
+            else:
+                found = await self.store.conversation_context(params.conversation_id, project)
+                if found is None:
+                    raise not_found(f"Conversation with id '{params.conversation_id}' not found.", "conversation")
+                history, revision = found
         elif params.previous_response_id:
             kept = await self._kept(project, params.previous_response_id, vouched=known is not None)
             if kept is not None:
@@ -156,17 +162,17 @@ class Preparer:
         leading = [compacted] if compacted is not None else []
         items = history + leading + params.input_items
         # A chain's earlier turns were checked when they were made; a conversation's items may
-        # have been added by the items API since.
-        problem = unknown_call_outputs(items, len(history) if params.conversation_id is None else 0)
+        # have been added by the items API since (but not to a kept one: its revision would differ).
+        problem = unknown_call_outputs(items, len(history) if params.conversation_id is None or kept else 0)
         if problem is not None:
             raise problem
         self._open_sealed_reasoning(params.input_items)
         new = [*kept.pending, *params.input_items] if kept is not None else ()
         if kept is not None and not leading and not any(item["type"] == "compaction" for item in new):
             # opened() and superseded() change nothing in `seen` that they did not already.
-            return Context(history, [*kept.seen, *new], tags, kept)
+            return Context(history, [*kept.seen, *new], tags, kept, revision)
         items = compaction.superseded(compaction.opened(items, self.sealer, len(history) + len(leading)))
-        return Context(history, items, None if leading or params.compact else tags)
+        return Context(history, items, None if leading or params.compact else tags, None, revision)
 
     async def prompt(self, project: str, params: CreateParams) -> list[int]:
         """The prompt tokens the engine gets for `params`: its context with instructions and
@@ -190,6 +196,8 @@ class Preparer:
                 whole, turn = await asyncio.to_thread(self.prompts.whole, *whole_of)
             else:
                 whole, turn = self.prompts.whole(*whole_of)
+            if turn is not None and context.revision is not None:
+                turn = dataclasses.replace(turn, revision=context.revision)
             if self._render_in_thread and not self.prompts.fits(params, len(whole)):
                 prompt, dropped, turn = await asyncio.to_thread(self.prompts.fit, params, context.items, whole, turn)
             else:
@@ -264,18 +272,23 @@ class Preparer:
             if item["type"] == "reasoning" and item.get("encrypted_content"):
                 item["content"] = self._sealer().open(item["encrypted_content"], f"input[{index}].encrypted_content")
 
-    async def _kept(self, project: str, response_id: str, vouched: bool) -> TurnState | None:
-        """The state this replica kept for continuing `response_id`, if the store says that
-        its chain is intact (`vouched`: a session holds that chain itself, and asks no store)."""
-        state = self.turn_states.get(project, response_id)
+    async def _kept(self, project: str, key: str, vouched: bool) -> TurnState | None:
+        """The state this replica kept for continuing `key` (a response, or a conversation), if
+        the store says it still holds: the response's chain is intact, the conversation's
+        revision is the state's (`vouched`: a session holds that chain itself, and asks no store)."""
+        state = self.turn_states.get(project, key)
         if state is not None and not vouched:
-            if await self.store.chain_intact(response_id, project, state.tags):
+            if await (self.store.chain_intact(key, project, state.tags) if state.revision is None
+                      else self._same_revision(project, key, state.revision)):
                 state = dataclasses.replace(state, checked_at=time.time())
             else:
-                self.turn_states.discard(project, response_id)
+                self.turn_states.discard(project, key)
                 state = None
         metrics.TURN_STATES.labels("miss" if state is None else "hit").inc()
         return state
+
+    async def _same_revision(self, project: str, conversation_id: str, revision: int) -> bool:
+        return await self.store.conversation_revision(conversation_id, project) == revision
 
     async def _history(self, project: str, response_id: str) -> tuple[list[dict], frozenset[str]]:
         """Input and output items of the whole chain ending at response_id, oldest first, in one

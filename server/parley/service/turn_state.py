@@ -25,10 +25,11 @@ import dataclasses
 import time
 
 from parley.engine.base import ChatMessage
-from parley.store.base import TOMBSTONE_SECONDS, chain_tag
+from parley.store.base import JOINING_STATUSES, TOMBSTONE_SECONDS, chain_tag
 
 MAX_AGE = TOMBSTONE_SECONDS / 24
-CONTINUABLE = frozenset({"completed", "incomplete"})  # the statuses a continuation may start from
+# The statuses a continuation may start from: those whose items join their conversation.
+CONTINUABLE = frozenset(JOINING_STATUSES)
 SLOT_BYTES = 8  # a list's pointer to an item or token
 
 
@@ -46,12 +47,15 @@ class TurnState:
     tags: frozenset[str]        # the chain's tags (store.base.chain_tag)
     item_bytes: int             # the JSON size of `chain`
     checked_at: float           # when the store last vouched for the chain
+    revision: int | None = None  # a conversation's: the revision (store.base) the state is of
 
     def finished(self, response_id: str, output: list[dict], item_bytes: int) -> TurnState:
         """The state a continuation of this response starts from: its output is pending, to be
-        turned into messages with that continuation's input."""
+        turned into messages with that continuation's input. A conversation's next revision is
+        the one this response's items joining it make."""
         return dataclasses.replace(self, pending=output, tags=self.tags | {chain_tag(response_id)},
-                                   item_bytes=self.item_bytes + item_bytes)
+                                   item_bytes=self.item_bytes + item_bytes,
+                                   revision=None if self.revision is None else self.revision + 1)
 
     @property
     def history(self) -> list[dict]:

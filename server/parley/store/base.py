@@ -168,6 +168,10 @@ CONVERSATION_TABLES = """
     );
     CREATE INDEX conversation_items_item ON conversation_items (conversation_id, item_id);
 """
+# A conversation's revision counts the changes of its items (added, joined by a response,
+# deleted): a replica that keeps a conversation's context (service/turn_state.py) trusts it while
+# the revision is the one it expects.
+CONVERSATION_REVISION = "ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0"
 # The statuses whose items join their conversation: OpenAI adds a response's items "after this
 # response completes" (cut off by max_output_tokens counts; failed and cancelled do not).
 JOINING_STATUSES = ("completed", "incomplete")
@@ -275,6 +279,14 @@ class ResponseStore(Protocol):
     async def add_conversation_items(self, conversation_id: str, items: list[dict],
                                      project: str | None = None) -> bool:
         """Append `items` in order; False when there is no such conversation."""
+
+    async def conversation_context(self, conversation_id: str,
+                                   project: str | None = None) -> tuple[list[dict], int] | None:
+        """The conversation's items in order and its revision (see CONVERSATION_REVISION), as
+        of one moment; None when it does not exist (in the project)."""
+
+    async def conversation_revision(self, conversation_id: str, project: str | None = None) -> int | None:
+        """The conversation's revision, or None when it does not exist (in the project)."""
 
     async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
         """Every item in order (one range read), or None when there is no such conversation."""

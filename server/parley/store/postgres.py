@@ -18,6 +18,7 @@ from parley.store.base import (
     CHAIN_COLUMNS,
     CHAIN_CONTEXT,
     CHAIN_STEP_LATERAL,
+    CONVERSATION_REVISION,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     FIND_ITEM,
@@ -114,7 +115,7 @@ MIGRATIONS = {
                 jsonb_array_elements(convert_from(r.document, 'UTF8')::jsonb->'output') WITH ORDINALITY e(value, ordinality)
             WHERE r.id = o.response_id AND e.value->>'id' = o.item_id;
     """,
-    7: TOMBSTONE_TABLE,
+    7: TOMBSTONE_TABLE + ";" + CONVERSATION_REVISION,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -143,7 +144,8 @@ async def _append_conversation(conn, conversation_id: str, items: list[dict]) ->
     if not items:
         return
     (start,) = await (await conn.execute(
-        "UPDATE conversations SET next_position = next_position + %s WHERE id = %s RETURNING next_position - %s",
+        "UPDATE conversations SET next_position = next_position + %s, revision = revision + 1 WHERE id = %s "
+        "RETURNING next_position - %s",
         (len(items), conversation_id, len(items)))).fetchone()
     async with conn.cursor() as cursor:
         await cursor.executemany(
@@ -355,14 +357,26 @@ class PostgresStore(InputItemPaging):
             return True
 
     async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
+        context = await self.conversation_context(conversation_id, project)
+        return None if context is None else context[0]
+
+    async def conversation_context(self, conversation_id: str,
+                                   project: str | None = None) -> tuple[list[dict], int] | None:
         where, values = _scoped(project)
-        async with self._pool.connection() as conn:
-            if not await (await conn.execute("SELECT 1 FROM conversations WHERE id = %s" + where,
-                                             (conversation_id, *values))).fetchone():
-                return None
-            rows = await (await conn.execute("SELECT document FROM conversation_items WHERE conversation_id = %s "
-                                             "ORDER BY position", (conversation_id,))).fetchall()
-        return [orjson.loads(blob) for (blob,) in rows]
+        # One statement, one snapshot: the items are those of the revision read with them.
+        rows = await self._fetchall(
+            "SELECT c.revision, i.document FROM conversations c LEFT JOIN conversation_items i "
+            "ON i.conversation_id = c.id WHERE c.id = %s" + where + " ORDER BY i.position",
+            (conversation_id, *values))
+        if not rows:
+            return None
+        return [orjson.loads(blob) for _, blob in rows if blob is not None], rows[0][0]
+
+    async def conversation_revision(self, conversation_id: str, project: str | None = None) -> int | None:
+        where, values = _scoped(project)
+        row = await self._fetchone("SELECT revision FROM conversations WHERE id = %s" + where,
+                                   (conversation_id, *values))
+        return None if row is None else row[0]
 
     async def delete_conversation_item(self, conversation_id: str, item_id: str,
                                        project: str | None = None) -> bool | None:
@@ -371,8 +385,11 @@ class PostgresStore(InputItemPaging):
             if not await (await conn.execute("SELECT 1 FROM conversations WHERE id = %s" + where,
                                              (conversation_id, *values))).fetchone():
                 return None
-            return (await conn.execute("DELETE FROM conversation_items WHERE conversation_id = %s AND item_id = %s",
-                                       (conversation_id, item_id))).rowcount > 0
+            if not (await conn.execute("DELETE FROM conversation_items WHERE conversation_id = %s AND item_id = %s",
+                                       (conversation_id, item_id))).rowcount:
+                return False
+            await conn.execute("UPDATE conversations SET revision = revision + 1 WHERE id = %s", (conversation_id,))
+            return True
 
     # -- API keys ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from parley.store.base import (
     CHAIN_COLUMNS,
     CHAIN_CONTEXT,
     CHAIN_STEP_JOIN,
+    CONVERSATION_REVISION,
     CONVERSATION_TABLES,
     DEFAULT_PROJECT,
     FIND_ITEM,
@@ -118,7 +119,7 @@ MIGRATIONS = {
             document = (SELECT o.value FROM responses r, json_each(CAST(r.document AS TEXT), '$.output') o
                         WHERE r.id = output_items.response_id AND json_extract(o.value, '$.id') = output_items.item_id);
     """,
-    8: TOMBSTONE_TABLE,
+    8: TOMBSTONE_TABLE + ";" + CONVERSATION_REVISION,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -198,7 +199,8 @@ def _append_conversation(db, conversation_id: str, items: list[dict]) -> None:
     """`items` after the conversation's last item, in order."""
     (start,) = db.execute("SELECT next_position FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
     _insert_rows(db, _INSERT_CONVERSATION_ITEMS, conversation_item_rows(conversation_id, start, items))
-    db.execute("UPDATE conversations SET next_position = ? WHERE id = ?", (start + len(items), conversation_id))
+    db.execute("UPDATE conversations SET next_position = ?, revision = revision + ? WHERE id = ?",
+               (start + len(items), 1 if items else 0, conversation_id))
 
 
 def _join_conversations(db, finishes: list[tuple[dict, tuple[str, ...]]]) -> None:
@@ -442,21 +444,42 @@ class SqliteStore(InputItemPaging):
         return await self._transact(_add)
 
     async def conversation_items(self, conversation_id: str, project: str | None = None) -> list[dict] | None:
-        def _items():
-            if _conversation_row(self._db, conversation_id, project) is None:
+        context = await self.conversation_context(conversation_id, project)
+        return None if context is None else context[0]
+
+    async def conversation_context(self, conversation_id: str,
+                                   project: str | None = None) -> tuple[list[dict], int] | None:
+        where, values = _scoped(project)
+
+        def _context():  # one statement, one snapshot: the items are those of the revision read with them
+            rows = self._db.execute(
+                "SELECT c.revision, i.document FROM conversations c LEFT JOIN conversation_items i "
+                "ON i.conversation_id = c.id WHERE c.id = ?" + where + " ORDER BY i.position",
+                (conversation_id, *values)).fetchall()
+            if not rows:
                 return None
-            rows = self._db.execute("SELECT document FROM conversation_items WHERE conversation_id = ? "
-                                    "ORDER BY position", (conversation_id,)).fetchall()
-            return [orjson.loads(blob) for (blob,) in rows]
-        return await self._call(_items)
+            return [orjson.loads(blob) for _, blob in rows if blob is not None], rows[0][0]
+        return await self._call(_context)
+
+    async def conversation_revision(self, conversation_id: str, project: str | None = None) -> int | None:
+        return await self._call(self._revision, conversation_id, project)
+
+    def _revision(self, conversation_id: str, project: str | None) -> int | None:
+        where, values = _scoped(project)
+        row = self._db.execute("SELECT revision FROM conversations WHERE id = ?" + where,
+                               (conversation_id, *values)).fetchone()
+        return None if row is None else row[0]
 
     async def delete_conversation_item(self, conversation_id: str, item_id: str,
                                        project: str | None = None) -> bool | None:
         def _delete(db):
             if _conversation_row(db, conversation_id, project) is None:
                 return None
-            return db.execute("DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
-                              (conversation_id, item_id)).rowcount > 0
+            if not db.execute("DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+                              (conversation_id, item_id)).rowcount:
+                return False
+            db.execute("UPDATE conversations SET revision = revision + 1 WHERE id = ?", (conversation_id,))
+            return True
         return await self._transact(_delete)
 
     # -- API keys ----------------------------------------------------------------------------

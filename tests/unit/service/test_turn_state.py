@@ -6,6 +6,7 @@ import random
 
 import pytest
 from parley import metrics
+from parley.engine.base import ChatMessage
 from parley.errors import ApiError
 from parley.service.responses import ResponsesService
 from parley.store.sqlite import SqliteStore
@@ -30,13 +31,19 @@ class Twins:
     def __init__(self, kept: ResponsesService, whole: ResponsesService):
         self.services = (kept, whole)
         self.previous: list[str | None] = [None, None]
+        self.conversations: list[str] | None = None  # set: the turns go on in these, not by chain
+
+    async def in_conversations(self):
+        self.conversations = [(await service.conversations.create("default", {}))["id"] for service in self.services]
 
     async def turn(self, script: list[str], body_for) -> list[dict]:
         responses = []
         for index, service in enumerate(self.services):
             service.engine.upcoming = [script]
             body = {"model": "scripted", **body_for(index)}
-            if self.previous[index]:
+            if self.conversations:
+                body["conversation"] = self.conversations[index]
+            elif self.previous[index]:
                 body["previous_response_id"] = self.previous[index]
             response = await service.create("default", body)
             self.previous[index] = response["id"]
@@ -56,7 +63,10 @@ async def twins(tmp_path, request):
         yield Twins(kept, whole)
 
 
-async def test_a_continuation_from_a_kept_state_is_the_prompt_rendered_whole(twins):
+@pytest.mark.parametrize("mode", ["chain", "conversation"])
+async def test_a_continuation_from_a_kept_state_is_the_prompt_rendered_whole(twins, mode):
+    if mode == "conversation":
+        await twins.in_conversations()
     rng = random.Random(3)
     before = hits()
     responses = None
@@ -129,3 +139,26 @@ async def test_states_stay_within_their_memory_and_one_per_chain(tmp_path):
         # The chain outgrew the budget: its turns go on, read from the store.
         reply = await service.create("default", {"model": "scripted", "input": "more", "previous_response_id": previous})
         assert reply["status"] == "completed"
+
+
+async def test_items_added_to_a_conversation_elsewhere_reach_the_next_turn(twins):
+    """The items API changes the conversation's revision: the kept state is not used, and the
+    next prompt has the added item, as rendering the stored conversation whole has."""
+    await twins.in_conversations()
+    body = {"input": "hello", "max_output_tokens": 16}
+    await twins.turn(["Hi", "."], lambda index: body)
+    await twins.turn(["Hi", "."], lambda index: body)
+    for service, conversation in zip(twins.services, twins.conversations, strict=True):
+        added = {"items": [{"type": "message", "role": "user", "content": "remember the number 42"}]}
+        await service.conversations.add_items("default", conversation, added, [])
+    before = hits()
+    await twins.turn(["Noted", "."], lambda index: body)
+    assert hits() == before  # the state was of an older revision
+    assert any(word == engine_word("42") for word in twins.services[0].engine.last_prompt)
+    await twins.turn(["Noted", "."], lambda index: body)
+    assert hits() == before + 1  # ... and the turn after it continues from a state again
+
+
+def engine_word(word: str) -> int:
+    from parley.engine.scripted import ScriptedEngine as Engine
+    return Engine.render_message(ChatMessage("user", word), False)[1]

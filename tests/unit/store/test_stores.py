@@ -285,3 +285,26 @@ async def test_a_deletion_leaves_its_chains_tombstone_so_a_kept_chain_is_known_t
     # Retention leaves tombstones too.
     assert await store.delete_finished_before(time.time() + 60) == 2
     assert not await store.chain_intact(other, "alpha", {"f" * 16})
+
+
+async def test_a_conversations_revision_counts_every_change_of_its_items(store):
+    from parley.store.base import Conversation
+
+    await store.create_conversation(Conversation("conv_r", "alpha", 5, {}), [item(1)])
+    items, start = await store.conversation_context("conv_r", "alpha")
+    assert [i["id"] for i in items] == ["msg_1"] and await store.conversation_revision("conv_r", "alpha") == start
+    assert await store.conversation_revision("conv_r", "beta") is None
+    assert await store.conversation_context("conv_r", "beta") is None
+    await store.add_conversation_items("conv_r", [item(2)], "alpha")
+    assert await store.conversation_revision("conv_r") == start + 1
+    await store.update_conversation("conv_r", {"topic": "y"}, "alpha")  # metadata is not an item
+    assert await store.conversation_revision("conv_r") == start + 1
+    assert await store.delete_conversation_item("conv_r", "msg_1", "alpha")
+    assert not await store.delete_conversation_item("conv_r", "msg_1", "alpha")  # nothing changed
+    assert await store.conversation_revision("conv_r") == start + 2
+    await store.create(response("resp_j", conversation={"id": "conv_r"}), [item(3)], project="alpha")
+    await store.finish(response("resp_j", "completed", conversation={"id": "conv_r"}), [])
+    items, revision = await store.conversation_context("conv_r", "alpha")
+    assert [i["id"] for i in items] == ["msg_2", "msg_3"] and revision == start + 3  # one join, one change
+    await store.create_conversation(Conversation("conv_empty", "alpha", 5, {}), [])
+    assert (await store.conversation_context("conv_empty", "alpha"))[0] == []
