@@ -1,7 +1,7 @@
 """Turn cost: the server's own time per turn of a long conversation, at turns 1, 2, 10, 100 and
 1,000, on SQLite and PostgreSQL, with and without truncation; and the bytes stored per turn.
 
-  python bench/turn_cost.py [--turns 1000] [--stores sqlite,postgres] [--label NAME]
+  python bench/turn_cost.py [--turns 1000] [--stores sqlite,postgres] [--states kept,off] [--label NAME]
 
 In-process: ResponsesService on a fresh store and the scripted engine (no model), so what is
 timed is Parley's own work for a non-streamed create: validate, load the context, render and
@@ -10,12 +10,16 @@ fit the prompt, store, and the durable acknowledgement. Each turn sends one new 
 conversation with `conversation`, side by side in the same run. With truncation, the scripted
 window (1,500 words) is passed at about turn 80, so that from then on every turn drops its oldest
 items. The figure at turn k is the median of turns k..k+4 (turn 1 alone), in milliseconds.
+Side by side in the same run: `kept`, the server as shipped (a turn starts from the state its
+previous response left, service/turn_state.py), and `off` (PARLEY_CONTEXT_CACHE_MB=0: every
+turn reads its whole context from the store and renders it whole).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -50,9 +54,9 @@ async def stored_bytes(store) -> int:
     return total
 
 
-async def one_run(store, mode: str, truncation: str, turns: int) -> dict:
+async def one_run(store, mode: str, truncation: str, turns: int, states: str) -> dict:
     engine = ScriptedEngine(model_id="scripted", context_window=WINDOW_WORDS[truncation], script=["Noted", ",", " ok."])
-    service = ResponsesService(engine, store)
+    service = ResponsesService(engine, store, **({"context_cache_bytes": 0} if states == "off" else {}))
     times = []
     previous = None
     conversation = (await service.conversations.create("default", {}))["id"] if mode == "conversation" else None
@@ -76,31 +80,30 @@ async def one_run(store, mode: str, truncation: str, turns: int) -> dict:
             "ratio_last_to_turn_2": round(at[str(max(m for m in MARKS if m <= turns))] / at["2"], 2)}
 
 
-async def main(turns: int, stores: list[str]) -> dict:
+async def main(turns: int, stores: list[str], variants: list[str]) -> dict:
     results = {}
     for kind in stores:
-        for mode in ("chain", "conversation"):
-            for truncation in ("disabled", "auto"):
-                if kind == "sqlite":
-                    folder = tempfile.TemporaryDirectory()
-                    store = SqliteStore(Path(folder.name) / "turns.sqlite3")
+        for mode, truncation, states in itertools.product(("chain", "conversation"), ("disabled", "auto"), variants):
+            if kind == "sqlite":
+                folder = tempfile.TemporaryDirectory()
+                store = SqliteStore(Path(folder.name) / "turns.sqlite3")
+                await store.open()
+                try:
+                    result = await one_run(store, mode, truncation, turns, states)
+                finally:
+                    await store.close()
+                    folder.cleanup()
+            else:
+                with postgres.fresh_schema() as dsn:
+                    store = PostgresStore(dsn)
                     await store.open()
                     try:
-                        result = await one_run(store, mode, truncation, turns)
+                        result = await one_run(store, mode, truncation, turns, states)
                     finally:
                         await store.close()
-                        folder.cleanup()
-                else:
-                    with postgres.fresh_schema() as dsn:
-                        store = PostgresStore(dsn)
-                        await store.open()
-                        try:
-                            result = await one_run(store, mode, truncation, turns)
-                        finally:
-                            await store.close()
-                name = f"{kind} {mode} truncation={truncation}"
-                results[name] = result
-                print(f"{name:45s} {result}", flush=True)
+            name = f"{kind} {mode} truncation={truncation} states={states}"
+            results[name] = result
+            print(f"{name:45s} {result}", flush=True)
     return {"turns": turns, "cases": results}
 
 
@@ -108,9 +111,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=1000)
     parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument("--states", default="kept,off", help="kept (as shipped), off (no kept states), or both")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     configure(level="warning")  # a line per turn would be timed too
-    payload = asyncio.run(main(args.turns, args.stores.split(",")))
+    payload = asyncio.run(main(args.turns, args.stores.split(","), args.states.split(",")))
     payload["label"] = args.label
     print(save("turn_cost", payload))

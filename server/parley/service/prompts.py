@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable
@@ -44,6 +45,7 @@ class Prompts:
         self.tool_format = tool_format
         self.rendering = getattr(engine, "message_rendering", None)
         self._heads: dict[ChatMessage, list[int]] = {}  # first messages rendered (instructions and tools)
+        self._heads_lock = threading.Lock()  # whole() may run on worker threads (Engine.renders_off_loop)
 
     def messages(self, params: CreateParams, items: list[dict]) -> list[ChatMessage]:
         """The chat messages of a request. Every tool is shown, even under tool_choice `none`
@@ -116,9 +118,10 @@ class Prompts:
                 head = self.rendering.render_message(message, True)
             except ValueError:
                 raise Whole from None
-            if len(self._heads) >= 64:
-                self._heads.pop(next(iter(self._heads)))
-            self._heads[message] = head
+            with self._heads_lock:
+                if len(self._heads) >= 64:
+                    self._heads.pop(next(iter(self._heads)))
+                self._heads[message] = head
         return head
 
     def _tokens_of(self, prompt: list[int], system: ChatMessage | None,
