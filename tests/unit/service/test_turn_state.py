@@ -162,3 +162,12 @@ async def test_items_added_to_a_conversation_elsewhere_reach_the_next_turn(twins
 def engine_word(word: str) -> int:
     from parley.engine.scripted import ScriptedEngine as Engine
     return Engine.render_message(ChatMessage("user", word), False)[1]
+
+
+async def test_another_projects_continuation_of_a_kept_response_is_not_found(tmp_path):
+    async with service_on(tmp_path / "s.sqlite3", ScriptedEngine(by_message=True)) as service:
+        first = await service.create("alpha", {"model": "scripted", "input": "secret plan"})
+        with pytest.raises(ApiError) as refused:
+            await service.create("beta", {"model": "scripted", "input": "and?", "previous_response_id": first["id"]})
+        assert refused.value.code == "previous_response_not_found"
+        assert len(service.turn_states) == 1  # alpha's, untouched
