@@ -278,6 +278,8 @@ class Preparer:
         revision is the state's (`vouched`: a session holds that chain itself, and asks no store)."""
         state = self.turn_states.get(project, key)
         if state is not None and not vouched:
+            if state.revision is None:  # written behind (durability `relaxed`), it may still be on its way
+                await self.events.flush(key)
             if await (self.store.chain_intact(key, project, state.tags) if state.revision is None
                       else self._same_revision(project, key, state.revision)):
                 state = dataclasses.replace(state, checked_at=time.time())

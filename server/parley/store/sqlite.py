@@ -381,7 +381,7 @@ class SqliteStore(InputItemPaging):
             lambda: chain_items(response_id, self._db.execute(query, (response_id, project)).fetchall()))
 
     async def chain_intact(self, response_id: str, project: str, tags) -> bool:
-        tags = list(tags)
+        tags = list(tags) or [""]  # no tag is ""
         query = (f"SELECT EXISTS (SELECT 1 FROM responses WHERE id = ? AND project = ?) AND NOT EXISTS "
                  f"(SELECT 1 FROM chain_tombstones WHERE tag IN ({', '.join('?' * len(tags))}))")
         return await self._call(lambda: bool(self._db.execute(query, (response_id, project, *tags)).fetchone()[0]))

@@ -171,3 +171,18 @@ async def test_another_projects_continuation_of_a_kept_response_is_not_found(tmp
             await service.create("beta", {"model": "scripted", "input": "and?", "previous_response_id": first["id"]})
         assert refused.value.code == "previous_response_not_found"
         assert len(service.turn_states) == 1  # alpha's, untouched
+
+
+async def test_written_behind_a_kept_chain_goes_on_from_its_state(tmp_path):
+    from parley.service.event_log import WritePolicy
+
+    async with service_on(tmp_path / "s.sqlite3", ScriptedEngine(by_message=True),
+                          write_policy=WritePolicy(acknowledge_durably=False)) as service:
+        previous, before = None, hits()
+        for text in ("one", "two", "three"):  # streamed: the next turn comes while the writes are behind
+            body = {"model": "scripted", "input": text, "stream": True,
+                    **({"previous_response_id": previous} if previous else {})}
+            prepared = await service.prepare("default", body)
+            [event async for batch in service.run(prepared) for event in batch]
+            previous = prepared.response["id"]
+        assert hits() - before == 2
