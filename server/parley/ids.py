@@ -23,6 +23,12 @@ def affinity_tag(response_id: str) -> str | None:
     return tag if len(digits) >= AFFINITY_HEX and set(tag) <= HEX else None
 
 
+def chain_tag(response_id: str) -> str:
+    """The digits every response id of a chain shares (unchecked, unlike affinity_tag: for an id
+    from before chain tags, its own first digits), which SQL can take too (store.base.TAG_OF)."""
+    return response_id[len("resp_"):len("resp_") + AFFINITY_HEX]
+
+
 def new_response_id(continues: str | None = None) -> str:
     """A new response's id; `continues`: the id of the response it continues."""
     tag = (affinity_tag(continues) if continues else None) or secrets.token_hex(AFFINITY_HEX // 2)

@@ -94,7 +94,6 @@ class Preparer:
                  log_prompts: bool, sealer: Sealer | None, turn_states: TurnStates):
         self.engine = engine
         self.turn_states = turn_states
-
         # A Hugging Face tokenizer over a whole context takes milliseconds: rendered on a worker
         # thread, so that other streams go on (Engine.renders_off_loop; optional, default off).
         self._render_in_thread = getattr(engine, "renders_off_loop", False)
@@ -172,7 +171,7 @@ class Preparer:
             # opened() and superseded() change nothing in `seen` that they did not already.
             return Context(history, [*kept.seen, *new], tags, kept, revision)
         items = compaction.superseded(compaction.opened(items, self.sealer, len(history) + len(leading)))
-        return Context(history, items, None if leading or params.compact else tags, None, revision)
+        return Context(history, items, None if leading else tags, None, revision)
 
     async def prompt(self, project: str, params: CreateParams) -> list[int]:
         """The prompt tokens the engine gets for `params`: its context with instructions and
@@ -190,14 +189,12 @@ class Preparer:
                        and bool(context.history))
         try:
             tags = context.tags if params.store and self.turn_states.max_bytes and self.prompts.keeps(params) else None
-            whole_of = (params, context.items, context.history, context.kept, tags)
+            whole_of = (params, context.items, context.history, context.kept, tags, context.revision)
             # A kept state's continuation renders a turn's new messages only: on the loop.
             if self._render_in_thread and context.kept is None:
                 whole, turn = await asyncio.to_thread(self.prompts.whole, *whole_of)
             else:
                 whole, turn = self.prompts.whole(*whole_of)
-            if turn is not None and context.revision is not None:
-                turn = dataclasses.replace(turn, revision=context.revision)
             if self._render_in_thread and not self.prompts.fits(params, len(whole)):
                 prompt, dropped, turn = await asyncio.to_thread(self.prompts.fit, params, context.items, whole, turn)
             else:
@@ -254,8 +251,7 @@ class Preparer:
                                     prompt, sampling, ticket, project, charge, arrived_at,
                                     tracing.rpc_span(), context.items if params.compact else [], compacted,
                                     [*context.history, *params.input_items]
-                                    if keep_chain and params.conversation_id is None else None, generate,
-                                    turn if params.store else None)
+                                    if keep_chain and params.conversation_id is None else None, generate, turn)
         log.info("response.prepared", response_id=response_id, project=project, prompt_tokens=len(prompt),
                  max_tokens=max_tokens, stream=params.stream, store=params.store, background=params.background)
         return prepared

@@ -65,10 +65,11 @@ class Prompts:
     # -- the whole context ------------------------------------------------------------------------
 
     def whole(self, params: CreateParams, items: list[dict], history: list[dict], kept: TurnState | None,
-              tags: frozenset[str] | None) -> tuple[list[int], TurnState | None]:
+              tags: frozenset[str] | None, revision: int | None = None) -> tuple[list[int], TurnState | None]:
         """The prompt of the whole context (truncation is fit's), and, given the chain's `tags`,
-        the state its continuation starts from: made from the previous response's state `kept`
-        when `items` continue it, else from the prompt just rendered."""
+        the state its continuation starts from (`revision`: a conversation's, as of `history`):
+        made from the previous response's state `kept` when `items` continue it, else from the
+        prompt just rendered."""
         if tags is None:
             return self.engine.render_prompt(self.messages(params, items)), None
         system = system_message(params.instructions, params.functions, self.tool_format)
@@ -84,7 +85,8 @@ class Prompts:
         tokens, first_length, ends = self._tokens_of(prompt, system, body.messages)
         item_bytes = kept.item_bytes if kept is not None else len(orjson.dumps(history))
         return prompt, TurnState(chain, [], items, body.end, body.messages[0] if body.messages else None, tokens,
-                                 first_length, body.starts, ends, tags, item_bytes + input_bytes, time.time())
+                                 first_length, body.starts, ends, tags, item_bytes + input_bytes, time.time(),
+                                 revision)
 
     def _continued(self, system: ChatMessage | None, items: list[dict], kept: TurnState, chain: list[dict],
                    input_bytes: int) -> tuple[list[int], TurnState]:
@@ -101,7 +103,7 @@ class Prompts:
         ends = None if kept.ends is None else [*kept.ends, *_ends(added, len(kept.tokens))]
         starts = [*kept.starts, *(start + len(kept.seen) for start in body.starts)]
         state = TurnState(chain, [], items, body.end, first, tokens, first_length, starts, ends, kept.tags,
-                          kept.item_bytes + input_bytes, kept.checked_at)
+                          kept.item_bytes + input_bytes, kept.checked_at, kept.revision)
         return self._prompt_of(system, state, 0, []), state
 
     def _later(self, messages: list[ChatMessage]) -> list[list[int]]:

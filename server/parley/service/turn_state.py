@@ -25,7 +25,8 @@ import dataclasses
 import time
 
 from parley.engine.base import ChatMessage
-from parley.store.base import JOINING_STATUSES, TOMBSTONE_SECONDS, chain_tag
+from parley.ids import chain_tag
+from parley.store.base import JOINING_STATUSES, TOMBSTONE_SECONDS
 
 MAX_AGE = TOMBSTONE_SECONDS / 24
 # The statuses a continuation may start from: those whose items join their conversation.
@@ -44,7 +45,7 @@ class TurnState:
     first_length: int           # how many of `tokens` are the first message's
     starts: list[int]           # the item of `seen` at which each message's items start
     ends: list[int] | None      # where each message's rendering ends in `tokens` (None: not measured)
-    tags: frozenset[str]        # the chain's tags (store.base.chain_tag)
+    tags: frozenset[str]        # the chain's tags (ids.chain_tag)
     item_bytes: int             # the JSON size of `chain`
     checked_at: float           # when the store last vouched for the chain
     revision: int | None = None  # a conversation's: the revision (store.base) the state is of

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from parley.ids import AFFINITY_HEX
+from parley.ids import AFFINITY_HEX, chain_tag
 
 ACTIVE = ("queued", "in_progress")
 # The project of requests when auth is off, and of the bootstrap key (PARLEY_API_KEY).
@@ -140,12 +140,6 @@ TOMBSTONE_SECONDS = 24 * 3600
 TOMBSTONE_TABLE = "CREATE TABLE chain_tombstones (tag TEXT PRIMARY KEY, deleted_at DOUBLE PRECISION NOT NULL)"
 # The chain tag of the response id in column {0}: as chain_tag() (the dialects share substr).
 TAG_OF = "substr({0}, %d, %d)" % (len("resp_") + 1, AFFINITY_HEX)
-
-
-def chain_tag(response_id: str) -> str:
-    """The part of a response id that every response of its chain shares (parley.ids), or, for
-    an id from before chain tags, its own first digits; the tombstone key of its deletion."""
-    return response_id[len("resp_"):len("resp_") + AFFINITY_HEX]
 
 
 # The same in both stores (SQL that both dialects read alike). A conversation's items are an
