@@ -52,9 +52,9 @@ WEBSOCKET_BACKSTOP_SECONDS = 300
 
 def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
            admin_socket: Path | None = None, websocket_port: int | None = None,
-           descriptor: str | None = None, router: bool = False) -> str:
+           descriptor: str | None = None, router: bool = False, extra_websockets: tuple[str, ...] = ()) -> str:
     """The sidecar config; `extra_upstreams` ("host:port") join the gRPC cluster (several
-    replicas); the admin API listens on `admin_socket` unless settings name a port. Without
+    replicas), `extra_websockets` their WebSocket ports the WebSocket cluster; the admin API listens on `admin_socket` unless settings name a port. Without
     `websocket_port` (Parley's actual one), WebSocket mode is left out. `descriptor`: where
     Envoy finds the descriptor set, when that is not this install's (a container's path).
     `router`: an Envoy in front of several replicas (settings' grpc_host names them all, e.g. a
@@ -85,7 +85,7 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         "PARLEY_WEBSOCKET_UPSTREAM_CONNECTIONS": str(settings.websocket_max_connections + WEBSOCKET_HEADROOM),
     }
     text = string.Template(TEMPLATE.read_text()).substitute(values)
-    if settings.rest_port_serves_grpc and not extra_upstreams and websocket_port:
+    if settings.rest_port_serves_grpc and not extra_upstreams and not extra_websockets and websocket_port:
         return text
     import yaml
 
@@ -98,12 +98,18 @@ def render(settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] 
         config["static_resources"]["clusters"] = [c for c in config["static_resources"]["clusters"]
                                                   if c["name"] != "parley_websocket"]
     host["routes"] = [route for route in host["routes"] if route.get("name") not in dropped]
-    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "parley_grpc"]
-    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    for upstream in extra_upstreams:
-        host, port = upstream.rsplit(":", 1)
-        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    _add_endpoints(clusters["parley_grpc"], extra_upstreams)
+    if websocket_port:
+        _add_endpoints(clusters["parley_websocket"], extra_websockets)
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def _add_endpoints(cluster: dict, targets: tuple[str, ...]) -> None:
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}})
 
 
 # Runs in a fresh interpreter between spawn and exec: Linux sends SIGTERM to Envoy when the
@@ -132,11 +138,12 @@ def guarded_command(command: list[str]) -> list[str]:
 
 class Envoy:
     def __init__(self, settings: Settings, grpc_port: int, extra_upstreams: tuple[str, ...] = (),
-                 websocket_port: int | None = None):
+                 websocket_port: int | None = None, extra_websockets: tuple[str, ...] = ()):
         self.settings = settings
         self.grpc_port = grpc_port
         self.extra_upstreams = extra_upstreams
         self.websocket_port = websocket_port
+        self.extra_websockets = extra_websockets
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="parley-envoy-")
 
@@ -148,7 +155,7 @@ class Envoy:
         config = Path(self._dir.name) / "envoy.yaml"
         config.write_text(render(self.settings, self.grpc_port, self.extra_upstreams,
                                  admin_socket=Path(self._dir.name) / "admin.sock",
-                                 websocket_port=self.websocket_port))
+                                 websocket_port=self.websocket_port, extra_websockets=self.extra_websockets))
         # A distinct base id per instance: several Envoys on one host must not share memory.
         base_id = str(os.getpid() % 60000 + self.settings.http_port % 5000)
         command = [envoy_binary(), "-c", str(config), "--base-id", base_id, "--log-level", "warn",

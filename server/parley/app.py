@@ -181,6 +181,8 @@ class App:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self._services):
             await self.health.set(name, status)
+        if self.websocket is not None:
+            self.websocket.serving = serving
 
     async def _watch_engine(self) -> None:
         """A dead engine turns the health service NOT_SERVING (probes fail, the pod restarts);

@@ -1,7 +1,8 @@
 """Cache affinity: two replicas on one PostgreSQL behind one Envoy. With affinity on, every turn
 of a conversation reaches the same replica (the one holding its KV-cache prefix), whether it is
 keyed by prompt_cache_key, a conversation, or a previous_response_id chain; a replica that
-goes down hands its conversations to the other. Off, requests go round robin."""
+goes down hands its conversations to the other, and its WebSocket upgrades too. Off, requests go
+round robin."""
 
 import asyncio
 import contextlib
@@ -14,6 +15,7 @@ from openai import AsyncOpenAI
 from tests.support import postgres
 from tests.support.processes import ServerProcess
 from tests.support.stack import envoy_over, free_port
+from tests.support.websocket import open_socket
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +27,8 @@ async def replicas_behind_envoy(dsn: str, affinity: bool):
     servers = [ServerProcess(store_dsn=dsn, metrics_port=free_port(), replica_id=name).start()
                for name in ("replica-a", "replica-b")]
     try:
-        async with envoy_over(*(server.target for server in servers), http_affinity=affinity) as envoy:
+        async with envoy_over(*(server.target for server in servers), http_affinity=affinity,
+                              websockets=tuple(server.websocket_target for server in servers)) as envoy:
             yield servers, envoy
     finally:
         for server in servers:
@@ -107,3 +110,29 @@ async def test_without_affinity_a_chain_goes_round_robin():
             async with AsyncOpenAI(base_url=envoy.url, api_key="x", max_retries=0) as client:
                 served = await served_by(servers, chain(client, 6))
     assert served == [3, 3]
+
+
+async def one_socket_turn(base_url: str) -> bool:
+    """Whether a new socket opened and ran a turn to completion."""
+    try:
+        async with open_socket(base_url) as socket:
+            events = await socket.turn(timeout=10, type="response.create", model=MODEL, input="hello")
+    except Exception:
+        return False
+    return events[-1]["type"] == "response.completed"
+
+
+async def test_websocket_upgrades_leave_a_replica_that_is_down():
+    with postgres.fresh_schema() as dsn:
+        async with replicas_behind_envoy(dsn, affinity=True) as (servers, envoy):
+            assert [await one_socket_turn(envoy.url) for _ in range(4)] == [True] * 4
+            servers[0].stop()
+            # Until Envoy's health checks of the WebSocket cluster see it go (two failed checks),
+            # an upgrade may be sent to it; then every one goes to the replica that is left.
+            in_a_row = 0
+            for _ in range(300):
+                in_a_row = in_a_row + 1 if await one_socket_turn(envoy.url) else 0
+                if in_a_row == 10:
+                    break
+                await asyncio.sleep(0.05)
+            assert in_a_row == 10

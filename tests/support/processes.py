@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -44,6 +45,17 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def websocket_target(self) -> str:
+        """Where its WebSocket mode listens, from its log line (logged before `listening on`)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for line in self.stderr_lines:
+                if '"websocket.serving"' in line:
+                    return json.loads(line)["address"]
+            time.sleep(0.05)
+        raise RuntimeError("parley serve logged no websocket.serving line")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

@@ -128,14 +128,16 @@ async def scripted_stack(tmp_path_factory, name: str, **overrides):
 
 
 @contextlib.asynccontextmanager
-async def envoy_over(*targets: str, **overrides):
+async def envoy_over(*targets: str, websockets: tuple[str, ...] = (), **overrides):
     """The real Envoy in front of replicas at `targets` ("host:port", the first one's host being
-    every replica's), with settings `overrides`."""
+    every replica's), with settings `overrides`; `websockets`: their WebSocket ports' targets
+    (without them WebSocket mode is left out)."""
     first, *others = targets
     host, port = first.rsplit(":", 1)
     settings = config.load(environ={}, **{"http_port": free_port(), "envoy_admin_port": free_port(), "grpc_host": host,
                                           **overrides})
-    envoy = Envoy(settings, int(port), tuple(others))
+    websocket_port = int(websockets[0].rsplit(":", 1)[1]) if websockets else None
+    envoy = Envoy(settings, int(port), tuple(others), websocket_port=websocket_port, extra_websockets=websockets[1:])
     await asyncio.to_thread(envoy.start)
     try:
         yield envoy

@@ -1,8 +1,10 @@
-"""The composition root: the gRPC health service follows the engine's health."""
+"""The composition root: the gRPC health service, and the WebSocket port's /healthz that Envoy
+checks, follow the engine's health."""
 
 import asyncio
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from parley import app as app_module
@@ -30,11 +32,15 @@ async def test_a_dead_engine_turns_health_not_serving_and_refuses_work_with_503(
     async with running_stack(tmp_path / "h.sqlite3", engine=engine, gateway=False) as stack, stack.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         updates = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        websocket_health = f"http://127.0.0.1:{stack.app.websocket_port}/healthz"
         await next_status(updates, SERVING)
-        engine.dead = "the GPU fell off the bus"
-        await next_status(updates, NOT_SERVING)
-        checked = await health.Check(health_pb2.HealthCheckRequest(service="parley.v1.Responses"))
-        assert checked.status == NOT_SERVING
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(websocket_health)).status_code == 200
+            engine.dead = "the GPU fell off the bus"
+            await next_status(updates, NOT_SERVING)
+            checked = await health.Check(health_pb2.HealthCheckRequest(service="parley.v1.Responses"))
+            assert checked.status == NOT_SERVING
+            assert (await http.get(websocket_health)).status_code == 503
 
         responses = service_pb2_grpc.ResponsesStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -46,6 +52,8 @@ async def test_a_dead_engine_turns_health_not_serving_and_refuses_work_with_503(
         engine.dead = None
         await next_status(updates, SERVING)
         updates.cancel()
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(websocket_health)).text == "SERVING\n"
 
 
 async def test_without_keys_it_refuses_to_listen_beyond_loopback_unless_told(tmp_path):

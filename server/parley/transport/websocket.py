@@ -35,6 +35,9 @@ from parley.service.sessions import LIMIT_REACHED, Session, SessionLimits
 log = get_logger(__name__)
 
 PATH = "/v1/responses"
+# Envoy's active health check of the WebSocket cluster (plain HTTP/1.1: a gRPC health check
+# needs an HTTP/2 cluster): 200 while this replica serves, 503 once it drains or its engine dies.
+HEALTH_PATH = "/healthz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,13 @@ def _reply(status: int, error: ApiError, request_id: str) -> Response:
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
+def _health(serving: bool) -> Response:
+    status = http.HTTPStatus.OK if serving else http.HTTPStatus.SERVICE_UNAVAILABLE
+    body = b"SERVING\n" if serving else b"NOT_SERVING\n"
+    headers = Headers([("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return Response(status.value, status.phrase, headers, body)
+
+
 class WebSocketServer:
     def __init__(self, service: ResponsesService, authenticator: Authenticator, settings: WebSocketSettings):
         self.service = service
@@ -63,6 +73,7 @@ class WebSocketServer:
         self.server: Server | None = None
         self.port: int | None = None
         self._sessions: set[Session] = set()
+        self.serving = False  # the app's health, as the gRPC health service reports it
 
     async def start(self) -> int:
         self.server = await serve(
@@ -79,7 +90,10 @@ class WebSocketServer:
         connection.request_id = request_id
         connection.trace_metadata = [(name, request.headers[name]) for name in ("traceparent", "tracestate")
                                      if name in request.headers]
-        if request.path.split("?", 1)[0] != PATH:
+        path = request.path.split("?", 1)[0]
+        if path == HEALTH_PATH and "upgrade" not in request.headers:
+            return _health(self.serving)
+        if path != PATH:
             return _reply(404, invalid(f"Invalid URL (GET {request.path[:200]}): WebSocket mode is served at "
                                        f"{PATH}."), request_id)
         if len(self._sessions) >= self.settings.max_connections:
@@ -162,6 +176,7 @@ class WebSocketServer:
         by the shutting-down service), then every connection closes with 1001 (going away)."""
         if self.server is None:
             return
+        self.serving = False
         self.server.close(close_connections=False)
         deadline = time.monotonic() + grace
         while any(not session.idle for session in self._sessions) and time.monotonic() < deadline:
