@@ -91,6 +91,9 @@ class App:
                 self.engine = build_engine(self.settings)
             else:  # loading blocks for a second or two; keep the loop free meanwhile
                 self.engine = await asyncio.to_thread(build_engine, self.settings)
+        start = getattr(self.engine, "start", None)  # optional: an engine that connects on the loop
+        if start is not None:
+            await start()
         tracing.configure()
         await self.store.open()
         await self._check_auth()

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parley", description="Serve the OpenAI Responses API.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("serve", "run the gRPC server only (Envoy runs beside it, e.g. in Kubernetes)"),
-                       ("run", "run the gRPC server and the Envoy REST gateway, and print the URL")):
+                       ("run", "run the gRPC server and the Envoy REST gateway, and print the URL"),
+                       ("engine", "run only the engine, on PARLEY_ENGINE_SOCKET, for several `parley serve` "
+                                  "processes with PARLEY_ENGINE=remote to share (one model on the GPU)")):
         config.add_arguments(commands.add_parser(name, help=text))
     keys = commands.add_parser("keys", help="create, list and revoke API keys (in the configured store)")
     actions = keys.add_subparsers(dest="action", required=True)
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    problem = _engine_socket_problem(args.command, settings)
+    if problem:
+        print(f"parley: invalid configuration: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if args.command == "keys":
         log.configure(settings.log_format, "warning")
         raise SystemExit(asyncio.run(manage_keys(settings, args)))
@@ -81,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         pass
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     return_large_blocks_to_the_system()
+    if args.command == "engine":
+        from parley.engine.host import serve_engine
+
+        raise SystemExit(asyncio.run(serve_engine(settings)))
     from parley.app import serve
 
     try:
@@ -89,6 +99,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"parley: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     raise SystemExit(status)
+
+
+def _engine_socket_problem(command: str, settings: config.Settings) -> str | None:
+    """The engine process and the servers that share it agree on one socket; a socket given to
+    anything else would be ignored."""
+    if command == "engine":
+        if not settings.engine_socket:
+            return "parley engine needs engine_socket (PARLEY_ENGINE_SOCKET): where it listens"
+        if settings.engine == "remote":
+            return "parley engine runs a model engine (llamacpp, tensorrt_llm, synthetic, scripted), not remote"
+    elif command in ("serve", "run") and settings.engine_socket and settings.engine != "remote":
+        return f"engine_socket is for engine remote (or `parley engine`); engine {settings.engine} does not use it"
+    return None
 
 
 async def manage_keys(settings: config.Settings, args: argparse.Namespace) -> int:

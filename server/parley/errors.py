@@ -69,6 +69,13 @@ def invalid_type(param: str, expected: str, value) -> ApiError:
     return invalid(f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param, "invalid_type")
 
 
+def engine_unavailable(detail) -> ApiError:
+    """503: the engine cannot take work (dead, or its engine process unreachable); another
+    replica may."""
+    return ApiError(ErrorKind.UNAVAILABLE, f"The model engine is not available ({detail}); retry on another replica.",
+                    None, "engine_unavailable")
+
+
 def not_found(message: str, param: str | None = None) -> ApiError:
     return ApiError(ErrorKind.NOT_FOUND, message, param, None)
 

@@ -67,7 +67,7 @@ def test_bad_configuration_stops_start_up_with_a_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "parley", "serve"], capture_output=True, text=True,
                             env={**os.environ, "PARLEY_ENGINE": "quantum"}, timeout=60)
     assert result.returncode == 2
-    assert "engine must be one of llamacpp, tensorrt_llm, scripted, synthetic, got 'quantum'" in result.stderr
+    assert "engine must be one of llamacpp, tensorrt_llm, scripted, synthetic, remote, got 'quantum'" in result.stderr
 
 
 def test_an_open_server_beyond_loopback_is_refused_with_a_message_not_a_traceback(tmp_path):

@@ -150,4 +150,7 @@ class Engine(Protocol):
         """The share of KV cache cells in use (0..1), for metrics; None when the engine has no
         such figure. Cheap, any thread."""
 
+    # Optional: `async def start(self)`, awaited once on the server's loop before it serves (the
+    # remote engine connects to its engine process there).
+
     async def close(self) -> None: ...

@@ -15,6 +15,10 @@ def build_engine(settings: Settings) -> Engine:
         from parley.engine.trtllm import TensorRTLLMEngine
 
         return TensorRTLLMEngine.from_settings(settings)
+    if settings.engine == "remote":
+        from parley.engine.remote import RemoteEngine
+
+        return RemoteEngine.from_settings(settings)
     if settings.engine == "scripted":
         from parley.engine.scripted import ScriptedEngine
 

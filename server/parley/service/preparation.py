@@ -16,9 +16,9 @@ from typing import NamedTuple
 from opentelemetry.trace import Span
 
 from parley import metrics, tracing
-from parley.engine.base import Engine, SamplingParams
+from parley.engine.base import Engine, EngineDead, SamplingParams
 from parley.engine.formats import tool_format
-from parley.errors import ApiError, ErrorKind, invalid, not_found
+from parley.errors import ApiError, ErrorKind, engine_unavailable, invalid, not_found
 from parley.ids import new_response_id
 from parley.log import get_logger
 from parley.service import compaction
@@ -190,8 +190,9 @@ class Preparer:
         try:
             tags = context.tags if params.store and self.turn_states.max_bytes and self.prompts.keeps(params) else None
             whole_of = (params, context.items, context.history, context.kept, tags, context.revision)
-            # A kept state's continuation renders a turn's new messages only: on the loop.
-            if self._render_in_thread and context.kept is None:
+            # A kept state's continuation renders a turn's new messages only: on the loop. Without
+            # message rendering it renders the whole prompt, which goes to a worker thread too.
+            if self._render_in_thread and (context.kept is None or self.prompts.rendering is None):
                 whole, turn = await asyncio.to_thread(self.prompts.whole, *whole_of)
             else:
                 whole, turn = self.prompts.whole(*whole_of)
@@ -215,12 +216,17 @@ class Preparer:
                        generate: bool) -> PreparedResponse:
         params = self.validate(body)
         context = await self.context(project, params, compacted and compacted[0], known)
-        prompt, turn = await self._prompt_or_compact_first(params, context, may_compact=compacted is None)
+        try:
+            prompt, turn = await self._prompt_or_compact_first(params, context, may_compact=compacted is None)
+        except EngineDead as dead:  # rendering is the engine's (a remote engine's process may be gone)
+            raise engine_unavailable(dead) from None
         default_budget = compaction.SUMMARY_TOKENS if params.compact else self.default_max_output_tokens
         max_tokens = min(params.max_output_tokens or default_budget, self.engine.context_window - len(prompt))
         sampling = dataclasses.replace(params.sampling(max_tokens), cache_scope=project)
         try:
             self.engine.check_constraint(sampling.constraint)
+        except EngineDead as dead:
+            raise engine_unavailable(dead) from None
         except ValueError as exc:
             where = "text.format.schema" if sampling.constraint.kind == "json_schema" else "tools"
             raise invalid(f"This server cannot enforce the schema in '{where}': {exc}", where,

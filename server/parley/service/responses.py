@@ -16,7 +16,7 @@ import weakref
 
 from parley import metrics
 from parley.engine.base import Engine
-from parley.errors import ApiError, ErrorKind, invalid, not_found
+from parley.errors import ApiError, ErrorKind, engine_unavailable, invalid, not_found
 from parley.service.admission import Admission
 from parley.service.background import BackgroundWork
 from parley.service.compaction import compacted_window
@@ -89,8 +89,7 @@ class ResponsesService:
                            None, "server_shutting_down")
         health = self.engine.health()
         if not health.ok:
-            raise ApiError(ErrorKind.UNAVAILABLE, f"The model engine is not available ({health.detail}); retry "
-                           "on another replica.", None, "engine_unavailable")
+            raise engine_unavailable(health.detail)
         session = {"known": known, "keep_chain": keep_chain, "generate": generate}
         try:
             return await self.preparer.prepare(project, body, **session)
