@@ -66,6 +66,7 @@ class Settings:
     trtllm_dtype: str = "auto"
     trtllm_tool_format: str = "auto"
     trtllm_extra_options: str = ""
+    trtllm_iteration_stats: bool = True
     store_path: str = "var/parley.sqlite3"
     store_dsn: str = ""
     durability: str = "acknowledged"
@@ -253,6 +254,8 @@ HELP = {
     "trtllm_dtype": "tensorrt_llm: weight/activation dtype (auto: the checkpoint's; a quantized checkpoint "
                     "brings its own quantization)",
     "trtllm_tool_format": "tensorrt_llm: the model family's tool-call format (auto: from the chat template)",
+    "trtllm_iteration_stats": "tensorrt_llm: collect iteration stats (enable_iter_perf_stats) for the KV cache's "
+                              "usage (the parley_kv_cache_usage metric); costs a little per engine step",
     "trtllm_extra_options": "tensorrt_llm: a YAML file of further LLM() arguments (as trtllm-serve's "
                             "--extra_llm_api_options); an unknown one stops start-up",
     "store_path": "SQLite file holding responses, items and events (single node)",

@@ -197,7 +197,8 @@ ARGUMENTS = frozenset({
     "guided_decoding_backend", "max_batch_size", "max_num_tokens", "max_seq_len", "max_input_len", "max_beam_width",
     "enable_chunked_prefill", "stream_interval", "return_perf_metrics", "reasoning_parser", "orchestrator_type",
     "speculative_config", "lora_config", "enable_lora", "num_postprocess_workers", "postprocess_tokenizer_dir",
-    "otlp_traces_endpoint", "cuda_graph_config", "attn_backend", "sampler_type", "print_iter_log"})
+    "otlp_traces_endpoint", "cuda_graph_config", "attn_backend", "sampler_type", "print_iter_log",
+    "enable_iter_perf_stats", "iter_stats_max_iterations"})
 
 
 class LLM:
@@ -241,6 +242,8 @@ class LLM:
         self.cached_override: int | None = None  # what cached_tokens reports, whatever the prompts
         self.submitted: list[Submitted] = []
         self.fatal: str | None = None
+        self.stats_error: str | None = None
+        self._iterations = itertools.count()
         self.shut_down = False
         self._prompts: list[list[int]] = []
         self._running: set[RequestOutput] = set()
@@ -303,9 +306,28 @@ class LLM:
         return {"maxNumBlocks": 1024, "tokensPerBlock": self.kv_cache_config.tokens_per_block,
                 "maxNumTokens": 1024 * self.kv_cache_config.tokens_per_block}
 
+    KV_BLOCKS = 1024
+
     async def get_stats_async(self, timeout: float = 2):
-        yield {"numActiveRequests": len(self._running), "kvCacheStats": {"usedNumBlocks": 0, "maxNumBlocks": 1024}}
-        await asyncio.sleep(0)
+        """Iteration stats, one snapshot per engine step while requests run; the iteration ends
+        once `timeout` passes without a step. Nothing at all without enable_iter_perf_stats (the
+        PyTorch backend's default). `stats_error`: raised instead, as a broken stats queue would."""
+        if self.stats_error is not None:
+            raise RuntimeError(self.stats_error)
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        while loop.time() - idle_since < timeout:
+            if self._running and self.args.get("enable_iter_perf_stats"):
+                idle_since = loop.time()
+                yield {"iter": next(self._iterations), "numActiveRequests": len(self._running),
+                       "kvCacheStats": {"usedNumBlocks": self._used_blocks(), "maxNumBlocks": self.KV_BLOCKS,
+                                        "tokensPerBlock": self.kv_cache_config.tokens_per_block}}
+            await asyncio.sleep(max(self.step_seconds, 0.005))
+
+    def _used_blocks(self) -> int:
+        size = self.kv_cache_config.tokens_per_block
+        return sum(-(-(len(output.prompt_token_ids) + len(output.outputs[0].token_ids)) // size)
+                   for output in self._running)
 
     def __enter__(self):
         return self

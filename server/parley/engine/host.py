@@ -165,6 +165,9 @@ async def serve_engine(settings: Settings) -> int:
         engine = build_engine(settings)  # on the loop thread: TensorRT-LLM's results bind to it
     else:
         engine = await asyncio.to_thread(build_engine, settings)
+    start = getattr(engine, "start", None)  # optional, as in-process (app.py)
+    if start is not None:
+        await start()
     host = EngineHost(engine, settings.engine_socket)
     await host.start()
     print(f"Parley engine process ({settings.engine}, {engine.model_id}) listening on {settings.engine_socket}",

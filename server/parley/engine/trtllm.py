@@ -17,6 +17,9 @@ What the LLM API demands, and what this adapter does about it (docs/engines.md h
 - Abort is `abort()` on the result; the engine then ends the stream with `cancelled`.
 - RequestError (a RuntimeError) fails one request; EngineDeadError (or CppExecutorError) is the
   engine's death: sticky, raised on every pending and new request.
+- Iteration stats (the KV cache's used and total blocks) come only from an LLM built with
+  `enable_iter_perf_stats`, through `get_stats_async`, whose round ends when the engine has not
+  stepped for its timeout; the adapter follows it from `start()` and asks again.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ def llm_arguments(settings: Settings, api: TrtllmApi) -> dict:
     }
     if settings.trtllm_max_batch_size:
         arguments["max_batch_size"] = settings.trtllm_max_batch_size
+    if settings.trtllm_iteration_stats:  # the PyTorch backend reports no iteration stats without it
+        arguments["enable_iter_perf_stats"] = True
     if settings.trtllm_guided_decoding_backend != "none":
         arguments["guided_decoding_backend"] = settings.trtllm_guided_decoding_backend
     if settings.trtllm_extra_options:
@@ -127,9 +132,17 @@ def _clamp(value, low: int, high: int) -> int:
 class TensorRTLLMEngine:
     renders_off_loop = True  # a Hugging Face tokenizer over a whole conversation takes milliseconds
 
+    # get_stats_async's round ends after this long without an engine step (the engine is idle).
+    STATS_TIMEOUT_SECONDS = 2.0
+    STATS_RETRY_SECONDS = 1.0
+
     def __init__(self, llm, api: TrtllmApi, *, model_id: str, context_window: int, guided: bool,
-                 tool_format_name: str = "auto"):
+                 tool_format_name: str = "auto", iteration_stats: bool = False):
         self._llm = llm
+        self._iteration_stats = iteration_stats
+        self._kv_usage: dict[int, float] = {}  # attention-DP rank: used / max KV blocks, its latest step
+        self._stats: asyncio.Task | None = None
+        self._in_flight = 0
         self._api = api
         self._guided = guided
         self.model_id = model_id
@@ -172,7 +185,13 @@ class TensorRTLLMEngine:
         except (TypeError, ValueError) as exc:  # an unknown or invalid argument: a configuration error
             raise ValueError(f"invalid TensorRT-LLM configuration: {exc}") from None
         return cls(llm, api, model_id=settings.model_name, context_window=settings.context_window,
-                   guided=settings.trtllm_guided_decoding_backend != "none", tool_format_name=settings.trtllm_tool_format)
+                   guided=settings.trtllm_guided_decoding_backend != "none", tool_format_name=settings.trtllm_tool_format,
+                   iteration_stats=bool(arguments.get("enable_iter_perf_stats")))
+
+    async def start(self) -> None:
+        """Follow the iteration stats (on the loop, where the LLM was built) for kv_cache_usage()."""
+        if self._iteration_stats and self._stats is None:
+            self._stats = asyncio.get_running_loop().create_task(self._follow_stats(), name="trtllm-stats")
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -257,6 +276,7 @@ class TensorRTLLMEngine:
         sampling = self._sampling_params(params, budget)
         fatal = self._api.fatal_errors
         result = None
+        self._in_flight += 1
         try:
             salt = {"cache_salt": params.cache_scope} if self._salts and params.cache_scope else {}
             result = self._llm.generate_async(list(prompt), sampling, streaming=True, **salt)  # on the loop thread
@@ -281,6 +301,7 @@ class TensorRTLLMEngine:
                 raise RequestFailed("the engine is shutting down") from None
             raise
         finally:
+            self._in_flight -= 1
             if result is not None and not result.finished:
                 abort = getattr(result, "abort", None)  # non-committed API: looked up, not assumed
                 if abort is not None:
@@ -335,9 +356,43 @@ class TensorRTLLMEngine:
         return EngineHealth(True)
 
     def kv_cache_usage(self) -> float | None:
-        return None  # iteration stats carry it; not polled yet (docs/engines.md)
+        if not self._iteration_stats:
+            return None  # unknown, not zero: the metric is left out
+        return max(self._kv_usage.values(), default=0.0)
+
+    async def _follow_stats(self) -> None:
+        reported_failure = False
+        while not self._closed:
+            stepped = False
+            try:
+                async for snapshot in self._llm.get_stats_async(timeout=self.STATS_TIMEOUT_SECONDS):
+                    stepped = True
+                    self._note_stats(snapshot)
+                reported_failure = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # stats are for metrics: never fatal, logged once per outage
+                if not reported_failure:
+                    log.warning("engine.stats_failed", engine="tensorrt_llm", error=f"{type(exc).__name__}: {exc}")
+                    reported_failure = True
+            if not stepped and self._in_flight == 0:
+                self._kv_usage.clear()  # no step for a while and nothing running: nothing holds blocks
+            await asyncio.sleep(self.STATS_RETRY_SECONDS)
+
+    def _note_stats(self, snapshot) -> None:
+        if isinstance(snapshot, str):  # some builds hand out each snapshot as JSON text
+            snapshot = json.loads(snapshot)
+        kv = snapshot.get("kvCacheStats") if isinstance(snapshot, dict) else None
+        if not isinstance(kv, dict):
+            return
+        used, total = kv.get("usedNumBlocks"), kv.get("maxNumBlocks")
+        if isinstance(used, int | float) and isinstance(total, int | float) and total > 0:
+            rank = snapshot.get("attentionDpRank", 0)
+            self._kv_usage[rank if isinstance(rank, int) else 0] = min(1.0, max(0.0, used / total))
 
     async def close(self) -> None:
+        if self._stats is not None:
+            self._stats.cancel()
         if not self._closed:
             self._closed = True
             await asyncio.to_thread(self._llm.shutdown)

@@ -342,3 +342,63 @@ async def test_a_guide_is_compiled_once_and_a_converter_failure_is_a_refusal(eng
     assert len(compiled) == 1
     with pytest.raises(ValueError, match="Unrecognized schema"):
         engine.check_constraint(Constraint(kind="json_schema", schema={"type": "broken"}))
+
+
+# -- iteration stats: the KV cache's usage ---------------------------------------------------------
+
+
+async def until(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+async def test_kv_cache_usage_follows_the_iteration_stats(engine, monkeypatch):
+    monkeypatch.setattr(TensorRTLLMEngine, "STATS_TIMEOUT_SECONDS", 0.1)
+    monkeypatch.setattr(TensorRTLLMEngine, "STATS_RETRY_SECONDS", 0.02)
+    assert engine._llm.args["enable_iter_perf_stats"] is True  # without it the PyTorch backend reports none
+    await engine.start()
+    assert engine.kv_cache_usage() == 0.0
+    engine._llm.step_seconds = 0.02
+    prompt = engine.render_prompt([ChatMessage("user", "hi " * 100)])
+    running = [asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(4)]
+    per_sequence = -(-len(prompt) // engine._llm.kv_cache_config.tokens_per_block) / fake.LLM.KV_BLOCKS
+    await until(lambda: engine.kv_cache_usage() >= 4 * per_sequence)
+    await asyncio.gather(*running)
+    await until(lambda: engine.kv_cache_usage() == 0.0)  # idle: the round ended with no step
+    await engine.close()
+    assert engine._stats.done()
+
+
+async def test_without_iteration_stats_the_usage_is_unknown_not_zero(smollm2_checkpoint_dir):
+    engine = TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_iteration_stats=False),
+                                             api=fake.install_api())
+    assert "enable_iter_perf_stats" not in engine._llm.args
+    await engine.start()
+    assert engine._stats is None and engine.kv_cache_usage() is None
+
+
+async def test_a_failing_stats_queue_is_logged_and_retried_not_fatal(engine, monkeypatch):
+    monkeypatch.setattr(TensorRTLLMEngine, "STATS_RETRY_SECONDS", 0.01)
+    engine._llm.stats_error = "stats queue closed"
+    await engine.start()
+    await asyncio.sleep(0.1)
+    assert engine.health().ok and engine.kv_cache_usage() == 0.0
+    engine._llm.stats_error = None
+    engine._llm.step_seconds = 0.02
+    prompt = engine.render_prompt([ChatMessage("user", "hi")])
+    running = asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=32)))
+    await until(lambda: engine.kv_cache_usage() > 0)  # it asked again
+    await running
+    await engine.close()
+
+
+def test_snapshots_are_read_defensively(engine):
+    engine._note_stats('{"kvCacheStats": {"usedNumBlocks": 512, "maxNumBlocks": 1024}}')
+    assert engine.kv_cache_usage() == 0.5
+    engine._note_stats({"kvCacheStats": {"usedNumBlocks": 3, "maxNumBlocks": 0}})  # no capacity: ignored
+    engine._note_stats({"kvCacheStats": None})
+    engine._note_stats({"attentionDpRank": 1, "kvCacheStats": {"usedNumBlocks": 900, "maxNumBlocks": 1024}})
+    assert engine.kv_cache_usage() == pytest.approx(900 / 1024)  # the fullest rank
