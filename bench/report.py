@@ -204,6 +204,8 @@ def lockstep_section(result: dict) -> list[str]:
         target = run["target"] + (f", {run['durability']}" if run.get("durability") else "")
         if run.get("processes", 1) > 1 or run.get("store") == "postgresql":
             target += f", {run['processes']} × {run['store']}"
+        if run.get("engine") == "shared process":
+            target += f", sharing one engine process ({run['engine_process_cores']} cores)"
         lines.append(
             f"| {run['step_ms']:g} | {run['streams']} | {target} | {run['engine_tokens_per_second']:,} | "
             f"{run['tokens_per_second']:,} | {run['delivered_share']} | {run['ttft_ms']['p50']} / "
