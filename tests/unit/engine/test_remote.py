@@ -6,6 +6,7 @@ Both ends run on one event loop here, so the remote engine's blocking calls (ren
 check_constraint) go through a worker thread, as the service makes them."""
 
 import asyncio
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from parley.engine.trtllm import TensorRTLLMEngine
 
 from tests.fakes import tensorrt_llm as fake
 from tests.fakes.engines import ScriptedEngine
+from tests.support.generations import collect, eventually
 
 
 @pytest.fixture
@@ -43,30 +45,18 @@ def trtllm(smollm2_checkpoint_dir):
     return TensorRTLLMEngine.from_settings(settings, api=fake.install_api())
 
 
+@contextlib.asynccontextmanager
 async def connected(engine, socket_path):
+    """`engine` in an engine host, and a remote engine connected to it."""
     host = EngineHost(engine, socket_path)
     await host.start()
     remote = RemoteEngine(socket_path)
-    await remote.start()
-    return host, remote
-
-
-async def run(engine, prompt, params):
-    deltas, finished = [], None
-    async for step in engine.generate(prompt, params):
-        if isinstance(step, Finished):
-            finished = step
-        else:
-            deltas += step if isinstance(step, list) else [step]
-    return deltas, finished
-
-
-async def eventually(condition, seconds=5.0):
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
+    try:
+        await remote.start()
+        yield host, remote
+    finally:
+        await remote.close()
+        await host.stop()
 
 
 # -- the wire --------------------------------------------------------------------------------------
@@ -92,29 +82,24 @@ def test_sampling_params_constraints_and_deltas_cross_the_wire_unchanged():
 
 
 async def test_the_engine_process_serves_what_the_engine_serves_in_process(trtllm, socket_path):
-    host, remote = await connected(trtllm, socket_path)
-    try:
+    async with connected(trtllm, socket_path) as (host, remote):
         assert (remote.model_id, remote.context_window, remote.tool_format, remote.reasoning_format) == (
             trtllm.model_id, trtllm.context_window, trtllm.tool_format, trtllm.reasoning_format)
         messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Say hello.")]
         prompt = await asyncio.to_thread(remote.render_prompt, messages)
         assert prompt == trtllm.render_prompt(messages)  # the checkpoint's template, in the engine process
         params = SamplingParams(max_tokens=64, temperature=0.0, seed=3, top_logprobs=1, cache_scope="p")
-        remote_deltas, remote_finished = await run(remote, prompt, params)
-        local_deltas, local_finished = await run(trtllm, prompt, params)
+        remote_deltas, remote_finished = await collect(remote, prompt, params)
+        local_deltas, local_finished = await collect(trtllm, prompt, params)
         assert "".join(d.text for d in remote_deltas) == "".join(d.text for d in local_deltas) == trtllm._llm.default_reply
         assert [d.logprobs for d in remote_deltas] == [d.logprobs for d in local_deltas]
         assert remote_finished == local_finished
         first, second = (s.sampling_params for s in trtllm._llm.submitted[-2:])
         assert (first.max_tokens, first.temperature, first.seed) == (second.max_tokens, second.temperature, 3)
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_closing_the_remote_stream_aborts_the_request_in_the_engine_process(trtllm, socket_path):
-    host, remote = await connected(trtllm, socket_path)
-    try:
+    async with connected(trtllm, socket_path) as (host, remote):
         trtllm._llm.step_seconds = 0.01
         steps = remote.generate([1, 2, 3], SamplingParams(max_tokens=64))
         assert isinstance((await anext(steps))[0], TextDelta)
@@ -124,36 +109,28 @@ async def test_closing_the_remote_stream_aborts_the_request_in_the_engine_proces
         await output.aresult()
         assert output.outputs[0].finish_reason == "cancelled"
         assert not host.connections or not next(iter(host.connections)).tasks  # nothing left running there
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_a_request_error_fails_that_request_only_and_a_dead_engine_fails_all(trtllm, socket_path):
-    host, remote = await connected(trtllm, socket_path)
-    try:
+    async with connected(trtllm, socket_path) as (host, remote):
         trtllm._llm.fail_after = (2, "Encountered an error in forward step")
         with pytest.raises(RequestFailed, match="forward step"):
-            await run(remote, [1, 2], SamplingParams(max_tokens=64))
+            await collect(remote, [1, 2], SamplingParams(max_tokens=64))
         trtllm._llm.fail_after = None
-        assert (await run(remote, [1, 2], SamplingParams(max_tokens=64)))[1].reason == "stop"
+        assert (await collect(remote, [1, 2], SamplingParams(max_tokens=64)))[1].reason == "stop"
 
         trtllm._llm.step_seconds = 0.05
-        running = [asyncio.create_task(run(remote, [1, 2], SamplingParams(max_tokens=64))) for _ in range(3)]
+        running = [asyncio.create_task(collect(remote, [1, 2], SamplingParams(max_tokens=64))) for _ in range(3)]
         await asyncio.sleep(0.05)
         trtllm._llm.kill("rank 1 exited")
         results = await asyncio.gather(*running, return_exceptions=True)
         assert all(isinstance(result, EngineDead) and "rank 1 exited" in str(result) for result in results)
         await eventually(lambda: not remote.health().ok)  # the engine process's status says so
         assert "EngineDeadError" in remote.health().detail
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_a_constraint_the_engine_cannot_enforce_is_refused_and_the_verdict_kept(trtllm, socket_path):
-    host, remote = await connected(trtllm, socket_path)
-    try:
+    async with connected(trtllm, socket_path) as (host, remote):
         lookahead = Constraint(kind="json_schema", schema={"type": "string", "pattern": "^(?=a)b$"})
         with pytest.raises(ValueError, match="lookarounds"):
             await asyncio.to_thread(remote.check_constraint, lookahead)
@@ -163,8 +140,6 @@ async def test_a_constraint_the_engine_cannot_enforce_is_refused_and_the_verdict
         with pytest.raises(ValueError, match="lookarounds"):
             remote.check_constraint(lookahead)
         remote.check_constraint(Constraint(kind="json_object"))
-    finally:
-        await remote.close()
 
 
 # -- a steered engine: health, aborts, and the engine process going away ----------------------------
@@ -173,31 +148,26 @@ async def test_a_constraint_the_engine_cannot_enforce_is_refused_and_the_verdict
 async def test_health_and_kv_cache_usage_follow_the_engine_process(socket_path):
     engine = ScriptedEngine()
     engine.kv_cache_usage = lambda: 0.25
-    host, remote = await connected(engine, socket_path)
-    try:
+    async with connected(engine, socket_path) as (host, remote):
         assert remote.health().ok and remote.kv_cache_usage() == 0.25
         engine.dead = "the GPU fell off the bus"
         await eventually(lambda: not remote.health().ok)
         assert remote.health().detail == "the GPU fell off the bus"
         engine.dead = None
         await eventually(lambda: remote.health().ok)
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_an_engine_process_that_goes_away_fails_running_work_and_is_reconnected(socket_path):
     engine = ScriptedEngine(script=["tok "] * 200, delay=0.01)
-    host, remote = await connected(engine, socket_path)
-    try:
-        running = asyncio.create_task(run(remote, [1], SamplingParams(max_tokens=200)))
+    async with connected(engine, socket_path) as (host, remote):
+        running = asyncio.create_task(collect(remote, [1], SamplingParams(max_tokens=200)))
         await eventually(lambda: engine.emitted_tokens > 2)
         await host.stop()
         with pytest.raises(EngineDead, match="went away"):
             await running
         assert not remote.health().ok
         with pytest.raises(EngineDead):
-            await run(remote, [1], SamplingParams(max_tokens=4))
+            await collect(remote, [1], SamplingParams(max_tokens=4))
         with pytest.raises(EngineDead):
             await asyncio.to_thread(remote.render_prompt, [ChatMessage("user", "hi")])
 
@@ -205,42 +175,31 @@ async def test_an_engine_process_that_goes_away_fails_running_work_and_is_reconn
         host = EngineHost(engine, socket_path)  # the engine container restarted
         await host.start()
         await eventually(lambda: remote.health().ok)  # reconnected within a second or so
-        deltas, finished = await run(remote, [1], SamplingParams(max_tokens=64))
+        deltas, finished = await collect(remote, [1], SamplingParams(max_tokens=64))
         assert "".join(d.text for d in deltas) == "Hello from Parley's scripted engine."
         prompt = await asyncio.to_thread(remote.render_prompt, [ChatMessage("user", "hi")])
         assert prompt == engine.render_prompt([ChatMessage("user", "hi")])
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_many_streams_share_one_connection_and_each_gets_its_own_tokens(socket_path):
     engine = ScriptedEngine(script=[f" w{i}" for i in range(30)], delay=0.001)
-    host, remote = await connected(engine, socket_path)
-    try:
-        results = await asyncio.gather(*(run(remote, [1], SamplingParams(max_tokens=limit))
+    async with connected(engine, socket_path) as (host, remote):
+        results = await asyncio.gather(*(collect(remote, [1], SamplingParams(max_tokens=limit))
                                          for limit in range(1, 41)))
         for limit, (deltas, finished) in zip(range(1, 41), results, strict=True):
             expected = min(limit, 30)
             assert "".join(d.text for d in deltas) == "".join(f" w{i}" for i in range(expected))
             assert (finished.output_tokens, finished.reason) == (expected, "length" if limit < 30 else "stop")
         assert len(host.connections) == 1
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 async def test_a_bug_in_the_engine_process_stays_generic(socket_path):
     engine = ScriptedEngine()
     engine.fail_after = 1
-    host, remote = await connected(engine, socket_path)
-    try:
+    async with connected(engine, socket_path) as (host, remote):
         with pytest.raises(RuntimeError, match="the engine process failed") as failure:
-            await run(remote, [1], SamplingParams(max_tokens=8))
+            await collect(remote, [1], SamplingParams(max_tokens=8))
         assert not isinstance(failure.value, (EngineDead, RequestFailed))  # not shown to clients as the engine's
-    finally:
-        await remote.close()
-        await host.stop()
 
 
 # -- settings ----------------------------------------------------------------------------------------

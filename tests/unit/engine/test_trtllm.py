@@ -8,11 +8,12 @@ import json
 
 import pytest
 from parley import config
-from parley.engine.base import ChatMessage, Constraint, EngineDead, Finished, RequestFailed, SamplingParams, TextDelta
+from parley.engine.base import ChatMessage, Constraint, EngineDead, RequestFailed, SamplingParams, TextDelta
 from parley.engine.llamacpp import LlamaCppEngine, default_model_path
 from parley.engine.trtllm import TensorRTLLMEngine
 
 from tests.fakes import tensorrt_llm as fake
+from tests.support.generations import collect, eventually
 
 
 def settings_for(checkpoint, **overrides):
@@ -25,14 +26,6 @@ def engine(smollm2_checkpoint_dir):
     return TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir), api=fake.install_api())
 
 
-async def run(engine, prompt, params):
-    deltas, finished = [], None
-    async for step in engine.generate(prompt, params):
-        if isinstance(step, Finished):
-            finished = step
-        else:
-            deltas += step if isinstance(step, list) else [step]
-    return deltas, finished
 
 
 # -- settings and construction ---------------------------------------------------------------------
@@ -136,7 +129,7 @@ def test_a_harmony_checkpoint_stops_start_up(smollm2_checkpoint_dir, tmp_path):
 
 async def test_streams_the_text_of_each_step_then_finishes_with_usage(engine):
     prompt = engine.render_prompt([ChatMessage("user", "Say hello.")])
-    deltas, finished = await run(engine, prompt, SamplingParams(max_tokens=64))
+    deltas, finished = await collect(engine, prompt, SamplingParams(max_tokens=64))
     assert "".join(d.text for d in deltas) == engine._llm.default_reply
     assert sum(d.tokens for d in deltas) == finished.output_tokens > 3
     assert (finished.reason, finished.input_tokens) == ("stop", len(prompt))
@@ -148,8 +141,8 @@ async def test_every_sampling_field_is_set_on_a_fresh_sampling_params(engine):
     prompt = engine.render_prompt([ChatMessage("user", "hi")])
     params = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, presence_penalty=0.5,
                             frequency_penalty=-0.25, seed=11)
-    await run(engine, prompt, params)
-    await run(engine, prompt, params)
+    await collect(engine, prompt, params)
+    await collect(engine, prompt, params)
     first, second = (s.sampling_params for s in engine._llm.submitted[-2:])
     assert first is not second  # the engine mutates what it gets
     assert (first.max_tokens, first.temperature, first.top_p, first.presence_penalty, first.frequency_penalty,
@@ -159,27 +152,27 @@ async def test_every_sampling_field_is_set_on_a_fresh_sampling_params(engine):
 async def test_max_tokens_is_length_and_the_budget_never_passes_the_window(engine):
     engine._llm.replies = ["one two three four five six seven eight nine ten"]
     prompt = engine.render_prompt([ChatMessage("user", "count")])
-    _, finished = await run(engine, prompt, SamplingParams(max_tokens=3))
+    _, finished = await collect(engine, prompt, SamplingParams(max_tokens=3))
     assert (finished.reason, finished.output_tokens) == ("length", 3)
-    await run(engine, prompt, SamplingParams(max_tokens=10**6))
+    await collect(engine, prompt, SamplingParams(max_tokens=10**6))
     assert engine._llm.submitted[-1].sampling_params.max_tokens == engine.context_window - len(prompt)
 
 
 async def test_cached_tokens_come_from_the_engine_clamped_to_the_prompt(engine):
     long_history = [ChatMessage("user", "word " * 200)]
     prompt = engine.render_prompt(long_history)
-    _, first = await run(engine, prompt, SamplingParams(max_tokens=4))
-    _, second = await run(engine, prompt + [28, 29], SamplingParams(max_tokens=4))
+    _, first = await collect(engine, prompt, SamplingParams(max_tokens=4))
+    _, second = await collect(engine, prompt + [28, 29], SamplingParams(max_tokens=4))
     assert first.cached_tokens == 0
     assert second.cached_tokens == len(prompt) // 32 * 32 > 0  # whole KV blocks of the shared prefix
     engine._llm.cached_override = 10**6
-    _, third = await run(engine, prompt, SamplingParams(max_tokens=4))
+    _, third = await collect(engine, prompt, SamplingParams(max_tokens=4))
     assert third.cached_tokens == len(prompt)
 
 
 async def test_logprobs_become_the_sampled_token_and_its_alternatives(engine):
     prompt = engine.render_prompt([ChatMessage("user", "hi")])
-    deltas, _ = await run(engine, prompt, SamplingParams(max_tokens=3, top_logprobs=2))
+    deltas, _ = await collect(engine, prompt, SamplingParams(max_tokens=3, top_logprobs=2))
     assert engine._llm.submitted[-1].sampling_params.logprobs == 2
     first = deltas[0].logprobs[0]
     assert first.token == deltas[0].text and first.logprob == -0.25 and first.bytes == tuple(first.token.encode())
@@ -212,23 +205,23 @@ async def test_a_request_error_mid_stream_fails_that_request_only(engine):
     engine._llm.fail_after = (2, "Encountered an error in forward step")
     prompt = engine.render_prompt([ChatMessage("user", "hi")])
     with pytest.raises(RequestFailed, match="forward step"):
-        await run(engine, prompt, SamplingParams(max_tokens=64))
+        await collect(engine, prompt, SamplingParams(max_tokens=64))
     engine._llm.fail_after = None
     assert engine.health().ok
-    _, finished = await run(engine, prompt, SamplingParams(max_tokens=64))
+    _, finished = await collect(engine, prompt, SamplingParams(max_tokens=64))
     assert finished.reason == "stop"
 
 
 async def test_an_over_long_prompt_is_a_request_failure_not_a_crash(engine):
     engine._llm.max_num_tokens = 8
     with pytest.raises(RequestFailed, match="should not exceed max_num_tokens"):
-        await run(engine, list(range(100)), SamplingParams(max_tokens=4))
+        await collect(engine, list(range(100)), SamplingParams(max_tokens=4))
 
 
 async def test_a_dead_engine_fails_every_running_request_and_refuses_new_ones(engine):
     engine._llm.step_seconds = 0.05
     prompt = engine.render_prompt([ChatMessage("user", "hi")])
-    running = [asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(3)]
+    running = [asyncio.create_task(collect(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(3)]
     await asyncio.sleep(0.02)
     engine._llm.kill("rank 1 exited")
     results = await asyncio.gather(*running, return_exceptions=True)
@@ -236,7 +229,7 @@ async def test_a_dead_engine_fails_every_running_request_and_refuses_new_ones(en
     health = engine.health()
     assert not health.ok and "EngineDeadError" in health.detail
     with pytest.raises(EngineDead):
-        await run(engine, prompt, SamplingParams(max_tokens=4))
+        await collect(engine, prompt, SamplingParams(max_tokens=4))
 
 
 async def test_an_unhealthy_executor_is_reported(engine):
@@ -259,7 +252,7 @@ async def test_tool_calls_in_auto_mode_are_a_structural_tag_triggered_by_the_fam
     constraint = Constraint(kind="tools", tools=(WEATHER,), mode="auto")
     engine.check_constraint(constraint)
     prompt = engine.render_prompt([ChatMessage("user", "weather?")])
-    deltas, _ = await run(engine, prompt, SamplingParams(max_tokens=64, constraint=constraint))
+    deltas, _ = await collect(engine, prompt, SamplingParams(max_tokens=64, constraint=constraint))
     assert "".join(d.text for d in deltas) == call
     submitted = engine._llm.submitted[-1]
     assert submitted.guide_enforced
@@ -281,7 +274,7 @@ async def test_other_constraints_are_the_same_grammar_llamacpp_enforces(engine, 
 
     engine._llm.replies = ['{"a": 1}'] if constraint.kind != "tools" else ["x"]
     prompt = engine.render_prompt([ChatMessage("user", "json please")])
-    await run(engine, prompt, SamplingParams(max_tokens=16, constraint=constraint))
+    await collect(engine, prompt, SamplingParams(max_tokens=16, constraint=constraint))
     guide = engine._llm.submitted[-1].sampling_params.guided_decoding
     assert guide.grammar == compile_constraint(constraint, HERMES)
     assert (guide.json, guide.structural_tag, guide.json_object) == (None, None, False)
@@ -303,9 +296,9 @@ def test_without_a_guided_decoding_backend_constraints_are_refused_not_ignored(s
 
 async def test_prefixes_are_cached_per_scope_through_cache_salt(engine):
     prompt = engine.render_prompt([ChatMessage("user", "word " * 200)])
-    _, first = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
-    _, same = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
-    _, other = await run(engine, prompt, SamplingParams(max_tokens=4, cache_scope="globex"))
+    _, first = await collect(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
+    _, same = await collect(engine, prompt, SamplingParams(max_tokens=4, cache_scope="acme"))
+    _, other = await collect(engine, prompt, SamplingParams(max_tokens=4, cache_scope="globex"))
     assert (first.cached_tokens, other.cached_tokens) == (0, 0) and same.cached_tokens > 0
     assert [s.keywords["cache_salt"] for s in engine._llm.submitted[-3:]] == ["acme", "acme", "globex"]
 
@@ -318,7 +311,7 @@ async def test_a_build_without_cache_salt_is_not_given_one(smollm2_checkpoint_di
 
     api = dataclasses.replace(fake.install_api(), LLM=OlderLLM)
     engine = TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir), api=api)
-    _, finished = await run(engine, [1, 2, 3], SamplingParams(max_tokens=4, cache_scope="acme"))
+    _, finished = await collect(engine, [1, 2, 3], SamplingParams(max_tokens=4, cache_scope="acme"))
     assert finished.output_tokens == 4 and engine._llm.submitted[-1].keywords["cache_salt"] is None
 
 
@@ -338,7 +331,7 @@ async def test_a_guide_is_compiled_once_and_a_converter_failure_is_a_refusal(eng
     engine.check_constraint(constraint)  # before the request is stored
     prompt = engine.render_prompt([ChatMessage("user", "json")])
     engine._llm.replies = ["{}"]
-    await run(engine, prompt, SamplingParams(max_tokens=8, constraint=constraint))  # its run
+    await collect(engine, prompt, SamplingParams(max_tokens=8, constraint=constraint))  # its run
     assert len(compiled) == 1
     with pytest.raises(ValueError, match="Unrecognized schema"):
         engine.check_constraint(Constraint(kind="json_schema", schema={"type": "broken"}))
@@ -347,12 +340,6 @@ async def test_a_guide_is_compiled_once_and_a_converter_failure_is_a_refusal(eng
 # -- iteration stats: the KV cache's usage ---------------------------------------------------------
 
 
-async def until(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 async def test_kv_cache_usage_follows_the_iteration_stats(engine, monkeypatch):
@@ -363,11 +350,11 @@ async def test_kv_cache_usage_follows_the_iteration_stats(engine, monkeypatch):
     assert engine.kv_cache_usage() == 0.0
     engine._llm.step_seconds = 0.02
     prompt = engine.render_prompt([ChatMessage("user", "hi " * 100)])
-    running = [asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(4)]
+    running = [asyncio.create_task(collect(engine, prompt, SamplingParams(max_tokens=64))) for _ in range(4)]
     per_sequence = -(-len(prompt) // engine._llm.kv_cache_config.tokens_per_block) / fake.LLM.KV_BLOCKS
-    await until(lambda: engine.kv_cache_usage() >= 4 * per_sequence)
+    await eventually(lambda: engine.kv_cache_usage() >= 4 * per_sequence)
     await asyncio.gather(*running)
-    await until(lambda: engine.kv_cache_usage() == 0.0)  # idle: the round ended with no step
+    await eventually(lambda: engine.kv_cache_usage() == 0.0)  # idle: the round ended with no step
     await engine.close()
     assert engine._stats.done()
 
@@ -389,8 +376,8 @@ async def test_a_failing_stats_queue_is_logged_and_retried_not_fatal(engine, mon
     engine._llm.stats_error = None
     engine._llm.step_seconds = 0.02
     prompt = engine.render_prompt([ChatMessage("user", "hi")])
-    running = asyncio.create_task(run(engine, prompt, SamplingParams(max_tokens=32)))
-    await until(lambda: engine.kv_cache_usage() > 0)  # it asked again
+    running = asyncio.create_task(collect(engine, prompt, SamplingParams(max_tokens=32)))
+    await eventually(lambda: engine.kv_cache_usage() > 0)  # it asked again
     await running
     await engine.close()
 
