@@ -182,7 +182,11 @@ class App:
 
     async def _report_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *self._services):
+        # "" is what liveness probes ask: NOT_SERVING restarts this process, which helps only
+        # when the engine lives in it (engine/base.py, health).
+        alive = serving or not getattr(self.engine, "restart_heals", True)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING if alive else status)
+        for name in self._services:
             await self.health.set(name, status)
         if self.websocket is not None:
             self.websocket.serving = serving

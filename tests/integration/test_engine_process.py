@@ -12,9 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openai import AsyncOpenAI
 
 from tests.support import postgres
@@ -69,6 +71,10 @@ def engine_socket():
     os.rmdir(directory)
 
 
+async def _is(check, expected) -> bool:
+    return await check == expected
+
+
 async def until(predicate, timeout: float = 15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,6 +83,17 @@ async def until(predicate, timeout: float = 15):
             return outcome
         await asyncio.sleep(0.2)
     raise AssertionError("the condition never held")
+
+
+async def health_of(server: ServerProcess) -> tuple[int, int]:
+    """(liveness, readiness) as the pod's probes ask: the service "" and the Responses service."""
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        return tuple([(await check(health_pb2.HealthCheckRequest(service=name))).status
+                      for name in ("", "parley.v1.Responses")])
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def test_two_servers_share_one_engine_process_and_survive_its_restart(engine_socket):
@@ -126,6 +143,9 @@ async def test_two_servers_share_one_engine_process_and_survive_its_restart(engi
                     refusal = await until(refused)
                     assert refusal.status_code == 503
                     assert refusal.body["code"] == "engine_unavailable", refusal.body
+                    # Not ready, but alive: restarting a server would not bring its engine back.
+                    for server in servers:
+                        assert await until(lambda s=server: _is(health_of(s), (SERVING, NOT_SERVING)))
 
                     engine = EngineProcess(engine_socket, scripted_output_tokens=400,
                                            scripted_token_delay_ms=1).start()
@@ -138,6 +158,8 @@ async def test_two_servers_share_one_engine_process_and_survive_its_restart(engi
 
                     for _ in range(4):  # whichever replica Envoy picks has reconnected
                         assert (await until(served_again)).output_text == "tok " * 16
+                    for server in servers:
+                        assert await until(lambda s=server: _is(health_of(s), (SERVING, SERVING)))
                     stored = await client.responses.retrieve(done[0].id)
                     assert stored.output_text == done[0].output_text
     finally:

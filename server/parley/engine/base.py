@@ -140,7 +140,9 @@ class Engine(Protocol):
     def health(self) -> EngineHealth:
         """Cheap and non-blocking; polled by the server's health reporting and checked before
         every new request. A dead engine makes the gRPC health service report NOT_SERVING (the
-        pod's probes fail and it restarts) and new requests get 503."""
+        pod's probes fail and it restarts) and new requests get 503. An engine with
+        `restart_heals = False` (one in another process) fails only readiness: restarting this
+        process would not bring that engine back, so liveness (the service "") stays SERVING."""
 
     def check_constraint(self, constraint: Constraint | None) -> None:
         """Raise ValueError (its message says why) when the engine cannot enforce `constraint`:

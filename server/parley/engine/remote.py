@@ -66,6 +66,8 @@ class RemoteEngine:
     # Prompts are rendered whole, in the engine process: rendering message by message would make
     # every kept turn a blocking round trip on the event loop.
     message_rendering = None
+    # The engine process restarts on its own; restarting this one would not bring it back.
+    restart_heals = False
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
