@@ -18,3 +18,12 @@ def smollm2_checkpoint_dir(tmp_path_factory):
     from tests.fakes.checkpoint import smollm2_checkpoint
 
     return smollm2_checkpoint(tmp_path_factory.mktemp("smollm2-hf"))
+
+
+@pytest.fixture(scope="session")
+def harmony_checkpoint_dir(tmp_path_factory, smollm2_checkpoint_dir):
+    """The same checkpoint with Harmony's markers as special tokens and a Harmony template (gpt-oss's
+    format; no gpt-oss tokenizer can be fetched here)."""
+    from tests.fakes.checkpoint import harmony_checkpoint
+
+    return harmony_checkpoint(tmp_path_factory.mktemp("harmony-hf"), smollm2_checkpoint_dir)

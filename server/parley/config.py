@@ -22,7 +22,7 @@ ENGINES = ("llamacpp", "tensorrt_llm", "scripted", "synthetic", "remote")
 # TensorRT-LLM's guided-decoding backends; `none` leaves structured output and tool_choice
 # `required` refused with a 400 (TensorRT-LLM itself would silently ignore the guide).
 GUIDED_DECODING_BACKENDS = ("xgrammar", "llguidance", "none")
-TRTLLM_TOOL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")
+TRTLLM_TOOL_FORMATS = ("auto", "hermes", "llama3_json", "mistral", "harmony")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,3 +42,25 @@ def smollm2_checkpoint(directory: Path) -> Path:
         "max_position_embeddings": int(field("llama.context_length")),
         "eos_token_id": int(field("tokenizer.ggml.eos_token_id"))}))
     return directory
+
+
+# A chat template that writes Harmony (what gpt-oss's template writes, in short): the engine
+# detects the family from it and renders Harmony itself.
+HARMONY_TEMPLATE = ("{%- for message in messages -%}<|start|>{{ message.role }}<|channel|>final<|message|>"
+                    "{{ message.content }}<|end|>{%- endfor -%}{%- if add_generation_prompt -%}<|start|>assistant"
+                    "{%- endif -%}")
+
+
+def harmony_checkpoint(directory: Path, base: Path) -> Path:
+    """The SmolLM2 checkpoint at `base` made a Harmony one: gpt-oss's seven markers added as
+    special tokens (as its tokenizer.json declares them) and a template that writes Harmony."""
+    from parley.engine.formats.harmony import MARKERS
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    tokenizer.chat_template = HARMONY_TEMPLATE
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    (directory / "config.json").write_text((base / "config.json").read_text())
+    return directory

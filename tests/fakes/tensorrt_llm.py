@@ -99,6 +99,7 @@ class SamplingParams:
     guided_decoding: GuidedDecodingParams | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     n: int = 1
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ class ChatMessage(NamedTuple):
     """A tuple, not a frozen dataclass: a turn builds one per item of its whole context, and a
     frozen dataclass's __init__ costs several times a tuple's."""
 
-    role: str  # system | developer | user | assistant
+    role: str  # system | developer | user | assistant | tool (results, in a format whose results_role is tool)
     content: str
 
 
@@ -109,8 +109,8 @@ EngineEvent = TextDelta | list[TextDelta] | Finished
 class Engine(Protocol):
     model_id: str
     context_window: int
-    tool_format: str       # family of the tool-call text format: "hermes" (generic), "llama3_json", "mistral"
-    reasoning_format: str  # "none", or "think" for <think>...</think> families
+    tool_format: str       # family of the tool-call text format: "hermes" (generic), "llama3_json", "mistral", "harmony"
+    reasoning_format: str  # "none", "think" for <think>...</think> families, "harmony" (analysis channel)
     # Whether render_prompt is slow enough (a Hugging Face tokenizer over a long context) that the
     # service calls it on a worker thread rather than on the event loop. Optional; default False.
     renders_off_loop: bool

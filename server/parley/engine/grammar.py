@@ -3,7 +3,8 @@
 The JSON-schema part comes from llama.cpp's own converter (SchemaConverter); this module
 composes it into whole-output grammars: tool calls in the family's ToolFormat (its markers and
 separators, engine/formats/families.py), free text that can never contain the format's marker,
-an optional leading reasoning block.
+an optional leading reasoning block. Harmony's channels (gpt-oss) have a whole-output shape of
+their own: an optional analysis message, then the final answer or one call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 
 from parley.engine.base import Constraint
 from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
+from parley.engine.formats import harmony as hm
 
 
 def _literal(text: str) -> str:
@@ -157,10 +159,10 @@ def _add_calls(builder: GrammarBuilder, constraint: Constraint, fmt: ToolFormat)
     for index, (name, schema) in enumerate(constraint.tools):
         arguments = builder.schema_rule(schema or {"type": "object"}, f"args{index}")
         prefix = _literal(fmt.call_prefix(name))
-        objects.append(f"( {prefix} {arguments} {_literal(chr(125))} )")
+        objects.append(_sequence("(", prefix, arguments, _literal(fmt.call_suffix), ")"))
     builder.add({"object": " | ".join(objects)})
     builder.add({"call": _sequence(_literal(fmt.call_open), "object", _literal(fmt.call_close))})
-    most = min(MAX_PARALLEL_CALLS, constraint.max_calls or MAX_PARALLEL_CALLS)
+    most = min(MAX_PARALLEL_CALLS, constraint.max_calls or MAX_PARALLEL_CALLS, fmt.calls_per_turn or MAX_PARALLEL_CALLS)
     more = f"( {_literal(fmt.separator)} call ){{0,{most - 1}}}" if constraint.parallel and most > 1 else ""
     builder.add({"calls": _sequence(_literal(fmt.calls_open), "call", more, _literal(fmt.calls_close))})
     # After a lazy switch, what follows the marker; whitespace there is optional, since the switch
@@ -191,6 +193,8 @@ def lazy(constraint: Constraint | None) -> bool:
 
 def compile_constraint(constraint: Constraint, fmt: ToolFormat, reasoning: bool = False) -> str:
     """A whole-output GBNF grammar, tool calls in the family's format `fmt`."""
+    if fmt.channels:
+        return _harmony(constraint, fmt)
     builder = GrammarBuilder()
     if constraint.kind == "json_schema":
         body = builder.schema_rule(constraint.schema, "answer")
@@ -216,3 +220,30 @@ def compile_constraint(constraint: Constraint, fmt: ToolFormat, reasoning: bool 
         builder.add({"think": f'{_literal(THINK_OPEN)} thought {_literal(THINK_CLOSE)} "\\n"*'})
         return builder.build(f"think? ( {body} )")
     return builder.build(f"( {body} )")
+
+
+def _harmony(constraint: Constraint, fmt: ToolFormat) -> str:
+    """Harmony output (the generation prompt opened the assistant's first message): an optional
+    analysis message, then the final answer (ended by <|return|>) or one call (ended by <|call|>).
+    Reasoning and free text never contain `<|`, so they cannot open markup of their own."""
+    builder = GrammarBuilder()
+    builder.add(text_without("<|", "thought"))
+    builder.add({"analysis": _sequence(_literal(f"{hm.CHANNEL}analysis{hm.MESSAGE}"), "thought",
+                                       _literal(hm.END + hm.GENERATION_PROMPT))})
+
+    def final(body: str) -> str:
+        return _sequence(_literal(f"{hm.CHANNEL}final{hm.MESSAGE}"), body, _literal(hm.RETURN))
+
+    schema = constraint.schema if constraint.kind != "json_object" else {"type": "object"}
+    if schema is not None:
+        builder.add({"answer": builder.schema_rule(schema, "answer")})
+    else:
+        builder.add(text_without("<|", "answer"))
+    if constraint.kind == "tools" and constraint.mode != "none":
+        _add_calls(builder, constraint, fmt)
+        body = "calls" if constraint.mode == "required" else f"calls | {final('answer')}"
+    elif constraint.kind in ("tools", "json_schema", "json_object"):
+        body = final("answer")
+    else:
+        raise ValueError(f"unknown constraint kind {constraint.kind!r}")
+    return builder.build(f"analysis? ( {body} )")

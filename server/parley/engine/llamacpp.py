@@ -158,6 +158,10 @@ class LlamaCppEngine:
         # in it and the grammar enforces it, so prompt, constraint and parser always agree. Templates
         # that open <think> blocks mark a reasoning family.
         self.tool_format, self.reasoning_format = formats_of_template(template)
+        if tool_format(self.tool_format).channels:
+            raise RuntimeError(f"{model_path} is a Harmony model (gpt-oss); the llama.cpp engine renders prompts "
+                               "with the GGUF's chat template and has no Harmony renderer: serve it with "
+                               "PARLEY_ENGINE=tensorrt_llm")
         self._lib = llama_cpp
         # The prompt message by message where the template allows it (engine/segments.py).
         self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize, self._is_boundary)

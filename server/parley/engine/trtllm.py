@@ -43,7 +43,7 @@ from parley.engine.base import (
     TextDelta,
     TokenLogprob,
 )
-from parley.engine.formats import formats_of_template, tool_format
+from parley.engine.formats import formats_of_template, harmony, tool_format
 from parley.engine.grammar import compile_constraint, constraint_key, lazy
 from parley.engine.segments import TemplateSegments
 from parley.log import get_logger
@@ -158,12 +158,25 @@ class TensorRTLLMEngine:
             raise RuntimeError("the checkpoint's tokenizer has no chat template (tokenizer_config.json "
                                "`chat_template` or chat_template.jinja)")
         detected_tools, self.reasoning_format = formats_of_template(template)
+        if tool_format(detected_tools).channels and tool_format_name not in ("auto", detected_tools):
+            raise ValueError(f"trtllm_tool_format {tool_format_name!r} does not fit this checkpoint: its chat "
+                             f"template writes the {detected_tools} format")
         self.tool_format = detected_tools if tool_format_name == "auto" else tool_format_name
         self._format = tool_format(self.tool_format)
-        # The prompt message by message where the template allows it (engine/segments.py).
-        boundaries = self._boundaries()
-        self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize,
-                                                                    boundaries.__contains__)
+        self._stop_ids: list[int] | None = None
+        if self._format.channels:
+            # Harmony: Parley's own renderer, markers kept in the decoded text, stopped on <|return|>
+            # and <|call|> (formats/harmony.py). Results are rendered with their calls' names, found
+            # in the whole context: the prompt is rendered whole.
+            self.reasoning_format = self._format.name
+            self._stop_ids = self._marker_ids(harmony.STOPS)
+            self._marker_ids(harmony.MARKERS)
+            self.message_rendering, why_not = None, "harmony prompts are rendered whole"
+        else:
+            # The prompt message by message where the template allows it (engine/segments.py).
+            boundaries = self._boundaries()
+            self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize,
+                                                                        boundaries.__contains__)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         self._dead: str | None = None
         self._closed = False
@@ -199,6 +212,8 @@ class TensorRTLLMEngine:
         return self._tokenize(self._render_text(messages, True))
 
     def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
+        if self._format.channels:
+            return harmony.render(messages, generation)
         # The checkpoint's own template; `developer` is OpenAI's name for the system role.
         chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
         return self._hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
@@ -206,6 +221,17 @@ class TensorRTLLMEngine:
     def _tokenize(self, text: str) -> list[int]:
         # The template wrote the special tokens (BOS included, where the family has one).
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def _marker_ids(self, markers: tuple[str, ...]) -> list[int]:
+        """The token ids of a format's markers, each one special token of this tokenizer."""
+        ids = []
+        for marker in markers:
+            encoded = self._tokenize(marker)
+            if len(encoded) != 1:
+                raise RuntimeError(f"the checkpoint's tokenizer has no special token {marker!r}, which the "
+                                   f"{self.tool_format} format needs")
+            ids.extend(encoded)
+        return ids
 
     def _boundaries(self) -> frozenset[int]:
         """Added tokens (a Hugging Face tokenizer matches those before anything else) that strip
@@ -254,18 +280,21 @@ class TensorRTLLMEngine:
             fmt = self._format
             structures = [{"begin": fmt.calls_open + fmt.call_open + fmt.call_prefix(name),
                            "schema": schema or {"type": "object"},
-                           "end": "}" + fmt.call_close + fmt.calls_close} for name, schema in constraint.tools]
+                           "end": fmt.call_suffix + fmt.call_close + fmt.calls_close} for name, schema in constraint.tools]
             return "structural_tag", json.dumps({"type": "structural_tag", "structures": structures,
                                                  "triggers": [fmt.marker]})
         return "grammar", compile_constraint(constraint, self._format, reasoning=self.reasoning_format == "think")
 
     def _sampling_params(self, params: SamplingParams, budget: int):
         # Fresh per request (the engine mutates it); every field set, none left to defaults.
+        markup = {} if self._stop_ids is None else {
+            # Harmony's markers are special tokens the parser must see, written without spaces.
+            "skip_special_tokens": False, "spaces_between_special_tokens": False, "stop_token_ids": list(self._stop_ids)}
         return self._api.SamplingParams(
             max_tokens=budget, temperature=params.temperature, top_p=params.top_p,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             seed=params.seed, logprobs=params.top_logprobs,
-            guided_decoding=self._guide(params.constraint) if params.constraint is not None else None)
+            guided_decoding=self._guide(params.constraint) if params.constraint is not None else None, **markup)
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ Tools, tool calls and tool results are rendered as text in the engine family's t
 sees them, in the very format its grammar and parser expect. Consecutive calls (parallel calls)
 form one assistant turn; consecutive results, one user turn.
 
-Reasoning items reach the prompt of a reasoning family as the `<think>` block that opens the
-assistant turn they belong to (the next assistant message or calls), which is how such a model
-wrote them: stateless multi-turn (`encrypted_content` sent back) depends on it. A family without
+Reasoning items reach the prompt of a reasoning family as the `<think>` block (Harmony: the
+analysis message) that opens the assistant turn they belong to (the next assistant message or
+calls), which is how such a model wrote them: stateless multi-turn (`encrypted_content` sent back) depends on it. A family without
 reasoning has no place for them in its template, so there they are left out.
 
 A compaction item (service/compaction.py, opened: its `summary` readable) stands for the
@@ -21,7 +21,7 @@ from itertools import groupby
 from typing import NamedTuple
 
 from parley.engine.base import ChatMessage
-from parley.engine.formats import THINK_CLOSE, THINK_OPEN, ToolFormat
+from parley.engine.formats import ToolFormat, with_reasoning
 from parley.service.tools import CUSTOM_INPUT
 
 COMPACTED_PREFIX = "Summary of the conversation before this point:\n"
@@ -49,6 +49,10 @@ def _call(call: dict) -> tuple[str, str]:
     return (f"{call['namespace']}.{call['name']}" if call.get("namespace") else call["name"]), call["arguments"]
 
 
+def _call_names(items: list[dict]) -> dict[str, str]:
+    return {item["call_id"]: _call(item)[0] for item in items if TURN_OF.get(item["type"]) == "calls"}
+
+
 def reasoning_text(item: dict) -> str:
     """What a reasoning item says: its reasoning text, else its summary."""
     return _text_of(item.get("content") or []) or _text_of(item.get("summary") or [])
@@ -69,7 +73,7 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
 
 def system_message(instructions: str | None, tools: list[dict] | None, tool_format: ToolFormat) -> ChatMessage | None:
     """The instructions and the tools offered, as the conversation's first message (if any)."""
-    system = instructions or ""
+    system = tool_format.instructions_header + instructions if instructions else ""
     if tools:
         offered = tool_format.describe_tools(tools)
         system = f"{system}\n\n{offered}" if system else offered
@@ -101,19 +105,20 @@ def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: 
     def assistant(text: str) -> ChatMessage:
         nonlocal thought
         if thought:
-            text, thought = f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}", ""
+            text, thought = with_reasoning(reasoning_format, thought, text), ""
         return ChatMessage("assistant", text)
 
     def add(message: ChatMessage, start: int) -> None:
         starts.append(thought_from if thought else start)
         messages.append(assistant(message.content) if message.role == "assistant" else message)
 
+    names: dict[str, str] | None = None  # call id: function name, for formats that name results
     kind, at = "", 0
     for kind, grouped in groupby(items, key=lambda item: TURN_OF.get(item["type"], item["type"])):
         group, start = list(grouped), at
         at += len(group)
         if kind == "reasoning":
-            if reasoning_format == "think":
+            if reasoning_format != "none":
                 if not thought:
                     thought_from = start
                 thought += "\n".join(filter(None, map(reasoning_text, group)))
@@ -129,7 +134,10 @@ def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: 
         elif kind == "calls":
             add(ChatMessage("assistant", tool_format.render_calls([_call(item) for item in group])), start)
         elif kind == "results":
-            add(ChatMessage("user", tool_format.render_results([_text_of(item["output"]) for item in group])), start)
+            if names is None:
+                names = _call_names(items) if tool_format.results_named else {}
+            add(ChatMessage(tool_format.results_role, tool_format.render_results(
+                [(names.get(item.get("call_id")), _text_of(item["output"])) for item in group])), start)
     if thought:
         add(ChatMessage("assistant", ""), at)
         return Body(messages, None, starts)

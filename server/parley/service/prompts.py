@@ -59,7 +59,7 @@ class Prompts:
 
     def keeps(self, params: CreateParams) -> bool:
         """Whether a turn of `params` may leave a state (the rest is the caller's to say)."""
-        return not params.compact and not (self.engine.reasoning_format == "think"
+        return not params.compact and not (self.engine.reasoning_format != "none"
                                            and params.reasoning_turns == "current_turn")
 
     # -- the whole context ------------------------------------------------------------------------

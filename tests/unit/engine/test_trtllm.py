@@ -69,7 +69,7 @@ def test_more_gpus_than_visible_stops_start_up(smollm2_checkpoint_dir):
     ({"context_window": 16384}, "exceeds trtllm_max_num_tokens"),
     ({"trtllm_guided_decoding_backend": "outlines"}, "trtllm_guided_decoding_backend must be one of"),
     ({"trtllm_kv_cache_free_gpu_memory_fraction": 0.0}, "free_gpu_memory_fraction must be in"),
-    ({"trtllm_tool_format": "harmony"}, "trtllm_tool_format must be one of"),
+    ({"trtllm_tool_format": "gpt"}, "trtllm_tool_format must be one of"),
     ({"kv_cache": "per_sequence"}, "kv_cache is a llamacpp setting"),
     ({"trtllm_extra_options": "/nonexistent.yaml"}, "is not a file"),
 ])
@@ -114,14 +114,67 @@ def test_prompts_are_the_checkpoint_template_and_tokenizer_as_llamacpp_renders_t
     assert (engine.tool_format, engine.reasoning_format) == ("hermes", "none")
 
 
-def test_a_harmony_checkpoint_stops_start_up(smollm2_checkpoint_dir, tmp_path):
-    import shutil
+@pytest.fixture
+def harmony_engine(harmony_checkpoint_dir):
+    return TensorRTLLMEngine.from_settings(settings_for(harmony_checkpoint_dir), api=fake.install_api())
 
-    harmony = tmp_path / "gpt-oss"
-    shutil.copytree(smollm2_checkpoint_dir, harmony)
-    (harmony / "chat_template.jinja").write_text("<|start|>assistant<|channel|>analysis<|message|>")
-    with pytest.raises(ValueError, match="Harmony"):
-        TensorRTLLMEngine.from_settings(settings_for(harmony), api=fake.install_api())
+
+def test_a_harmony_checkpoint_is_rendered_by_parley_not_its_template(harmony_engine):
+    from parley.engine.formats import harmony
+
+    assert (harmony_engine.tool_format, harmony_engine.reasoning_format) == ("harmony", "harmony")
+    assert harmony_engine.message_rendering is None  # results name their calls: rendered whole
+    messages = [ChatMessage("developer", "# Instructions\n\nBe brief."), ChatMessage("user", "Hi")]
+    prompt = harmony_engine.render_prompt(messages)
+    hf = harmony_engine._llm.tokenizer.tokenizer
+    assert hf.decode(prompt, skip_special_tokens=False) == harmony.render(messages, True)
+    markers = {hf.convert_tokens_to_ids(marker) for marker in harmony.MARKERS}
+    text = harmony.render(messages, True)
+    assert sum(token in markers for token in prompt) == sum(text.count(marker) for marker in harmony.MARKERS)
+
+
+async def test_harmony_keeps_its_markers_in_the_text_and_stops_on_return_and_call(harmony_engine):
+    llm = harmony_engine._llm
+    call = ('<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>commentary '
+            'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
+    llm.replies = [call + "<|call|>never reached"]
+    prompt = harmony_engine.render_prompt([ChatMessage("user", "weather?")])
+    deltas, finished = await collect(harmony_engine, prompt, SamplingParams(max_tokens=200))
+    assert "".join(delta.text for delta in deltas) == call and finished.reason == "stop"
+    sampling = llm.submitted[-1].sampling_params
+    assert (sampling.skip_special_tokens, sampling.spaces_between_special_tokens) == (False, False)
+    hf = llm.tokenizer.tokenizer
+    assert sampling.stop_token_ids == [hf.convert_tokens_to_ids("<|return|>"), hf.convert_tokens_to_ids("<|call|>")]
+
+
+async def test_other_families_decode_without_markup_as_before(engine):
+    await collect(engine, engine.render_prompt([ChatMessage("user", "hi")]), SamplingParams(max_tokens=8))
+    sampling = engine._llm.submitted[-1].sampling_params
+    assert sampling.skip_special_tokens and sampling.stop_token_ids is None
+
+
+async def test_harmony_calls_in_auto_mode_are_a_structural_tag_on_the_commentary_channel(harmony_engine):
+    constraint = Constraint(kind="tools", tools=(WEATHER,), mode="auto")
+    harmony_engine.check_constraint(constraint)
+    harmony_engine._llm.replies = ['<|channel|>final<|message|>{"a": 1}']
+    await collect(harmony_engine, harmony_engine.render_prompt([ChatMessage("user", "w?")]),
+                  SamplingParams(max_tokens=64, constraint=constraint))
+    tag = json.loads(harmony_engine._llm.submitted[-1].sampling_params.guided_decoding.structural_tag)
+    assert tag["triggers"] == ["<|channel|>commentary to=functions."]
+    assert tag["structures"] == [{"begin": "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+                                  "schema": WEATHER[1], "end": "<|call|>"}]
+
+
+def test_a_tool_format_that_does_not_fit_a_harmony_checkpoint_stops_start_up(harmony_checkpoint_dir):
+    with pytest.raises(ValueError, match="trtllm_tool_format 'hermes' does not fit"):
+        TensorRTLLMEngine.from_settings(settings_for(harmony_checkpoint_dir, trtllm_tool_format="hermes"),
+                                        api=fake.install_api())
+
+
+def test_harmony_on_a_tokenizer_without_its_markers_stops_start_up(smollm2_checkpoint_dir):
+    with pytest.raises(RuntimeError, match="no special token '<\\|return\\|>'"):
+        TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_tool_format="harmony"),
+                                        api=fake.install_api())
 
 
 # -- generation ------------------------------------------------------------------------------------

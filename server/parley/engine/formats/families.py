@@ -4,69 +4,22 @@ are rendered into the prompt, the streaming parser, and the shape the grammar en
 always agree on a format; nothing else spells a marker.
 
 An engine names its family's format (`Engine.tool_format`); the service renders and parses with
-it, and an engine that constrains decoding compiles its grammar from it.
+it, and an engine that constrains decoding compiles its grammar from it. gpt-oss's Harmony, a
+format of channels rather than markers in free text, has its own module (harmony.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable
 
-from parley.engine.formats.parsing import Llama3JsonParser, MarkedCallsParser, MistralParser
-
-
-def _signatures(tools: list[dict]) -> list[dict]:
-    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
-                                              "parameters": t.get("parameters") or {}}} for t in tools]
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolFormat:
-    """Calls are written `calls_open (call_open OBJECT call_close) (separator ...)* calls_close`,
-    OBJECT being `{"name": ..., <arguments_key>: {...}}`."""
-
-    name: str
-    marker: str            # the text that opens the calls: parser, lazy grammar and free-text grammar key on it
-    calls_open: str        # once, before the first call
-    call_open: str         # before each call
-    call_close: str        # after each call
-    separator: str         # between calls
-    calls_close: str       # once, after the last call
-    arguments_key: str
-    parser: type[MarkedCallsParser]
-    describe_tools: Callable[[list[dict]], str]  # the system-prompt text that offers the tools
-    render_result: Callable[[str], str]
-    results_separator: str = "\n"
-
-    def __post_init__(self) -> None:
-        if not (self.calls_open + self.call_open).startswith(self.marker):
-            raise ValueError(f"{self.name}: the calls must start with the marker {self.marker!r}")
-
-    @property
-    def after_marker(self) -> str:
-        """What the first call writes after the marker (the lazy grammar starts there)."""
-        return (self.calls_open + self.call_open)[len(self.marker):]
-
-    def call_prefix(self, name: str) -> str:
-        """A call object up to its arguments (what the grammar and a structural tag fix)."""
-        return f'{{"name": {json.dumps(name)}, "{self.arguments_key}": '
-
-    def call_object(self, name: str, arguments: str) -> str:
-        return f"{self.call_prefix(name)}{arguments}}}"
-
-    def render_calls(self, calls: list[tuple[str, str]]) -> str:
-        """One assistant turn's calls [(name, arguments JSON text)], as the model writes them."""
-        return self.calls_open + self.separator.join(
-            self.call_open + self.call_object(name, arguments) + self.call_close for name, arguments in calls
-        ) + self.calls_close
-
-    def render_results(self, outputs: list[str]) -> str:
-        return self.results_separator.join(map(self.render_result, outputs))
+from parley.engine.formats import harmony
+from parley.engine.formats.harmony import HARMONY, HARMONY_MARKER
+from parley.engine.formats.parsing import THINK_CLOSE, THINK_OPEN, Llama3JsonParser, MarkedCallsParser, MistralParser
+from parley.engine.formats.tool_format import ToolFormat, function_signatures
 
 
 def _hermes_tools(tools: list[dict]) -> str:
-    signatures = "\n".join(json.dumps(signature) for signature in _signatures(tools))
+    signatures = "\n".join(json.dumps(signature) for signature in function_signatures(tools))
     return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n"
             "You are provided with function signatures within <tools></tools> XML tags:\n"
             f"<tools>\n{signatures}\n</tools>\n\n"
@@ -76,7 +29,7 @@ def _hermes_tools(tools: list[dict]) -> str:
 
 
 def _llama3_tools(tools: list[dict]) -> str:
-    signatures = "\n\n".join(json.dumps(signature, indent=4) for signature in _signatures(tools))
+    signatures = "\n\n".join(json.dumps(signature, indent=4) for signature in function_signatures(tools))
     return ("Given the following functions, please respond with a JSON for a function call with its proper "
             "arguments that best answers the given prompt.\n\nRespond in the format "
             '{"name": function name, "parameters": dictionary of argument name and its value}. '
@@ -84,7 +37,7 @@ def _llama3_tools(tools: list[dict]) -> str:
 
 
 def _mistral_tools(tools: list[dict]) -> str:
-    return f"[AVAILABLE_TOOLS]{json.dumps(_signatures(tools))}[/AVAILABLE_TOOLS]"
+    return f"[AVAILABLE_TOOLS]{json.dumps(function_signatures(tools))}[/AVAILABLE_TOOLS]"
 
 
 # Hermes/Qwen style: Parley's generic format, for templates without tool support (SmolLM2).
@@ -106,7 +59,7 @@ MISTRAL = ToolFormat(
     describe_tools=_mistral_tools,
     render_result=lambda output: f"[TOOL_RESULTS]{json.dumps({'content': output})}[/TOOL_RESULTS]")
 
-TOOL_FORMATS = {fmt.name: fmt for fmt in (HERMES, LLAMA3_JSON, MISTRAL)}
+TOOL_FORMATS = {fmt.name: fmt for fmt in (HERMES, LLAMA3_JSON, MISTRAL, HARMONY)}
 
 
 def tool_format(name: str) -> ToolFormat:
@@ -118,15 +71,22 @@ def tool_format(name: str) -> ToolFormat:
 
 # What a chat template writes for each family's calls; the first one found names the family.
 _TEMPLATE_MARKERS = (("[TOOL_CALLS]", MISTRAL.name), ("<|python_tag|>", LLAMA3_JSON.name), ("<tool_call>", HERMES.name))
-HARMONY_MARKER = "<|channel|>"
 
 
 def formats_of_template(template: str) -> tuple[str, str]:
     """(tool format, reasoning format) of a checkpoint's chat template: the family whose call
     markers it writes (Hermes, Parley's generic format, when it writes none), and `think` when
-    it writes <think> blocks. gpt-oss's Harmony format has no parser here yet: refused."""
+    it writes <think> blocks; a template that writes Harmony's channels (gpt-oss) is Harmony in
+    both (harmony.py)."""
     if HARMONY_MARKER in template:
-        raise ValueError("this checkpoint's chat template uses the Harmony format (gpt-oss), which Parley "
-                         "does not parse yet")
+        return HARMONY.name, HARMONY.name
     tools = next((name for marker, name in _TEMPLATE_MARKERS if marker in template), HERMES.name)
     return tools, "think" if "<think>" in template else "none"
+
+
+def with_reasoning(reasoning_format: str, thought: str, text: str) -> str:
+    """An assistant turn's text (its answer or its calls, as rendered) opened by the reasoning
+    that led to it, as the family writes reasoning: a <think> block, or Harmony's analysis message."""
+    if reasoning_format == HARMONY.name:
+        return harmony.analysis(thought) + harmony.assistant(text)
+    return f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{text}"

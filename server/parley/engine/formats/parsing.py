@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from parley.engine.formats.segments import CALL_END, CallArguments, CallStart, Reasoning, Segment, Text
 
 if TYPE_CHECKING:
-    from parley.engine.formats.families import ToolFormat
+    from parley.engine.formats.tool_format import ToolFormat
 
 
 
@@ -82,7 +82,7 @@ class MarkedCallsParser:
         if self._state == "text":
             at = self._buffer.find(self.OPEN)
             if at < 0:
-                keep = _partial_suffix(self._buffer, self.OPEN)
+                keep = partial_suffix(self._buffer, self.OPEN)
                 emit, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
                 if emit:
                     yield Text(emit)
@@ -142,7 +142,7 @@ class MarkedCallsParser:
         return False
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):
@@ -242,7 +242,7 @@ class ThinkParser:
         if self._state == "reasoning":
             at = self._buffer.find(self.CLOSE)
             if at < 0:
-                keep = _partial_suffix(self._buffer, self.CLOSE)
+                keep = partial_suffix(self._buffer, self.CLOSE)
                 emit = self._buffer[: len(self._buffer) - keep]
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 if emit:
@@ -267,20 +267,28 @@ class ThinkParser:
 
 
 class OutputParser:
-    """Reasoning first (if the family reasons), then the tool-call format over the answer text."""
+    """Reasoning first (if the family reasons), then the tool-call format over the answer text;
+    a format of channels (Harmony) parses the whole output itself."""
 
     def __init__(self, tool_format: ToolFormat, reasoning_format: str, tools: bool):
+        if tool_format.channels:
+            self._reasoning = self._tools = None
+            self._channels = tool_format.parser(tool_format, tools)
+            return
+        self._channels = None
         self._reasoning = ThinkParser() if reasoning_format == "think" else None
         self._tools = tool_format.parser(tool_format) if tools else None
 
     @property
     def plain(self) -> bool:
         """Whether every delta is answer text as it is (no reasoning block, no tool calls)."""
-        return self._reasoning is None and self._tools is None
+        return self._reasoning is None and self._tools is None and self._channels is None
 
     @property
     def reasoning(self) -> bool:
         """Whether the model is inside its reasoning block right now."""
+        if self._channels is not None:
+            return self._channels.inside
         return self._reasoning is not None and self._reasoning.inside
 
     def _answer(self, segments: Iterator[Segment]) -> Iterator[Segment]:
@@ -293,11 +301,15 @@ class OutputParser:
     def feed(self, delta: str) -> Iterator[Segment] | list[Segment]:
         if self.plain:
             return [Text(delta)]
+        if self._channels is not None:
+            return self._channels.feed(delta)
         if self._reasoning is None:
             return self._tools.feed(delta)
         return self._answer(self._reasoning.feed(delta))
 
     def finish(self) -> Iterator[Segment]:
+        if self._channels is not None:
+            yield from self._channels.finish()
         if self._reasoning is not None:
             yield from self._answer(self._reasoning.finish())
         if self._tools is not None:

@@ -1,0 +1,67 @@
+"""What a model family's tool-call format is made of (families.py and harmony.py hold the formats)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+def function_signatures(tools: list[dict]) -> list[dict]:
+    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
+                                              "parameters": t.get("parameters") or {}}} for t in tools]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolFormat:
+    """Calls are written `calls_open (call_open OBJECT call_close) (separator ...)* calls_close`,
+    OBJECT being `call_prefix(name) ARGUMENTS call_suffix`: `{"name": ..., <arguments_key>: {...}}`
+    in the JSON families."""
+
+    name: str
+    marker: str            # the text that opens the calls: parser, lazy grammar and free-text grammar key on it
+    calls_open: str        # once, before the first call
+    call_open: str         # before each call
+    call_close: str        # after each call
+    separator: str         # between calls
+    calls_close: str       # once, after the last call
+    arguments_key: str
+    parser: type[Any]      # the streaming parser: parser(fmt) for the answer text, parser(fmt, tools) with channels
+    describe_tools: Callable[[list[dict]], str]  # the system-prompt text that offers the tools
+    render_result: Callable[[str], str]
+    results_separator: str = "\n"
+    call_suffix: str = "}"  # what closes a call object after its arguments
+    calls_per_turn: int | None = None  # a format whose calls end the generation allows one
+    results_role: str = "user"  # the role of the message that carries results
+    results_named: bool = False  # whether a result is rendered with its call's function name
+    instructions_header: str = ""  # what precedes the instructions in the developer message
+    # Whether the whole output is messages on channels (Harmony): its parser reads reasoning too,
+    # and the engine renders the prompt with the format's own renderer.
+    channels: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.calls_open + self.call_open).startswith(self.marker):
+            raise ValueError(f"{self.name}: the calls must start with the marker {self.marker!r}")
+
+    @property
+    def after_marker(self) -> str:
+        """What the first call writes after the marker (the lazy grammar starts there)."""
+        return (self.calls_open + self.call_open)[len(self.marker):]
+
+    def call_prefix(self, name: str) -> str:
+        """A call object up to its arguments (what the grammar and a structural tag fix)."""
+        return f'{{"name": {json.dumps(name)}, "{self.arguments_key}": '
+
+    def call_object(self, name: str, arguments: str) -> str:
+        return f"{self.call_prefix(name)}{arguments}{self.call_suffix}"
+
+    def render_calls(self, calls: list[tuple[str, str]]) -> str:
+        """One assistant turn's calls [(name, arguments JSON text)], as the model writes them."""
+        return self.calls_open + self.separator.join(
+            self.call_open + self.call_object(name, arguments) + self.call_close for name, arguments in calls
+        ) + self.calls_close
+
+    def render_results(self, results: list[tuple[str | None, str]]) -> str:
+        """One turn's results [(the called function's name, if known; output)]."""
+        return self.results_separator.join(self.render_result(output) for _, output in results)
