@@ -169,8 +169,8 @@ class TensorRTLLMEngine:
             # and <|call|> (formats/harmony.py). Results are rendered with their calls' names, found
             # in the whole context: the prompt is rendered whole.
             self.reasoning_format = self._format.name
-            self._stop_ids = self._marker_ids(harmony.STOPS)
-            self._marker_ids(harmony.MARKERS)
+            marker_ids = self._marker_ids(harmony.MARKERS)
+            self._stop_ids = [marker_ids[marker] for marker in harmony.STOPS]
             self.message_rendering, why_not = None, "harmony prompts are rendered whole"
         else:
             # The prompt message by message where the template allows it (engine/segments.py).
@@ -222,15 +222,15 @@ class TensorRTLLMEngine:
         # The template wrote the special tokens (BOS included, where the family has one).
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def _marker_ids(self, markers: tuple[str, ...]) -> list[int]:
-        """The token ids of a format's markers, each one special token of this tokenizer."""
-        ids = []
+    def _marker_ids(self, markers: tuple[str, ...]) -> dict[str, int]:
+        """The token id of each of a format's markers, each one special token of this tokenizer."""
+        ids = {}
         for marker in markers:
             encoded = self._tokenize(marker)
             if len(encoded) != 1:
                 raise RuntimeError(f"the checkpoint's tokenizer has no special token {marker!r}, which the "
                                    f"{self.tool_format} format needs")
-            ids.extend(encoded)
+            ids[marker] = encoded[0]
         return ids
 
     def _boundaries(self) -> frozenset[int]:

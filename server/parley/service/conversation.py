@@ -7,8 +7,9 @@ form one assistant turn; consecutive results, one user turn.
 
 Reasoning items reach the prompt of a reasoning family as the `<think>` block (Harmony: the
 analysis message) that opens the assistant turn they belong to (the next assistant message or
-calls), which is how such a model wrote them: stateless multi-turn (`encrypted_content` sent back) depends on it. A family without
-reasoning has no place for them in its template, so there they are left out.
+calls), which is how such a model wrote them: stateless multi-turn (`encrypted_content` sent
+back) depends on it. A family without reasoning has no place for them in its template, so there
+they are left out.
 
 A compaction item (service/compaction.py, opened: its `summary` readable) stands for the
 conversation it replaced: a user message that carries the summary.

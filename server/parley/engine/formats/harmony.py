@@ -28,9 +28,9 @@ from parley.engine.formats.tool_format import ToolFormat
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
-MARKERS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
-HARMONY_MARKER = CHANNEL  # what a chat template that writes Harmony has in it
 STOPS = (RETURN, CALL)  # what ends a generation: the answer given, or a call to run
+MARKERS = (*STOPS, START, END, MESSAGE, CHANNEL, CONSTRAIN)
+HARMONY_MARKER = CHANNEL  # what a chat template that writes Harmony has in it
 FUNCTIONS = "functions"  # the namespace of the developer's functions
 
 SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n\n"
@@ -47,6 +47,12 @@ def message(author: str, content: str, channel: str | None = None, end: str = EN
 
 def analysis(thought: str) -> str:
     return message("assistant", thought, "analysis") if thought else ""
+
+
+def result(name: str | None, output: str) -> str:
+    """A tool's result, from the called function (`functions` alone when its name is not known)."""
+    author = f"{FUNCTIONS}.{name}" if name else FUNCTIONS
+    return message(f"{author} to=assistant", output, "commentary")
 
 
 def assistant(text: str) -> str:
@@ -67,8 +73,7 @@ def render(messages: list[ChatMessage], generation: bool) -> str:
         elif chat.role == "assistant":
             parts.append(assistant(chat.content))
         elif chat.role == "tool":
-            parts.append(chat.content if chat.content.startswith(START)
-                         else message(f"{FUNCTIONS} to=assistant", chat.content, "commentary"))
+            parts.append(chat.content if chat.content.startswith(START) else result(None, chat.content))
         else:  # developer, system: the developer's instructions
             parts.append(message("developer", chat.content))
     if generation:
@@ -142,8 +147,7 @@ class HarmonyFormat(ToolFormat):
                        for name, arguments in calls)
 
     def render_results(self, results: list[tuple[str | None, str]]) -> str:
-        return "".join(message(f"{FUNCTIONS}.{name} to=assistant" if name else f"{FUNCTIONS} to=assistant", output,
-                               "commentary") for name, output in results)
+        return "".join(result(name, output) for name, output in results)
 
 
 _RECIPIENT = re.compile(r"to=([^\s<]+)")
