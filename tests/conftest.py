@@ -27,3 +27,11 @@ def harmony_checkpoint_dir(tmp_path_factory, smollm2_checkpoint_dir):
     from tests.fakes.checkpoint import harmony_checkpoint
 
     return harmony_checkpoint(tmp_path_factory.mktemp("harmony-hf"), smollm2_checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tools_checkpoint_dir(tmp_path_factory, smollm2_checkpoint_dir):
+    """The same checkpoint with a chat template that renders tools itself (Qwen2.5's shape)."""
+    from tests.fakes.checkpoint import TOOLS_TEMPLATE, templated_checkpoint
+
+    return templated_checkpoint(tmp_path_factory.mktemp("tools-hf"), smollm2_checkpoint_dir, TOOLS_TEMPLATE)

@@ -55,6 +55,7 @@ class Settings:
     context_window: int = 8192
     engine_threads: int = 0
     kv_cache: str = "shared"
+    template_tools: bool = True
     trtllm_tensor_parallel_size: int = 1
     trtllm_pipeline_parallel_size: int = 1
     trtllm_max_batch_size: int = 0
@@ -184,9 +185,10 @@ class Settings:
             if not self.engine_socket:
                 problems.append("engine remote needs engine_socket: the Unix socket of the engine process "
                                 "(`parley engine`)")
-            engine_settings = [name for name in ("model_path", "engine_threads", "kv_cache", "synthetic_output_tokens",
-                                                 "synthetic_tokens_per_second", "synthetic_step_ms",
-                                                 "scripted_output_tokens", "scripted_token_delay_ms", *trtllm_set)
+            engine_settings = [name for name in ("model_path", "engine_threads", "kv_cache", "template_tools",
+                                                 "synthetic_output_tokens", "synthetic_tokens_per_second",
+                                                 "synthetic_step_ms", "scripted_output_tokens",
+                                                 "scripted_token_delay_ms", *trtllm_set)
                                if getattr(self, name) != getattr(defaults, name)]
             problems += [f"{name} is a setting of the engine process; engine remote does not use it"
                          for name in engine_settings]
@@ -238,6 +240,9 @@ HELP = {
     "model_name": "model id clients pass as `model` and see in /v1/models",
     "context_window": "tokens of context (prompt + output)",
     "engine_threads": "CPU threads for llama.cpp; 0 = all cores",
+    "template_tools": "llamacpp, tensorrt_llm: a chat template that renders tools (tools=, tool_calls) writes "
+                      "them in its own words, where a start-up probe shows it does; false: Parley writes the "
+                      "family's format",
     "kv_cache": "llama.cpp KV cache: `shared` (one pool of context_window cells for all sequences) or "
                 "`per_sequence` (context_window cells for each sequence: faster decoding of several at "
                 "once, memory times max_concurrent_generations)",

@@ -208,6 +208,33 @@ def check_guided_call(call, llm, guide: str) -> None:
     assert "<tools>" in prompt and '"get_weather"' in prompt  # the tool offered in the family's format
 
 
+async def test_a_template_that_renders_tools_writes_the_agent_turn_the_sdk_sent(tmp_path, tools_checkpoint_dir):
+    """A call, its result sent back, the answer: the second prompt is the template's own
+    rendering of the tools, the call and the result (tests/fakes/checkpoint.py TOOLS_TEMPLATE),
+    and the model's call is parsed in the family format as ever."""
+    engine = trtllm_engine(tools_checkpoint_dir)
+    assert engine.native_tools
+    engine._llm.replies = [CALL_REPLY, "It is sunny in Oslo."]
+    async with running_stack(tmp_path / "parley.sqlite3", engine=engine, model_name=TRTLLM_MODEL) as stack:
+        async with sdk(stack) as client:
+            first = await client.responses.create(model=TRTLLM_MODEL, input="Weather in Oslo?", tools=[WEATHER_TOOL],
+                                                  instructions="Be brief.", max_output_tokens=64)
+            [call] = [item for item in first.output if item.type == "function_call"]
+            assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+            second = await client.responses.create(
+                model=TRTLLM_MODEL, previous_response_id=first.id, tools=[WEATHER_TOOL], instructions="Be brief.",
+                input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+                max_output_tokens=64)
+    assert second.output_text == "It is sunny in Oslo."
+    prompt = engine._llm.tokenizer.decode(engine._llm.submitted[-1].prompt_token_ids, skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to "
+                             "assist with the user query.\n\nYou are provided")  # the template's words
+    assert prompt.endswith(
+        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
 class City(BaseModel):
     name: str
     population: int

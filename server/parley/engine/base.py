@@ -20,6 +20,13 @@ class ChatMessage(NamedTuple):
 
     role: str  # system | developer | user | assistant | tool (results, in a format whose results_role is tool)
     content: str
+    # Set only for an engine whose chat template renders tools itself (Engine.native_tools); the
+    # content then holds no tool markup. On the first (developer) message: the functions offered,
+    # as JSON text of their signatures. On an assistant message: its calls (call id, function
+    # name, arguments JSON text). On a tool message: (call id, function name) of the call it answers.
+    tools: str = ""
+    calls: tuple[tuple[str, str, str], ...] = ()
+    call: tuple[str, str | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +125,17 @@ class Engine(Protocol):
     # template renders each message on its own: a long conversation's turn then renders only its
     # new messages. Optional; None or absent: every prompt is rendered whole.
     message_rendering: object | None
+    # Whether the chat template renders tools, calls and results itself (Hugging Face's `tools=`
+    # and `tool_calls`): messages then arrive structured (ChatMessage's tool fields). Optional;
+    # default False.
+    native_tools: bool
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize.
 
         Tool definitions and tool calls arrive already rendered as messages in the engine's
-        `tool_format` (service/tools.py), so templates without tool support work too."""
+        `tool_format` (service/conversation.py), so templates without tool support work too;
+        an engine with `native_tools` gets them structured instead."""
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[EngineEvent]:
         """Stream TextDelta events (a list when several tokens are ready at once), then one Finished.

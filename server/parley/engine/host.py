@@ -113,7 +113,8 @@ class EngineHost:
     def description(self) -> dict:
         engine = self.engine
         return {"model_id": engine.model_id, "context_window": engine.context_window,
-                "tool_format": engine.tool_format, "reasoning_format": engine.reasoning_format}
+                "tool_format": engine.tool_format, "reasoning_format": engine.reasoning_format,
+                "native_tools": getattr(engine, "native_tools", False)}
 
     def status_frame(self) -> list:
         health = self.engine.health()

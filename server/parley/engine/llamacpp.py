@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import json
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from parley.config import KV_CACHE_LAYOUTS, Settings
+from parley.engine import template_tools
 from parley.engine.base import ChatMessage, EngineHealth, Finished, SamplingParams, TextDelta
 from parley.engine.formats import formats_of_template, tool_format
 from parley.engine.grammar import lazy
@@ -56,6 +58,24 @@ MAX_UNREAD_ITEMS = 256
 CLOSING_MARGIN = 4
 # How long the worker waits when every running sequence sits out (their readers are slow).
 IDLE_WAIT_SECONDS = 0.01
+
+
+def _template_environment(sandbox):
+    """A Jinja sandbox with what Hugging Face gives chat templates (`raise_exception`, loop
+    controls, a `tojson` that writes as json.dumps does: Jinja's own escapes <, >, & and ' for HTML
+    and sorts keys), so that a template renders here as it does through a tokenizer."""
+    from jinja2.exceptions import TemplateError
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(value, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    return environment
 
 
 def default_model_path() -> Path:
@@ -131,7 +151,7 @@ class _Sequence:
 
 class LlamaCppEngine:
     def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int, sequences: int = 4,
-                 kv_cache: str = "shared"):
+                 kv_cache: str = "shared", use_template_tools: bool = True):
         import llama_cpp  # heavy import, only when this engine is chosen
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -152,7 +172,7 @@ class LlamaCppEngine:
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise RuntimeError(f"{model_path} has no chat template in its metadata")
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        self._template = _template_environment(ImmutableSandboxedEnvironment).from_string(template)
         # The family's tool format, as the GGUF's template writes calls (Hermes-style, Parley's
         # generic format, for templates with no tool support, like SmolLM2's); Parley renders tools
         # in it and the grammar enforces it, so prompt, constraint and parser always agree. Templates
@@ -163,11 +183,20 @@ class LlamaCppEngine:
                                "with the GGUF's chat template and has no Harmony renderer: serve it with "
                                "PARLEY_ENGINE=tensorrt_llm")
         self._lib = llama_cpp
-        # The prompt message by message where the template allows it (engine/segments.py).
-        self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize, self._is_boundary)
+        self._format = tool_format(self.tool_format)
+        self.native_tools, why_native = (template_tools.check(template, self._render_chat, self._format)
+                                         if use_template_tools else (False, "template_tools is off"))
+        if self.native_tools:
+            # A template that groups results and writes the tools into the system message does
+            # not render message by message (engine/template_tools.py).
+            self.message_rendering, why_not = None, "the template renders tools itself"
+        else:
+            # The prompt message by message where the template allows it (engine/segments.py).
+            self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize,
+                                                                        self._is_boundary)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
-        self._sampling = Sampling(llama_cpp, self._llm, tool_format(self.tool_format),
-                                  reasoning=self.reasoning_format == "think")
+        log.info("engine.tool_rendering", by_template=self.native_tools, reason=why_native)
+        self._sampling = Sampling(llama_cpp, self._llm, self._format, reasoning=self.reasoning_format == "think")
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_cells
@@ -203,15 +232,20 @@ class LlamaCppEngine:
     def from_settings(cls, settings: Settings) -> "LlamaCppEngine":
         path = Path(settings.model_path) if settings.model_path else default_model_path()
         return cls(path, settings.model_name, settings.context_window, settings.engine_threads,
-                   settings.max_concurrent_generations, settings.kv_cache)
+                   settings.max_concurrent_generations, settings.kv_cache, settings.template_tools)
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         return self._tokenize(self._render_text(messages, True))
 
     def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
-        # The model family knows system/user/assistant; `developer` is OpenAI's name for system.
-        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
-        return self._template.render(messages=chat, add_generation_prompt=generation, bos_token="", eos_token="")
+        if self.native_tools:
+            return template_tools.render(messages, generation, self._render_chat, self._format)
+        return self._render_chat(template_tools.plain_chat(messages), None, generation)
+
+    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool) -> str:
+        # `tools` always given, None when there are none, as Hugging Face's apply_chat_template does.
+        return self._template.render(messages=chat, tools=tools, add_generation_prompt=generation, bos_token="",
+                                     eos_token="")
 
     def _tokenize(self, text: str) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

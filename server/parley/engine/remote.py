@@ -75,6 +75,7 @@ class RemoteEngine:
         self.context_window = 0
         self.tool_format = "hermes"
         self.reasoning_format = "none"
+        self.native_tools = False
         self._protocol: wire.FrameProtocol | None = None
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
@@ -123,6 +124,7 @@ class RemoteEngine:
         self.context_window = description["context_window"]
         self.tool_format = description["tool_format"]
         self.reasoning_format = description["reasoning_format"]
+        self.native_tools = description.get("native_tools", False)
         log.info("engine.connected", socket=self.socket_path, model=self.model_id)
 
     async def _keep_connected(self) -> None:
@@ -187,7 +189,7 @@ class RemoteEngine:
                 protocol.send(["abort", stream_id])  # the engine process closes the generation: the abort
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        return self._call("render", [list(message) for message in messages])
+        return self._call("render", wire.encode_messages(messages))
 
     def check_constraint(self, constraint: Constraint | None) -> None:
         if constraint is None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from parley.config import Settings
+from parley.engine import template_tools
 from parley.engine.base import (
     ChatMessage,
     Constraint,
@@ -137,7 +138,7 @@ class TensorRTLLMEngine:
     STATS_RETRY_SECONDS = 1.0
 
     def __init__(self, llm, api: TrtllmApi, *, model_id: str, context_window: int, guided: bool,
-                 tool_format_name: str = "auto", iteration_stats: bool = False):
+                 tool_format_name: str = "auto", iteration_stats: bool = False, use_template_tools: bool = True):
         self._llm = llm
         self._iteration_stats = iteration_stats
         self._kv_usage: dict[int, float] = {}  # attention-DP rank: used / max KV blocks, its latest step
@@ -164,6 +165,7 @@ class TensorRTLLMEngine:
         self.tool_format = detected_tools if tool_format_name == "auto" else tool_format_name
         self._format = tool_format(self.tool_format)
         self._stop_ids: list[int] | None = None
+        self.native_tools = False
         if self._format.channels:
             # Harmony: Parley's own renderer, markers kept in the decoded text, stopped on <|return|>
             # and <|call|> (formats/harmony.py). Results are rendered with their calls' names, found
@@ -172,12 +174,21 @@ class TensorRTLLMEngine:
             marker_ids = self._marker_ids(harmony.MARKERS)
             self._stop_ids = [marker_ids[marker] for marker in harmony.STOPS]
             self.message_rendering, why_not = None, "harmony prompts are rendered whole"
+            why_native = "harmony is rendered by Parley"
         else:
+            self.native_tools, why_native = (template_tools.check(template, self._render_chat, self._format)
+                                             if use_template_tools else (False, "template_tools is off"))
+        if self.native_tools:
+            # Structured tool messages, rendered whole: a template groups consecutive results and
+            # writes the tools into the system message, so messages do not render one by one.
+            self.message_rendering, why_not = None, "the template renders tools itself"
+        elif not self._format.channels:
             # The prompt message by message where the template allows it (engine/segments.py).
             boundaries = self._boundaries()
             self.message_rendering, why_not = TemplateSegments.checked(self._render_text, self._tokenize,
                                                                         boundaries.__contains__)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
+        log.info("engine.tool_rendering", by_template=self.native_tools, reason=why_native)
         self._dead: str | None = None
         self._closed = False
         self._guides: dict[str, tuple[str, str]] = {}
@@ -199,7 +210,8 @@ class TensorRTLLMEngine:
             raise ValueError(f"invalid TensorRT-LLM configuration: {exc}") from None
         return cls(llm, api, model_id=settings.model_name, context_window=settings.context_window,
                    guided=settings.trtllm_guided_decoding_backend != "none", tool_format_name=settings.trtllm_tool_format,
-                   iteration_stats=bool(arguments.get("enable_iter_perf_stats")))
+                   iteration_stats=bool(arguments.get("enable_iter_perf_stats")),
+                   use_template_tools=settings.template_tools)
 
     async def start(self) -> None:
         """Follow the iteration stats (on the loop, where the LLM was built) for kv_cache_usage()."""
@@ -214,9 +226,13 @@ class TensorRTLLMEngine:
     def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
         if self._format.channels:
             return harmony.render(messages, generation)
-        # The checkpoint's own template; `developer` is OpenAI's name for the system role.
-        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
-        return self._hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+        if self.native_tools:
+            return template_tools.render(messages, generation, self._render_chat, self._format)
+        return self._render_chat(template_tools.plain_chat(messages), None, generation)
+
+    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool) -> str:
+        """The checkpoint's own template, as TensorRT-LLM's tokenizer applies it."""
+        return self._hf.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=generation)
 
     def _tokenize(self, text: str) -> list[int]:
         # The template wrote the special tokens (BOS included, where the family has one).

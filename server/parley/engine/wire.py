@@ -11,7 +11,9 @@ serving process -> engine process
     ["generate", id, prompt, params]          -> ["d", id, [delta, ...]]..., then ["f", id, finished]
                                                  or ["e", id, kind, message]
     ["abort", id]                             (the consumer is gone; no reply)
-    ["render", id, [[role, content], ...]]    -> ["r", id, tokens] or ["e", id, kind, message]
+    ["render", id, [message, ...]]            -> ["r", id, tokens] or ["e", id, kind, message]
+                                                 (a message: [role, content], or with its tool
+                                                 fields [role, content, tools, calls, call])
     ["constraint", id, constraint]            -> ["r", id, null] or ["e", id, "invalid", message]
 engine process -> serving process, on hello and every STATUS_SECONDS:
     ["status", ok, detail, kv_cache_usage]
@@ -85,8 +87,16 @@ def decode_finished(fields: list) -> Finished:
     return Finished(*fields)
 
 
+def encode_messages(messages: list[ChatMessage]) -> list[list]:
+    return [list(message) if message.tools or message.calls or message.call else [message.role, message.content]
+            for message in messages]
+
+
 def decode_messages(fields: list) -> list[ChatMessage]:
-    return [ChatMessage(role, content) for role, content in fields]
+    return [ChatMessage(*message) if len(message) == 2 else
+            ChatMessage(message[0], message[1], message[2], tuple(map(tuple, message[3])),
+                        tuple(message[4]) if message[4] is not None else None)
+            for message in fields]
 
 
 def error_kind(exc: BaseException) -> str:

@@ -3,7 +3,10 @@
 Tools, tool calls and tool results are rendered as text in the engine family's tool format
 (engine/formats/families.py), so a model whose chat template has no tool support (SmolLM2) still
 sees them, in the very format its grammar and parser expect. Consecutive calls (parallel calls)
-form one assistant turn; consecutive results, one user turn.
+form one assistant turn; consecutive results, one user turn. For an engine whose template renders
+tools itself (a native ToolFormat), they stay structured instead: the tools on the developer
+message, the calls on their assistant message, one tool message per result; the template writes
+them (ToolFormat.flattened turns such messages into the text form, the same as built here).
 
 Reasoning items reach the prompt of a reasoning family as the `<think>` block (Harmony: the
 analysis message) that opens the assistant turn they belong to (the next assistant message or
@@ -74,10 +77,11 @@ def to_messages(instructions: str | None, items: list[dict], tools: list[dict] |
 
 def system_message(instructions: str | None, tools: list[dict] | None, tool_format: ToolFormat) -> ChatMessage | None:
     """The instructions and the tools offered, as the conversation's first message (if any)."""
-    system = tool_format.instructions_header + instructions if instructions else ""
-    if tools:
-        offered = tool_format.describe_tools(tools)
-        system = f"{system}\n\n{offered}" if system else offered
+    if tool_format.native:
+        offered = json.dumps([{key: tool.get(key) for key in ("name", "description", "parameters")}
+                              for tool in tools]) if tools else ""
+        return ChatMessage("developer", instructions or "", tools=offered) if instructions or tools else None
+    system = tool_format.system_text(instructions, tools)
     return ChatMessage("developer", system) if system else None
 
 
@@ -103,15 +107,15 @@ def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: 
     thought = ""  # reasoning waiting for the assistant turn it opens
     thought_from = 0  # ... from this item
 
-    def assistant(text: str) -> ChatMessage:
+    def assistant(message: ChatMessage) -> ChatMessage:
         nonlocal thought
         if thought:
-            text, thought = with_reasoning(reasoning_format, thought, text), ""
-        return ChatMessage("assistant", text)
+            message, thought = message._replace(content=with_reasoning(reasoning_format, thought, message.content)), ""
+        return message
 
     def add(message: ChatMessage, start: int) -> None:
         starts.append(thought_from if thought else start)
-        messages.append(assistant(message.content) if message.role == "assistant" else message)
+        messages.append(assistant(message) if message.role == "assistant" else message)
 
     names: dict[str, str] | None = None  # call id: function name, for formats that name results
     kind, at = "", 0
@@ -132,13 +136,20 @@ def body_messages(items: list[dict], tool_format: ToolFormat, reasoning_format: 
         elif kind == "message":
             for index, item in enumerate(group, start):
                 add(ChatMessage(item["role"], _text_of(item["content"])), index)
+        elif kind == "calls" and tool_format.native:
+            add(ChatMessage("assistant", "", calls=tuple((item["call_id"], *_call(item)) for item in group)), start)
         elif kind == "calls":
             add(ChatMessage("assistant", tool_format.render_calls([_call(item) for item in group])), start)
         elif kind == "results":
             if names is None:
-                names = _call_names(items) if tool_format.results_named else {}
-            add(ChatMessage(tool_format.results_role, tool_format.render_results(
-                [(names.get(item.get("call_id")), _text_of(item["output"])) for item in group])), start)
+                names = _call_names(items) if tool_format.results_named or tool_format.native else {}
+            if tool_format.native:
+                for index, item in enumerate(group, start):
+                    add(ChatMessage("tool", _text_of(item["output"]), call=(item["call_id"], names.get(item["call_id"]))),
+                        index)
+            else:
+                add(ChatMessage(tool_format.results_role, tool_format.render_results(
+                    [(names.get(item.get("call_id")), _text_of(item["output"])) for item in group])), start)
     if thought:
         add(ChatMessage("assistant", ""), at)
         return Body(messages, None, starts)

@@ -106,7 +106,7 @@ class Preparer:
         self.default_max_output_tokens = default_max_output_tokens
         self.log_prompts = log_prompts
         self.sealer = sealer
-        self.prompts = Prompts(engine, tool_format(engine.tool_format))
+        self.prompts = Prompts(engine, tool_format(engine.tool_format, native=getattr(engine, "native_tools", False)))
 
     async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None, *,
                       known: list[dict] | None = None, keep_chain: bool = False,
@@ -209,7 +209,7 @@ class Preparer:
         if dropped:
             log.info("prompt.truncated", dropped_items=dropped)
         if self.log_prompts:  # opt-in only: prompt text never reaches logs by default
-            log.debug("prompt.text", messages=[(m.role, m.content) for m in self.prompts.messages(params, context.items)])
+            log.debug("prompt.text", messages=[tuple(m) for m in self.prompts.messages(params, context.items)])
         return prompt, turn
 
     async def _prepare(self, project: str, body, arrived_at: float, compacted, known, keep_chain: bool,

@@ -352,3 +352,52 @@ async def test_a_cached_prefix_is_reused_within_its_scope_only(engine):
     _, again = await run(engine, prompt, cache_scope="acme")
     assert other.cached_tokens == 0  # another project's prefix is never reused
     assert again.cached_tokens == first.input_tokens - 1  # its own still is
+
+
+# -- a GGUF whose template renders tools -----------------------------------------------------------
+
+
+def gguf_with_template(monkeypatch, template: str) -> None:
+    """The SmolLM2 GGUF read as if its metadata carried `template` (no other GGUF is here)."""
+    import llama_cpp
+
+    class Retemplated(llama_cpp.Llama):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.metadata = {**self.metadata, "tokenizer.chat_template": template}
+
+    monkeypatch.setattr(llama_cpp, "Llama", Retemplated)
+
+
+async def test_a_gguf_template_that_renders_tools_renders_them_as_the_tokenizer_does(
+        monkeypatch, tools_checkpoint_dir):
+    """The same template through llama.cpp's Jinja sandbox and through the Hugging Face tokenizer
+    (the TensorRT-LLM adapter): token for token the same prompt, tools, calls and results."""
+    from parley import config
+    from parley.engine.formats import tool_format
+    from parley.engine.trtllm import TensorRTLLMEngine
+    from parley.service.conversation import to_messages
+
+    from tests.fakes import tensorrt_llm as fake
+    from tests.fakes.checkpoint import TOOLS_TEMPLATE
+    from tests.support.tool_turn import TOOL_TURN, WEATHER_TOOL
+
+    gguf_with_template(monkeypatch, TOOLS_TEMPLATE)
+    engine = LlamaCppEngine(default_model_path(), "SmolLM2", context_window=1024, threads=1, sequences=1)
+    trtllm = TensorRTLLMEngine.from_settings(config.load(
+        environ={}, engine="tensorrt_llm", model_path=str(tools_checkpoint_dir), context_window=1024),
+        api=fake.install_api())
+    try:
+        assert engine.native_tools and engine.message_rendering is None
+        messages = to_messages("Be brief.", TOOL_TURN, [WEATHER_TOOL], tool_format("hermes", native=True))
+        assert engine.render_prompt(messages) == trtllm.render_prompt(messages)
+    finally:
+        await engine.close()
+    refused = TOOLS_TEMPLATE.replace("{%- for call in message.tool_calls -%}",
+                                     "{{- raise_exception('no calls') -}}{%- for call in message.tool_calls -%}")
+    gguf_with_template(monkeypatch, refused)
+    refusing = LlamaCppEngine(default_model_path(), "SmolLM2", context_window=1024, threads=1, sequences=1)
+    try:
+        assert not refusing.native_tools  # the probe's call hits the refusal
+    finally:
+        await refusing.close()

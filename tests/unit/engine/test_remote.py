@@ -78,6 +78,27 @@ def test_sampling_params_constraints_and_deltas_cross_the_wire_unchanged():
     assert wire.decode_finished(orjson.loads(orjson.dumps(wire.encode_finished(finished)))) == finished
 
 
+def test_structured_messages_cross_the_wire_unchanged_and_plain_ones_stay_short():
+    import orjson
+
+    messages = [ChatMessage("developer", "Be brief.", tools='[{"name": "f"}]'), ChatMessage("user", "Hi"),
+                ChatMessage("assistant", "", calls=(("c1", "f", "{}"), ("c2", "g", '{"a": 1}'))),
+                ChatMessage("tool", "ok", call=("c1", "f")), ChatMessage("tool", "?", call=("c9", None))]
+    assert wire.decode_messages(orjson.loads(orjson.dumps(wire.encode_messages(messages)))) == messages
+    assert wire.encode_messages([messages[1]]) == [["user", "Hi"]]
+
+
+async def test_a_template_that_renders_tools_does_so_in_the_engine_process(tools_checkpoint_dir, socket_path):
+    settings = config.load(environ={}, engine="tensorrt_llm", model_path=str(tools_checkpoint_dir), context_window=4096)
+    engine = TensorRTLLMEngine.from_settings(settings, api=fake.install_api())
+    async with connected(engine, socket_path) as (host, remote):
+        assert remote.native_tools
+        messages = [ChatMessage("developer", "", tools='[{"name": "f", "description": "F.", "parameters": {}}]'),
+                    ChatMessage("user", "Hi"), ChatMessage("assistant", "", calls=(("c1", "f", "{}"),)),
+                    ChatMessage("tool", "ok", call=("c1", "f"))]
+        assert await asyncio.to_thread(remote.render_prompt, messages) == engine.render_prompt(messages)
+
+
 # -- the TensorRT-LLM adapter in an engine process -------------------------------------------------
 
 
@@ -212,6 +233,8 @@ def test_remote_needs_a_socket_and_refuses_the_engine_process_settings():
         config.load(environ={}, engine="remote", engine_socket="/tmp/e.sock", synthetic_step_ms=20)
     with pytest.raises(ValueError, match="trtllm_tensor_parallel_size is a setting of the engine process"):
         config.load(environ={}, engine="remote", engine_socket="/tmp/e.sock", trtllm_tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="template_tools is a setting of the engine process"):
+        config.load(environ={"PARLEY_TEMPLATE_TOOLS": "false"}, engine="remote", engine_socket="/tmp/e.sock")
     assert config.load(environ={}, engine="remote", engine_socket="/tmp/e.sock").engine_socket == "/tmp/e.sock"
 
 

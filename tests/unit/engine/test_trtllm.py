@@ -8,12 +8,17 @@ import json
 
 import pytest
 from parley import config
+from parley.engine import template_tools
 from parley.engine.base import ChatMessage, Constraint, EngineDead, RequestFailed, SamplingParams, TextDelta
+from parley.engine.formats import tool_format
 from parley.engine.llamacpp import LlamaCppEngine, default_model_path
 from parley.engine.trtllm import TensorRTLLMEngine
+from parley.service.conversation import to_messages
 
 from tests.fakes import tensorrt_llm as fake
+from tests.fakes.checkpoint import TOOLS_TEMPLATE, templated_checkpoint
 from tests.support.generations import collect, eventually
+from tests.support.tool_turn import TEMPLATE_RENDERED, TOOL_TURN, WEATHER_TOOL
 
 
 def settings_for(checkpoint, **overrides):
@@ -175,6 +180,74 @@ def test_harmony_on_a_tokenizer_without_its_markers_stops_start_up(smollm2_check
     with pytest.raises(RuntimeError, match="no special token '<\\|return\\|>'"):
         TensorRTLLMEngine.from_settings(settings_for(smollm2_checkpoint_dir, trtllm_tool_format="harmony"),
                                         api=fake.install_api())
+
+
+# -- a template that renders tools itself ----------------------------------------------------------
+
+def tool_turn_messages(engine, items=TOOL_TURN):
+    fmt = tool_format(engine.tool_format, native=engine.native_tools)
+    return to_messages("Be brief.", items, [WEATHER_TOOL], fmt, engine.reasoning_format)
+
+
+def decoded(engine, prompt: list[int]) -> str:
+    return engine._llm.tokenizer.tokenizer.decode(prompt, skip_special_tokens=False)
+
+
+def test_a_template_that_renders_tools_writes_the_tools_calls_and_results_itself(tools_checkpoint_dir):
+    engine = TensorRTLLMEngine.from_settings(settings_for(tools_checkpoint_dir), api=fake.install_api())
+    assert engine.native_tools and engine.tool_format == "hermes"
+    assert engine.message_rendering is None  # the template groups results: rendered whole
+    assert decoded(engine, engine.render_prompt(tool_turn_messages(engine))) == TEMPLATE_RENDERED
+
+
+def test_without_template_tools_parley_writes_the_family_format(tools_checkpoint_dir):
+    engine = TensorRTLLMEngine.from_settings(settings_for(tools_checkpoint_dir, template_tools=False),
+                                             api=fake.install_api())
+    assert not engine.native_tools
+    text = decoded(engine, engine.render_prompt(tool_turn_messages(engine)))
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to "
+                           "assist with the user query.\nYou are provided")  # Parley's words, in the system turn
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+
+
+def test_a_turn_the_template_refuses_is_rendered_in_the_family_format(tools_checkpoint_dir, tmp_path):
+    refusing = TOOLS_TEMPLATE.replace(
+        "{%- for call in message.tool_calls -%}",
+        "{%- if message.tool_calls | length > 1 -%}{{- raise_exception('one call at a time') -}}{%- endif -%}"
+        "{%- for call in message.tool_calls -%}")
+    checkpoint = templated_checkpoint(tmp_path / "refusing", tools_checkpoint_dir, refusing)
+    engine = TensorRTLLMEngine.from_settings(settings_for(checkpoint), api=fake.install_api())
+    assert engine.native_tools  # one call passes the probe
+    messages = tool_turn_messages(engine)
+    parley_written = TensorRTLLMEngine.from_settings(settings_for(checkpoint, template_tools=False),
+                                                     api=fake.install_api())
+    family = parley_written.render_prompt(tool_turn_messages(parley_written))
+    assert engine.render_prompt(messages) == family  # two calls: the template's refusal is not the client's
+    one_call = tool_turn_messages(engine, [TOOL_TURN[0], TOOL_TURN[1], TOOL_TURN[3]])
+    assert '<tool_call>\n{"name": "get_weather"' in decoded(engine, engine.render_prompt(one_call))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (("{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' -}}", ""), "the result"),
+    (("\"arguments\": ' -}}", "\"parameters\": ' -}}"), "the call in the family's format"),
+    (("{{- tool | tojson -}}", "{{- tool.function.name -}}"), "the tool's description"),
+    (("{%- if tools -%}", "{%- if false -%}"), "the tool's description"),
+])
+def test_a_template_that_mentions_tools_but_drops_part_of_a_turn_is_not_trusted_with_them(
+        tools_checkpoint_dir, tmp_path, change, reason):
+    template = TOOLS_TEMPLATE.replace(*change)
+    assert template != TOOLS_TEMPLATE
+    engine = TensorRTLLMEngine.from_settings(settings_for(templated_checkpoint(tmp_path / "t", tools_checkpoint_dir,
+                                                                                template)), api=fake.install_api())
+    assert not engine.native_tools
+    trusted, why = template_tools.check(template, engine._render_chat, engine._format)
+    assert not trusted and reason in why
+
+
+def test_a_template_without_tools_is_rendered_as_before(engine):
+    assert not engine.native_tools
+    assert template_tools.check(engine._llm.tokenizer.tokenizer.chat_template, engine._render_chat,
+                                engine._format) == (False, "the chat template takes no tools")
 
 
 # -- generation ------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 import itertools
+import json
 
 import pytest
-from parley.engine.formats import HERMES
+from parley.engine.base import ChatMessage
+from parley.engine.formats import HERMES, tool_format
 from parley.service.conversation import body_messages, extends, to_messages
 
 USER = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}
@@ -52,3 +54,41 @@ def test_messages_of_a_context_and_what_follows_it_are_the_two_end_to_end_wherev
                 else:
                     refused += 1
     assert refused  # calls, or results, on both sides of a cut; reasoning waiting for its turn
+
+
+PARALLEL = {"type": "function_call", "call_id": "c2", "name": "get_time", "arguments": '{"city": "Paris"}'}
+PARALLEL_RESULT = {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "noon"}]}
+CUSTOM_CALL = {"type": "custom_tool_call", "call_id": "c3", "name": "patch", "input": "*** Begin Patch"}
+CUSTOM_RESULT = {"type": "custom_tool_call_output", "call_id": "c3", "output": "applied"}
+NAMESPACED = {"type": "function_call", "call_id": "c4", "namespace": "agents", "name": "spawn", "arguments": "{}"}
+AGENT_TURN = [USER, THOUGHT, CALL, PARALLEL, RESULT, PARALLEL_RESULT, CUSTOM_CALL, CUSTOM_RESULT, NAMESPACED,
+              COMPACTED, THOUGHT, ANSWER, USER]
+
+
+def test_for_a_template_that_renders_tools_the_messages_stay_structured():
+    native = tool_format("hermes", native=True)
+    messages = to_messages("Be brief.", AGENT_TURN, [TOOL], native, "think")
+    system = messages[0]
+    assert (system.role, system.content, json.loads(system.tools)) == ("developer", "Be brief.", [TOOL])
+    calls = messages[2]
+    assert calls.role == "assistant" and calls.content == "<think>Use the tool.</think>\n"
+    assert calls.calls == (("c1", "get_weather", '{"city": "Paris"}'), ("c2", "get_time", '{"city": "Paris"}'))
+    assert [(m.role, m.content, m.call) for m in messages[3:5]] == [
+        ("tool", "sunny", ("c1", "get_weather")), ("tool", "noon", ("c2", "get_time"))]
+    assert messages[5].calls == (("c3", "patch", '{"input": "*** Begin Patch"}'),)
+    assert messages[7].calls == (("c4", "agents.spawn", "{}"),)
+    assert "<tool_call>" not in "".join(m.content for m in messages)  # the template writes calls, not Parley
+    assert to_messages(None, [USER], None, native)[0] == ChatMessage("user", "Weather in Paris?")
+    assert to_messages(None, [USER], [TOOL], native)[0].content == ""  # tools without instructions
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3_json", "mistral", "harmony"])
+@pytest.mark.parametrize("instructions", [None, "Be brief."])
+def test_structured_messages_flattened_are_what_the_family_format_renders(family, instructions):
+    """What a native engine falls back on when its template refuses a conversation."""
+    reasoning = "harmony" if family == "harmony" else "think"
+    for length in range(1, len(AGENT_TURN) + 1):
+        items = AGENT_TURN[:length]
+        native = to_messages(instructions, items, [TOOL], tool_format(family, native=True), reasoning)
+        assert tool_format(family).flattened(native) == to_messages(instructions, items, [TOOL], tool_format(family),
+                                                                    reasoning), length

@@ -10,6 +10,7 @@ format of channels rather than markers in free text, has its own module (harmony
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from parley.engine.formats import harmony
@@ -62,11 +63,13 @@ MISTRAL = ToolFormat(
 TOOL_FORMATS = {fmt.name: fmt for fmt in (HERMES, LLAMA3_JSON, MISTRAL, HARMONY)}
 
 
-def tool_format(name: str) -> ToolFormat:
+def tool_format(name: str, native: bool = False) -> ToolFormat:
+    """The format named `name`; `native`: for an engine whose template renders tools itself."""
     try:
-        return TOOL_FORMATS[name]
+        fmt = TOOL_FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown tool format {name!r}; known: {', '.join(TOOL_FORMATS)}") from None
+    return dataclasses.replace(fmt, native=True) if native else fmt
 
 
 # What a chat template writes for each family's calls; the first one found names the family.

@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from parley.engine.base import ChatMessage
+
 
 def function_signatures(tools: list[dict]) -> list[dict]:
     return [{"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
@@ -39,6 +41,10 @@ class ToolFormat:
     # Whether the whole output is messages on channels (Harmony): its parser reads reasoning too,
     # and the engine renders the prompt with the format's own renderer.
     channels: bool = False
+    # Whether the engine's chat template renders tools, calls and results itself (native_tools):
+    # the conversation then builds structured messages (ChatMessage's tool fields), not this
+    # format's text. Parser and grammar are the same either way: the model writes the family's calls.
+    native: bool = False
 
     def __post_init__(self) -> None:
         if not (self.calls_open + self.call_open).startswith(self.marker):
@@ -65,3 +71,34 @@ class ToolFormat:
     def render_results(self, results: list[tuple[str | None, str]]) -> str:
         """One turn's results [(the called function's name, if known; output)]."""
         return self.results_separator.join(self.render_result(output) for _, output in results)
+
+    def system_text(self, instructions: str | None, tools: list[dict] | None) -> str:
+        """The developer message: the instructions, then the tools offered ("" for neither)."""
+        system = self.instructions_header + instructions if instructions else ""
+        if tools:
+            offered = self.describe_tools(tools)
+            system = f"{system}\n\n{offered}" if system else offered
+        return system
+
+    def flattened(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """Structured messages (built for a native-tools template) as this format writes them,
+        which is what the conversation builds for an engine without native tools: the tools in
+        the developer message, a turn's calls after its text, consecutive results one message."""
+        flat: list[ChatMessage] = []
+        results: list[tuple[str | None, str]] = []
+        for message in messages:
+            if results and message.call is None:
+                flat.append(ChatMessage(self.results_role, self.render_results(results)))
+                results = []
+            if message.tools:
+                flat.append(ChatMessage(message.role, self.system_text(message.content, json.loads(message.tools))))
+            elif message.calls:
+                calls = [(name, arguments) for _, name, arguments in message.calls]
+                flat.append(ChatMessage(message.role, message.content + self.render_calls(calls)))
+            elif message.call is not None:
+                results.append((message.call[1], message.content))
+            else:
+                flat.append(message)
+        if results:
+            flat.append(ChatMessage(self.results_role, self.render_results(results)))
+        return flat
