@@ -1,6 +1,6 @@
 """GPU smoke test: one Parley (any engine) checked through its REST port with the official SDK.
 
-Runs streaming, a tool call and structured output, and prints time to first token and output
+Runs streaming, a tool call (and the turn after its result), structured output, and prints time to first token and output
 tokens per second. Meant for the TensorRT-LLM image on a GPU (deploy/gpu/smoke.sh starts the
 server); it runs against the CPU default too (`make run`, then this script), which is how it
 was checked on a machine without a GPU. Exits non-zero when a check fails.
@@ -55,7 +55,13 @@ async def tool_call(client: AsyncOpenAI, model: str) -> dict:
     assert calls and calls[0].name == "get_weather", response.output
     arguments = json.loads(calls[0].arguments)
     assert isinstance(arguments.get("city"), str), arguments
-    return {"name": calls[0].name, "arguments": arguments}
+    # The result sent back: the checkpoint's template renders the call and its result (or Parley's
+    # family format, where the template has no tools: the server's log line engine.tool_rendering).
+    answer = await client.responses.create(
+        model=model, previous_response_id=response.id, tools=[WEATHER_TOOL], max_output_tokens=128,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"celsius": 4, "sky": "clear"}'}])
+    assert answer.status in ("completed", "incomplete"), answer
+    return {"name": calls[0].name, "arguments": arguments, "answer_after_result": answer.output_text[:200]}
 
 
 async def structured(client: AsyncOpenAI, model: str) -> dict:

@@ -8,6 +8,7 @@ named result as Harmony messages."""
 
 import json
 
+import openai
 import pytest
 from openai import AsyncOpenAI
 from parley import config
@@ -105,3 +106,23 @@ async def test_a_required_call_is_guided_by_the_harmony_grammar(harmony_stack):
     submitted = llm.submitted[-1]
     grammar = submitted.sampling_params.guided_decoding.grammar
     assert submitted.guide_enforced and "root ::= analysis? ( calls )" in grammar
+
+
+async def test_the_reasoning_effort_reaches_the_system_message_and_is_echoed(harmony_stack):
+    llm = harmony_stack.engine._llm
+    llm.replies = [THINK_THEN_ANSWER, THINK_THEN_ANSWER]
+    async with sdk(harmony_stack) as client:
+        high = await client.responses.create(model=MODEL, input="Weather in Oslo?", reasoning={"effort": "high"},
+                                             max_output_tokens=200)
+        assert high.reasoning.effort == "high"
+        prompt = llm.tokenizer.decode(llm.submitted[-1].prompt_token_ids, skip_special_tokens=False)
+        assert "Reasoning: high" in prompt and "Reasoning: medium" not in prompt
+        later = await client.responses.create(model=MODEL, previous_response_id=high.id, input="And Bergen?",
+                                              max_output_tokens=200)  # each request asks its own effort
+        assert later.reasoning.effort is None
+        assert "Reasoning: medium" in llm.tokenizer.decode(llm.submitted[-1].prompt_token_ids,
+                                                           skip_special_tokens=False)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model=MODEL, input="hi", reasoning={"effort": "minimal"})
+    assert refused.value.body["param"] == "reasoning.effort"
+    assert "'low', 'medium', 'high'" in refused.value.body["message"]

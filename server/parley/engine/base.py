@@ -27,6 +27,9 @@ class ChatMessage(NamedTuple):
     tools: str = ""
     calls: tuple[tuple[str, str, str], ...] = ()
     call: tuple[str, str | None] | None = None
+    # On the first (developer) message, in a format whose prompt sets the reasoning effort
+    # (ToolFormat.efforts, Harmony): the effort asked for; "" for the format's default.
+    effort: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

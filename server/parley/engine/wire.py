@@ -12,8 +12,8 @@ serving process -> engine process
                                                  or ["e", id, kind, message]
     ["abort", id]                             (the consumer is gone; no reply)
     ["render", id, [message, ...]]            -> ["r", id, tokens] or ["e", id, kind, message]
-                                                 (a message: [role, content], or with its tool
-                                                 fields [role, content, tools, calls, call])
+                                                 (a message: [role, content], or with its other
+                                                 fields [role, content, tools, calls, call, effort])
     ["constraint", id, constraint]            -> ["r", id, null] or ["e", id, "invalid", message]
 engine process -> serving process, on hello and every STATUS_SECONDS:
     ["status", ok, detail, kv_cache_usage]
@@ -88,14 +88,14 @@ def decode_finished(fields: list) -> Finished:
 
 
 def encode_messages(messages: list[ChatMessage]) -> list[list]:
-    return [list(message) if message.tools or message.calls or message.call else [message.role, message.content]
-            for message in messages]
+    return [list(message) if message.tools or message.calls or message.call or message.effort
+            else [message.role, message.content] for message in messages]
 
 
 def decode_messages(fields: list) -> list[ChatMessage]:
     return [ChatMessage(*message) if len(message) == 2 else
             ChatMessage(message[0], message[1], message[2], tuple(map(tuple, message[3])),
-                        tuple(message[4]) if message[4] is not None else None)
+                        tuple(message[4]) if message[4] is not None else None, message[5])
             for message in fields]
 
 

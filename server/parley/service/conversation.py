@@ -64,25 +64,30 @@ def reasoning_text(item: dict) -> str:
 
 def to_messages(instructions: str | None, items: list[dict], tools: list[dict] | None,
                 tool_format: ToolFormat, reasoning_format: str = "none",
-                reasoning_turns: str = "all_turns") -> list[ChatMessage]:
+                reasoning_turns: str = "all_turns", effort: str | None = None) -> list[ChatMessage]:
     """`reasoning_turns` (the request's reasoning.context): `all_turns` shows every reasoning
-    item; `current_turn` only those after the last user message."""
+    item; `current_turn` only those after the last user message. `effort`: the reasoning effort
+    asked for, which a format with `efforts` sets in its prompt."""
     if reasoning_turns == "current_turn":
         last_user = max((index for index, item in enumerate(items)
                          if item["type"] == "message" and item["role"] == "user"), default=-1)
         items = [item for index, item in enumerate(items) if item["type"] != "reasoning" or index > last_user]
-    system = system_message(instructions, tools, tool_format)
+    system = system_message(instructions, tools, tool_format, effort)
     return [*((system,) if system else ()), *body_messages(items, tool_format, reasoning_format)[0]]
 
 
-def system_message(instructions: str | None, tools: list[dict] | None, tool_format: ToolFormat) -> ChatMessage | None:
-    """The instructions and the tools offered, as the conversation's first message (if any)."""
+def system_message(instructions: str | None, tools: list[dict] | None, tool_format: ToolFormat,
+                   effort: str | None = None) -> ChatMessage | None:
+    """The instructions, the tools offered and the reasoning effort (where the format's prompt
+    sets one), as the conversation's first message (if any)."""
+    effort = effort if effort in tool_format.efforts else ""
     if tool_format.native:
         offered = json.dumps([{key: tool.get(key) for key in ("name", "description", "parameters")}
                               for tool in tools]) if tools else ""
-        return ChatMessage("developer", instructions or "", tools=offered) if instructions or tools else None
-    system = tool_format.system_text(instructions, tools)
-    return ChatMessage("developer", system) if system else None
+        content = instructions or ""
+    else:
+        offered, content = "", tool_format.system_text(instructions, tools)
+    return ChatMessage("developer", content, tools=offered, effort=effort) if content or offered or effort else None
 
 
 # Kinds whose consecutive items make one message: items of one of them on both sides of a cut

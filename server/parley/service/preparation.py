@@ -129,7 +129,8 @@ class Preparer:
             span.end()
 
     def validate(self, body) -> CreateParams:
-        return validate_create(body, [self.engine.model_id], reasoning_model=self.engine.reasoning_format != "none")
+        return validate_create(body, [self.engine.model_id], reasoning_model=self.engine.reasoning_format != "none",
+                               efforts=self.prompts.tool_format.efforts)
 
     async def context(self, project: str, params: CreateParams, compacted: dict | None = None,
                       known: list[dict] | None = None) -> Context:

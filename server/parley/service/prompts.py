@@ -55,7 +55,7 @@ class Prompts:
             return compaction.summary_messages(items, params.functions, self.tool_format,
                                                self.engine.reasoning_format)
         return to_messages(params.instructions, items, params.functions, self.tool_format, self.engine.reasoning_format,
-                           params.reasoning_turns)
+                           params.reasoning_turns, params.effort)
 
     def keeps(self, params: CreateParams) -> bool:
         """Whether a turn of `params` may leave a state (the rest is the caller's to say)."""
@@ -72,7 +72,7 @@ class Prompts:
         prompt just rendered."""
         if tags is None:
             return self.engine.render_prompt(self.messages(params, items)), None
-        system = system_message(params.instructions, params.functions, self.tool_format)
+        system = system_message(params.instructions, params.functions, self.tool_format, params.effort)
         chain = [*history, *params.input_items]
         input_bytes = len(orjson.dumps(params.input_items))
         if kept is not None:
@@ -171,7 +171,7 @@ class Prompts:
         if truncating and turn is not None and turn.tokens is not None:
             try:
                 turn = self._measured(turn)
-                system = system_message(params.instructions, params.functions, self.tool_format)
+                system = system_message(params.instructions, params.functions, self.tool_format, params.effort)
                 kept = _longest(len(items), lambda count: self.fits(
                     params, self._prompt_of(system, turn, len(items) - count, None)))
                 if kept:

@@ -80,6 +80,11 @@ class CreateParams:
     client_metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # kept with the response (Codex)
 
     @property
+    def effort(self) -> str | None:
+        """The reasoning effort asked for, if any (validated: one the served model's prompt sets)."""
+        return (self.reasoning or {}).get("effort")
+
+    @property
     def reasoning_turns(self) -> str:
         """Which reasoning items reach the prompt: `all_turns` (Parley's `auto`) or `current_turn`."""
         return "current_turn" if (self.reasoning or {}).get("context") == "current_turn" else "all_turns"
@@ -270,7 +275,9 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 NATURAL_EFFORT = {False: "none", True: "medium"}
 
 
-def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
+def _validate_reasoning(reasoning: Any, reasoning_model: bool, efforts: tuple[str, ...] = ()) -> dict | None:
+    """`efforts`: what the served model's prompt can ask for besides its natural effort (gpt-oss's
+    system message sets low, medium or high)."""
     if reasoning is None:
         return None
     if not isinstance(reasoning, dict):
@@ -282,8 +289,9 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
     if effort is not None and effort not in REASONING_EFFORTS:
         raise invalid(f"Invalid value: {effort!r}. Supported values are: 'none', 'minimal', 'low', 'medium', "
                       "'high', and 'xhigh'.", "reasoning.effort", "invalid_value")
-    if effort is not None and effort != NATURAL_EFFORT[reasoning_model]:
-        what = ("the served model reasons as its chat template makes it, which is effort 'medium'"
+    if effort is not None and effort != NATURAL_EFFORT[reasoning_model] and effort not in efforts:
+        what = (f"its prompt sets {', '.join(repr(one) for one in efforts)}" if efforts else
+                "the served model reasons as its chat template makes it, which is effort 'medium'"
                 if reasoning_model else "the served model does not reason")
         raise invalid(f"Unsupported value: 'reasoning.effort' {effort!r} is not supported with this model: {what}.",
                       "reasoning.effort", "unsupported_value")
@@ -313,7 +321,8 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool) -> dict | None:
     return echo
 
 
-def validate_create(body: Any, served_models: list[str], *, reasoning_model: bool = False) -> CreateParams:
+def validate_create(body: Any, served_models: list[str], *, reasoning_model: bool = False,
+                    efforts: tuple[str, ...] = ()) -> CreateParams:
     check_body(body, KNOWN_FIELDS)
     for key, message in NOT_YET.items():
         # `"prompt": {}` asks for a prompt too; an empty list asks for nothing (the typed API
@@ -441,7 +450,7 @@ def validate_create(body: Any, served_models: list[str], *, reasoning_model: boo
         tool_mode=tool_mode,
         callable_tools=callable_tools,
         text=_validate_text(body.get("text")),
-        reasoning=_validate_reasoning(body.get("reasoning"), reasoning_model),
+        reasoning=_validate_reasoning(body.get("reasoning"), reasoning_model, efforts),
         echo=echo,
         obfuscate=obfuscate,
         conversation_id=conversation_id,

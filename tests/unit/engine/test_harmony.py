@@ -7,7 +7,7 @@ The outputs were written from the published format (no gpt-oss model can run her
 
 import pytest
 from parley.engine.base import ChatMessage, Constraint
-from parley.engine.formats import HARMONY, CallArguments, CallEnd, CallStart, OutputParser, Reasoning, harmony
+from parley.engine.formats import HARMONY, HERMES, CallArguments, CallEnd, CallStart, OutputParser, Reasoning, harmony
 from parley.engine.grammar import compile_constraint
 from parley.service.conversation import to_messages
 
@@ -49,6 +49,18 @@ RENDERED = (
 def test_a_whole_agent_turn_renders_as_harmony_messages():
     messages = to_messages("Be brief.", TURN, [WEATHER], HARMONY, "harmony")
     assert harmony.render(messages, True) == RENDERED
+
+
+def test_the_reasoning_effort_asked_for_is_the_system_message_s_and_medium_otherwise():
+    high = to_messages("Be brief.", TURN, [WEATHER], HARMONY, "harmony", effort="high")
+    assert harmony.render(high, True) == RENDERED.replace("Reasoning: medium", "Reasoning: high", 1)
+    assert harmony.render(to_messages(None, TURN, [WEATHER], HARMONY, "harmony", effort="medium"), True) == \
+        harmony.render(to_messages(None, TURN, [WEATHER], HARMONY, "harmony"), True)
+    alone = to_messages(None, TURN[:1], None, HARMONY, "harmony", effort="low")
+    assert alone[0] == ChatMessage("developer", "", effort="low")  # the effort, with no instructions or tools
+    text = harmony.render(alone, True)
+    assert "Reasoning: low" in text and "<|start|>developer" not in text
+    assert to_messages(None, TURN[:1], None, HERMES, "think", effort="low")[0].role == "user"  # no prompt of its own
 
 
 def test_a_result_names_its_call_and_one_whose_call_is_not_in_the_context_is_from_functions():

@@ -83,7 +83,8 @@ def test_structured_messages_cross_the_wire_unchanged_and_plain_ones_stay_short(
 
     messages = [ChatMessage("developer", "Be brief.", tools='[{"name": "f"}]'), ChatMessage("user", "Hi"),
                 ChatMessage("assistant", "", calls=(("c1", "f", "{}"), ("c2", "g", '{"a": 1}'))),
-                ChatMessage("tool", "ok", call=("c1", "f")), ChatMessage("tool", "?", call=("c9", None))]
+                ChatMessage("tool", "ok", call=("c1", "f")), ChatMessage("tool", "?", call=("c9", None)),
+                ChatMessage("developer", "", effort="high")]
     assert wire.decode_messages(orjson.loads(orjson.dumps(wire.encode_messages(messages)))) == messages
     assert wire.encode_messages([messages[1]]) == [["user", "Hi"]]
 

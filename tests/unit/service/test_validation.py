@@ -73,6 +73,19 @@ def test_reasoning_is_what_the_model_does_or_refused():
     assert caught.value.param == "reasoning.effort"
 
 
+def test_an_effort_the_served_model_s_prompt_sets_is_taken_and_others_refused_naming_those():
+    efforts = ("low", "medium", "high")  # gpt-oss's (Harmony's system message)
+    for effort in efforts:
+        params = validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": effort}}, [MODEL],
+                                 reasoning_model=True, efforts=efforts)
+        assert params.effort == params.reasoning["effort"] == effort
+    with pytest.raises(ApiError) as caught:
+        validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": "minimal"}}, [MODEL],
+                        reasoning_model=True, efforts=efforts)
+    assert caught.value.param == "reasoning.effort" and "'low', 'medium', 'high'" in caught.value.message
+    assert create(input="x").effort is None
+
+
 def test_stream_options_choose_obfuscation_and_nothing_else():
     assert create(input="x", stream=True).obfuscate
     assert not create(input="x", stream=True, stream_options={"include_obfuscation": False}).obfuscate

@@ -33,9 +33,16 @@ MARKERS = (*STOPS, START, END, MESSAGE, CHANNEL, CONSTRAIN)
 HARMONY_MARKER = CHANNEL  # what a chat template that writes Harmony has in it
 FUNCTIONS = "functions"  # the namespace of the developer's functions
 
-SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n\n"
-          "Reasoning: medium\n\n"
-          "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
+EFFORTS = ("low", "medium", "high")  # what gpt-oss's system message sets; medium when none is asked for
+DEFAULT_EFFORT = "medium"
+
+
+def system(effort: str) -> str:
+    return ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n\n"
+            f"Reasoning: {effort}\n\n"
+            "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
+
+
 TOOLS_CHANNEL = "\nCalls to these tools must go to the commentary channel: 'functions'."
 TOOLS_HEADER = "# Tools\n\n## functions\n\n"
 GENERATION_PROMPT = f"{START}assistant"
@@ -63,11 +70,16 @@ def assistant(text: str) -> str:
 
 
 def render(messages: list[ChatMessage], generation: bool) -> str:
-    """A conversation as Harmony text: the system message (the tools' channel named when the
-    developer message offers tools), then each message, then the generation prompt."""
-    offers_tools = bool(messages) and messages[0].role == "developer" and TOOLS_HEADER in messages[0].content
-    parts = [message("system", SYSTEM + (TOOLS_CHANNEL if offers_tools else ""))]
+    """A conversation as Harmony text: the system message (the reasoning effort the developer
+    message asks for, the tools' channel named when it offers tools), then each message, then the
+    generation prompt."""
+    first = messages[0] if messages and messages[0].role == "developer" else None
+    offers_tools = first is not None and TOOLS_HEADER in first.content
+    effort = first.effort if first is not None and first.effort else DEFAULT_EFFORT
+    parts = [message("system", system(effort) + (TOOLS_CHANNEL if offers_tools else ""))]
     for chat in messages:
+        if not chat.content and chat.effort:
+            continue  # a developer message that only sets the effort
         if chat.role == "user":
             parts.append(message("user", chat.content))
         elif chat.role == "assistant":
@@ -245,4 +257,4 @@ HARMONY = HarmonyFormat(
     call_open=f"{CHANNEL}commentary to={FUNCTIONS}.", call_close=CALL, separator="", calls_close="",
     arguments_key="arguments", parser=HarmonyParser, describe_tools=describe_tools, render_result=lambda output: output,
     call_suffix="", calls_per_turn=1, results_role="tool", results_named=True,
-    instructions_header="# Instructions\n\n", channels=True)
+    instructions_header="# Instructions\n\n", channels=True, efforts=EFFORTS)

@@ -45,6 +45,8 @@ class ToolFormat:
     # the conversation then builds structured messages (ChatMessage's tool fields), not this
     # format's text. Parser and grammar are the same either way: the model writes the family's calls.
     native: bool = False
+    # The reasoning efforts the format's prompt can set (Harmony's system message); () for none.
+    efforts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (self.calls_open + self.call_open).startswith(self.marker):
