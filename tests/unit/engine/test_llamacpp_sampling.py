@@ -74,3 +74,43 @@ def test_patterns_are_anchored_without_letting_the_string_close_early():
     assert _anchored({"pattern": "a|b"}) == {"pattern": f"^{ANY_JSON_CHARACTERS}(a|b){ANY_JSON_CHARACTERS}$"}
     assert _anchored({"pattern": "^a\\$"})["pattern"].endswith(f"(a\\$){ANY_JSON_CHARACTERS}$")
     assert _anchored({"properties": {"pattern": {"type": "string"}}}) == {"properties": {"pattern": {"type": "string"}}}
+
+
+@pytest.fixture(scope="module")
+def smollm2_vocab():
+    import llama_cpp
+    from parley.engine.llamacpp import default_model_path
+
+    return llama_cpp.Llama(model_path=str(default_model_path()), vocab_only=True, verbose=False)
+
+
+def grammar_takes(llm, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's sampler under `grammar` lets SmolLM2's tokens of `text` through, in turn."""
+    import math
+
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), grammar.encode(),
+                                                   b"root")
+    entry = (llama_cpp.llama_token_data * 1)()
+    try:
+        for token in llm.tokenize(text.encode(), add_bos=False, special=False):
+            entry[0].id, entry[0].logit, entry[0].p = token, 0.0, 0.0
+            llama_cpp.llama_sampler_apply(sampler, llama_cpp.byref(llama_cpp.llama_token_data_array(entry, 1, -1,
+                                                                                                   False)))
+            if math.isinf(entry[0].logit):
+                return False
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def test_a_json_string_holds_no_raw_control_character_as_json_allows_none(smollm2_vocab):
+    # SmolLM2 at temperature 1 wrote raw newlines into strings under llama-cpp-python's own
+    # string rule, and answers that no JSON parser reads were marked completed.
+    grammar = compile_constraint(Constraint("json_schema", schema=SCHEMA), HERMES)
+    assert grammar_takes(smollm2_vocab, grammar, '{"city": "Oslo\\nBergen \\u00e9\\t/"}')
+    for control in ("\n", "\t", "\x01"):
+        assert not grammar_takes(smollm2_vocab, grammar, f'{{"city": "Oslo{control}Bergen"}}'), repr(control)
+    assert not grammar_takes(smollm2_vocab, grammar, '{"city": "Oslo" "Bergen"}')

@@ -1,0 +1,87 @@
+"""Sampled json_schema answers: how many parse, under the JSON string rule Parley compiles beside
+llama-cpp-python's own (which lets raw control characters into strings), in one run on the real
+llama.cpp engine (SmolLM2, temperature 1, four sequences at once).
+
+  python bench/json_validity.py [--answers 100] [--tokens 128] [--label NAME]
+
+Each answer's seed is its index, so both rules see the same seeds; what a rule refuses changes
+the draws from there on. Counted per rule: answers that finished (`stop`) and parse, that
+finished and do not parse, that reached `--tokens` (an `incomplete` response), and answers with
+a raw control character anywhere inside their JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from common import save  # noqa: E402
+from llama_cpp.llama_grammar import PRIMITIVE_RULES  # noqa: E402
+from parley.engine import grammar  # noqa: E402
+from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta  # noqa: E402
+from parley.engine.llamacpp import LlamaCppEngine, default_model_path  # noqa: E402
+
+CAPITAL = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+           "required": ["country", "capital"], "additionalProperties": False}  # what responses.parse sends
+RULES = {"parley": grammar.JSON_STRING_CHARACTER, "llama-cpp-python": PRIMITIVE_RULES["char"].content}
+CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+async def answer(engine, prompt: list[int], seed: int, tokens: int) -> tuple[str, str]:
+    text, reason = "", ""
+    params = SamplingParams(max_tokens=tokens, temperature=1.0, seed=seed,
+                            constraint=Constraint("json_schema", schema=CAPITAL))
+    async for step in engine.generate(prompt, params):
+        for event in step if isinstance(step, list) else [step]:
+            if isinstance(event, TextDelta):
+                text += event.text
+            elif isinstance(event, Finished):
+                reason = event.reason
+    return text, reason
+
+
+def parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def main(answers: int, tokens: int) -> dict:
+    engine = LlamaCppEngine(default_model_path(), "SmolLM2-135M-Instruct", context_window=2048, threads=0,
+                            sequences=4)
+    prompt = engine.render_prompt([ChatMessage("user", "Which city is the capital of France?")])
+    results = {}
+    try:
+        for name, rule in RULES.items():
+            grammar.JSON_STRING_CHARACTER = rule
+            engine._sampling._grammars.clear()  # compiled under the other rule
+            done = await asyncio.gather(*(answer(engine, prompt, seed, tokens) for seed in range(answers)))
+            results[name] = {
+                "stop, parses": sum(reason == "stop" and parses(text) for text, reason in done),
+                "stop, does not parse": sum(reason == "stop" and not parses(text) for text, reason in done),
+                "length (incomplete)": sum(reason == "length" for _, reason in done),
+                "raw control character in the JSON": sum(bool(CONTROL.search(text.strip())) for text, _ in done)}
+            print(f"{name:20s} {results[name]}", flush=True)
+    finally:
+        grammar.JSON_STRING_CHARACTER = RULES["parley"]
+        await engine.close()
+    return {"answers": answers, "tokens": tokens, "rules": results}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--answers", type=int, default=100)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    payload = asyncio.run(main(args.answers, args.tokens))
+    payload["label"] = args.label
+    print(save("json_validity", payload))
