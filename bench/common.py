@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import platform
@@ -86,3 +88,16 @@ def save(kind: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{kind}-latest.json").write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def run_and_save(kind: str, doc: str, main, **defaults: int) -> None:
+    """The command line of a benchmark run in this process: `--NAME` for each integer option
+    (its default given), and `--label`; the coroutine `main(**options)` is run and its result
+    saved as `kind`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--label", default="")
+    options = vars(parser.parse_args())
+    label = options.pop("label")
+    print(save(kind, {**asyncio.run(main(**options)), "label": label}))

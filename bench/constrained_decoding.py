@@ -11,8 +11,6 @@ only the time differs.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from common import save  # noqa: E402
+from common import run_and_save  # noqa: E402
 from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams  # noqa: E402
 from parley.engine.llamacpp import LlamaCppEngine, default_model_path  # noqa: E402
 from parley.engine.llamacpp_sampling import Sampling  # noqa: E402
@@ -78,11 +76,4 @@ async def main(tokens: int, repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--label", default="")
-    args = parser.parse_args()
-    payload = asyncio.run(main(args.tokens, args.repeats))
-    payload["label"] = args.label
-    print(save("constrained_decoding", payload))
+    run_and_save("constrained_decoding", __doc__, main, tokens=128, repeats=3)

@@ -12,7 +12,6 @@ a raw control character anywhere inside their JSON.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from common import save  # noqa: E402
+from common import run_and_save  # noqa: E402
 from llama_cpp.llama_grammar import PRIMITIVE_RULES  # noqa: E402
 from parley.engine import grammar  # noqa: E402
 from parley.engine.base import ChatMessage, Constraint, Finished, SamplingParams, TextDelta  # noqa: E402
@@ -77,11 +76,4 @@ async def main(answers: int, tokens: int) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--answers", type=int, default=100)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--label", default="")
-    args = parser.parse_args()
-    payload = asyncio.run(main(args.answers, args.tokens))
-    payload["label"] = args.label
-    print(save("json_validity", payload))
+    run_and_save("json_validity", __doc__, main, answers=100, tokens=128)
