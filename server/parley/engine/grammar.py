@@ -50,65 +50,190 @@ def text_without(literal: str, name: str) -> dict[str, str]:
     return rules
 
 
-# What an unanchored side of a pattern may hold: any characters but those a JSON string must
-# escape (`.` would let the model close the string early).
+# What an unanchored side of a pattern may hold: any characters a JSON string holds unescaped.
 ANY_JSON_CHARACTERS = '[^"\\\\\\x00-\\x1f]*'
 
-
 _QUANTIFIER = re.compile(r"\{\d+(,\d*)?\}|\{,\d+\}")
+_UNSUPPORTED_ESCAPES = "pPkKbBAzZG0123456789"
+# Characters JSON writes escaped (a quote, a backslash, the controls): a pattern's grammar writes
+# the JSON text of a string, so where a pattern matches one of them the grammar writes its escape
+# (a literal), or leaves it out (a class, `.`): what the grammar allows is then a subset of what
+# the pattern matches, and always a JSON string.
+_ESCAPED_IN_JSON = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
+_CLASS_ESCAPES = {"d": ((0x30, 0x39),), "w": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)),
+                  "s": ((0x20, 0x20),)}  # \s: a space (tabs and newlines are escapes in JSON)
+_SIMPLE_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v"}
+_MAX_CODE_POINT = 0x10FFFF
 
 
-def check_pattern(pattern: str) -> None:
-    """Raise ValueError for what the schema converter cannot translate: it rejects some of it
-    itself, but loops forever on some (a stray `]`, a POSIX class `[[:alpha:]]`), so only a plain
-    subset gets there: literals and escapes, `.`, classes without nested `[`, capturing groups,
-    `|`, and the `* + ? {m,n}` quantifiers."""
-    i, depth, n = 0, 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            if i + 1 >= n or pattern[i + 1] in "pPkKbBAzZG0123456789":
-                raise ValueError(f"pattern {pattern!r}: '\\{pattern[i + 1:i + 2]}' is not supported")
-            i += 2
+def _code(point: int) -> str:
+    """A code point as a GBNF escape (the converter copies a class into the grammar as it is)."""
+    return f"\\x{point:02X}" if point < 0x100 else f"\\u{point:04X}" if point < 0x10000 else f"\\U{point:08X}"
+
+
+def _class(ranges, negated: bool) -> str:
+    """A regular-expression class of code-point ranges, JSON's escaped characters left out."""
+    if negated:
+        ranges = [*ranges, *_ESCAPED_IN_JSON]
+    else:
+        kept = []
+        for low, high in ranges:
+            for forbidden_low, forbidden_high in _ESCAPED_IN_JSON:
+                if low <= forbidden_high and forbidden_low <= high:
+                    if low < forbidden_low:
+                        kept.append((low, forbidden_low - 1))
+                    low = max(low, forbidden_high + 1)
+                if low > high:
+                    break
+            else:
+                kept.append((low, high))
+        if not kept:
+            raise ValueError("matches only characters that JSON writes escaped")
+        ranges = kept
+    members = "".join(_code(low) if low == high else f"{_code(low)}-{_code(high)}" for low, high in ranges)
+    return f"[{'^' if negated else ''}{members}]"
+
+
+def _literal_of(char: str) -> str:
+    """The regular expression (as the converter reads it) that writes `char` as JSON does."""
+    point = ord(char)
+    if char.isalnum() or char in " _" or (point > 0x7F and char.isprintable()):
+        return char
+    if any(low <= point <= high for low, high in _ESCAPED_IN_JSON):
+        escape = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                  "\f": "\\f", "\b": "\\b"}.get(char) or f"\\u{point:04x}"
+        return "(" + escape.replace("\\", "\\\\") + ")"  # a backslash the converter writes as text
+    return _class([(point, point)], False)
+
+
+def _hex_escape(pattern: str, i: int) -> tuple[int, int]:
+    """The code point of the `\\xHH` or `\\uHHHH` at `i`, and the index after it."""
+    digits = 2 if pattern[i + 1] == "x" else 4
+    code = pattern[i + 2:i + 2 + digits]
+    if len(code) != digits or not all(c in "0123456789abcdefABCDEF" for c in code):
+        raise ValueError(f"'\\{pattern[i + 1]}' needs {digits} hex digits")
+    return int(code, 16), i + 2 + digits
+
+
+def _class_at(pattern: str, start: int) -> tuple[str, int]:
+    """The class that opens at `start`, as a JSON-safe class, and the index after it."""
+    i = start + 1
+    negated = pattern[i:i + 1] == "^"
+    i += negated
+    if pattern[i:i + 1] == "]":
+        raise ValueError("escape a ']' that opens a character class")
+    ranges, n = [], len(pattern)
+
+    def member(i: int) -> tuple[list[tuple[int, int]] | int, int]:
+        char = pattern[i]
+        if char == "[":
+            raise ValueError("nested or POSIX character classes are not supported")
+        if char != "\\":
+            return ord(char), i + 1
+        escape = pattern[i + 1:i + 2]
+        if escape in _CLASS_ESCAPES:
+            return list(_CLASS_ESCAPES[escape]), i + 2
+        if escape in _SIMPLE_ESCAPES:
+            return ord(_SIMPLE_ESCAPES[escape]), i + 2
+        if escape in ("x", "u"):
+            return _hex_escape(pattern, i)
+        if not escape or escape.isalnum():
+            raise ValueError(f"'\\{escape}' is not supported in a character class")
+        return ord(escape), i + 2
+
+    while i < n and pattern[i] != "]":
+        first, i = member(i)
+        if isinstance(first, list):
+            ranges += first
             continue
-        if c == "[":
-            j = i + 1 + (pattern[i + 1:i + 2] == "^")
-            if pattern[j:j + 1] == "]":
-                raise ValueError(f"pattern {pattern!r}: escape a ']' that opens a character class")
-            while j < n and pattern[j] != "]":
-                if pattern[j] == "[":
-                    raise ValueError(f"pattern {pattern!r}: nested or POSIX character classes are not supported")
-                j += 2 if pattern[j] == "\\" else 1
-            if j >= n:
-                raise ValueError(f"pattern {pattern!r}: a character class is not closed")
-            i = j + 1
-            continue
-        if c == "{":
-            quantifier = _QUANTIFIER.match(pattern, i)
-            if quantifier is None:
-                raise ValueError(f"pattern {pattern!r}: '{{' must start a quantifier like {{2,5}}; escape it")
-            i = quantifier.end()
-            continue
-        if c in "]}":
-            raise ValueError(f"pattern {pattern!r}: escape the '{c}'")
-        if c in "^$":
-            raise ValueError(f"pattern {pattern!r}: '{c}' is supported only at the pattern's start or end")
-        if c == "(":
-            if pattern[i + 1:i + 2] == "?":
-                raise ValueError(f"pattern {pattern!r}: lookarounds and (?...) groups are not supported")
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"pattern {pattern!r}: unbalanced parentheses")
-        i += 1
-    if depth:
-        raise ValueError(f"pattern {pattern!r}: unbalanced parentheses")
+        if pattern[i:i + 1] == "-" and i + 1 < n and pattern[i + 1] != "]":
+            last, i = member(i + 1)
+            if isinstance(last, list) or last < first:
+                raise ValueError("a character range's ends are out of order")
+            ranges.append((first, last))
+        else:
+            ranges.append((first, first))
+    if i >= n:
+        raise ValueError("a character class is not closed")
+    return _class(ranges, negated), i + 1
+
+
+def json_pattern(pattern: str) -> str:
+    """A JSON Schema pattern (without its anchors) as the pattern the schema converter turns into
+    the grammar of a JSON string's text: every character it lets the model write is one JSON
+    writes unescaped, or a whole escape. The converter takes only a plain subset (it rejects some
+    of the rest and loops forever on some, such as a stray `]`), and writes `\\d` and `\\.` into
+    the grammar as escapes llama.cpp cannot parse; so this reads literals and escapes (`\\d \\w \\s`
+    and their negations, `\\t \\n`, `\\xHH \\uHHHH`, escaped punctuation), `.`, classes without
+    nested `[`, capturing groups, `|`, and the `* + ? {m,n}` quantifiers, and raises ValueError
+    for anything else."""
+    out, i, depth, n = [], 0, 0, len(pattern)
+    try:
+        while i < n:
+            char = pattern[i]
+            if char == "\\":
+                escape = pattern[i + 1:i + 2]
+                if not escape or escape in _UNSUPPORTED_ESCAPES:
+                    raise ValueError(f"'\\{escape}' is not supported")
+                if escape.lower() in _CLASS_ESCAPES:
+                    out.append(_class(_CLASS_ESCAPES[escape.lower()], negated=escape.isupper()))
+                    i += 2
+                elif escape in ("x", "u"):
+                    point, i = _hex_escape(pattern, i)
+                    out.append(_literal_of(chr(point)))
+                elif escape in _SIMPLE_ESCAPES:
+                    out.append(_literal_of(_SIMPLE_ESCAPES[escape]))
+                    i += 2
+                elif escape.isalnum():
+                    raise ValueError(f"'\\{escape}' is not supported")
+                else:
+                    out.append(_literal_of(escape))
+                    i += 2
+            elif char == "[":
+                cls, i = _class_at(pattern, i)
+                out.append(cls)
+            elif char == ".":
+                out.append(_class([(0, _MAX_CODE_POINT)], False))
+                i += 1
+            elif char == "{":
+                quantifier = _QUANTIFIER.match(pattern, i)
+                if quantifier is None:
+                    raise ValueError("'{' must start a quantifier like {2,5}; escape it")
+                out.append(quantifier.group())
+                i = quantifier.end()
+            elif char in "]}":
+                raise ValueError(f"escape the '{char}'")
+            elif char in "^$":
+                raise ValueError(f"'{char}' is supported only at the pattern's start or end")
+            elif char in "*+?|":
+                out.append(char)
+                i += 1
+            elif char == "(":
+                if pattern[i + 1:i + 2] == "?":
+                    raise ValueError("lookarounds and (?...) groups are not supported")
+                depth += 1
+                out.append(char)
+                i += 1
+            elif char == ")":
+                depth -= 1
+                if depth < 0:
+                    raise ValueError("unbalanced parentheses")
+                out.append(char)
+                i += 1
+            else:
+                out.append(_literal_of(char))
+                i += 1
+        if depth:
+            raise ValueError("unbalanced parentheses")
+    except ValueError as exc:
+        raise ValueError(f"pattern {pattern!r}: {exc}") from None
+    return "".join(out)
 
 
 def _anchored(schema):
     """JSON Schema patterns match anywhere in the string; the converter takes only whole-string
-    patterns (`^...$`), so an unanchored side gets ANY_JSON_CHARACTERS."""
+    patterns (`^...$`), so an unanchored side gets ANY_JSON_CHARACTERS. Each pattern is made
+    JSON-safe (json_pattern) on the way."""
     if isinstance(schema, list):
         return [_anchored(item) for item in schema]
     if not isinstance(schema, dict):
@@ -117,8 +242,7 @@ def _anchored(schema):
     pattern = schema.get("pattern")
     if isinstance(pattern, str):
         start, end = pattern.startswith("^"), pattern.endswith("$") and not pattern.endswith("\\$")
-        core = pattern[1 if start else 0:len(pattern) - 1 if end else len(pattern)]
-        check_pattern(core)
+        core = json_pattern(pattern[1 if start else 0:len(pattern) - 1 if end else len(pattern)])
         result["pattern"] = f"^{'' if start else ANY_JSON_CHARACTERS}({core}){'' if end else ANY_JSON_CHARACTERS}$"
     return result
 

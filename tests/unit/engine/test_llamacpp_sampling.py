@@ -72,7 +72,7 @@ def test_patterns_are_anchored_without_letting_the_string_close_early():
 
     assert _anchored({"pattern": "^a$"}) == {"pattern": "^(a)$"}
     assert _anchored({"pattern": "a|b"}) == {"pattern": f"^{ANY_JSON_CHARACTERS}(a|b){ANY_JSON_CHARACTERS}$"}
-    assert _anchored({"pattern": "^a\\$"})["pattern"].endswith(f"(a\\$){ANY_JSON_CHARACTERS}$")
+    assert _anchored({"pattern": "^a\\$"})["pattern"].endswith(f"(a[\\x24]){ANY_JSON_CHARACTERS}$")
     assert _anchored({"properties": {"pattern": {"type": "string"}}}) == {"properties": {"pattern": {"type": "string"}}}
 
 
@@ -92,6 +92,7 @@ def grammar_takes(llm, grammar: str, text: str) -> bool:
 
     sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), grammar.encode(),
                                                    b"root")
+    assert sampler, "llama.cpp could not parse the grammar"
     entry = (llama_cpp.llama_token_data * 1)()
     try:
         for token in llm.tokenize(text.encode(), add_bos=False, special=False):
@@ -114,3 +115,47 @@ def test_a_json_string_holds_no_raw_control_character_as_json_allows_none(smollm
     for control in ("\n", "\t", "\x01"):
         assert not grammar_takes(smollm2_vocab, grammar, f'{{"city": "Oslo{control}Bergen"}}'), repr(control)
     assert not grammar_takes(smollm2_vocab, grammar, '{"city": "Oslo" "Bergen"}')
+
+
+def string_grammar(pattern: str) -> str:
+    return compile_constraint(Constraint("json_schema", schema={
+        "type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}, "required": ["a"],
+        "additionalProperties": False}), HERMES)
+
+
+@pytest.mark.parametrize(("pattern", "matching", "other"), [
+    ("^\\d{3}$", ["123"], ["12a", "ddd"]),
+    ("^[^@]+@[^@]+\\.[a-z]{2,}$", ["x@y.io"], ["x@y.i", "x@y_io", "x\ny@z.io"]),
+    ("^a.b$", ["axb", "a-b"], ["a\nb", "ab"]),
+    ("^\\S+ \\w+\\s\\D$", ["a.b c_1 x"], ["a b c d"]),
+    ('^say "hi"$', ['say "hi"'], ["say hi"]),
+    ("^C:\\\\dir\\ttab$", ["C:\\dir\ttab"], ["C:dir"]),
+    ("^[ -~]+$", ["hello world!"], ["tab\there"]),
+    ("^\\u00e9t\\x41|(ab|cd){2}$", ["étA", "abcd"], ["abc"]),
+])
+def test_a_pattern_s_grammar_writes_json_text_of_matching_strings_only(smollm2_vocab, pattern, matching, other):
+    """The grammar writes a string's JSON text: `\\d`, `\\.`, `\\S` compile (llama.cpp cannot parse
+    the converter's own `\\d`), a quote or a newline the pattern matches is written escaped, and
+    `.` and classes never let a raw quote or control character in (then the string would end, or
+    not be JSON)."""
+    import json
+
+    grammar = string_grammar(pattern)
+    for value in matching:
+        assert grammar_takes(smollm2_vocab, grammar, json.dumps({"a": value}, ensure_ascii=False)), value
+    for value in other:
+        assert not grammar_takes(smollm2_vocab, grammar, json.dumps({"a": value}, ensure_ascii=False)), value
+    for raw in ('{"a": "a"b', '{"a": "a\nb', '{"a": "a\tb'):
+        assert not grammar_takes(smollm2_vocab, grammar, raw), raw
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    ("^(?=a)b$", "lookarounds"), ("^a\\1$", "'\\1' is not supported"), ("^[[:alpha:]]$", "nested or POSIX"),
+    ("^a]$", "escape the ']'"), ("^a{x}$", "must start a quantifier"), ("^(a$", "unbalanced"),
+    ("^a^b$", "only at the pattern's start or end"), ("^[\\t]$", "only characters that JSON writes escaped"),
+    ("^[z-a]$", "out of order"), ("^[\\D]$", "not supported in a character class"), ("^\\xZ1$", "hex digits"),
+])
+def test_what_a_pattern_s_grammar_cannot_hold_is_refused_saying_why(pattern, why):
+    with pytest.raises(ValueError, match=__import__("re").escape(why)):
+        string_grammar(pattern)
+
