@@ -184,8 +184,8 @@ class LlamaCppEngine:
                                "PARLEY_ENGINE=tensorrt_llm")
         self._lib = llama_cpp
         self._format = tool_format(self.tool_format)
-        self.native_tools, why_native = (template_tools.check(template, self._render_chat, self._format)
-                                         if use_template_tools else (False, "template_tools is off"))
+        self.native_tools, why_native = template_tools.check(template, self._render_chat, self._format,
+                                                             use_template_tools)
         if self.native_tools:
             # A template that groups results and writes the tools into the system message does
             # not render message by message (engine/template_tools.py).

@@ -102,10 +102,13 @@ def render(messages: list[ChatMessage], generation: bool, render_chat: RenderCha
         return render_chat(plain_chat(fmt.flattened(messages)), None, generation)
 
 
-def check(template: str, render_chat: RenderChat, fmt: ToolFormat) -> tuple[bool, str]:
-    """Whether to trust the template with tools, and why (or why not): it must take `tools`, and
-    its rendering of the probe turn must hold the instructions, the tool's description, the call
-    as the family writes it (what the parser and the grammar expect), its arguments and the result."""
+def check(template: str, render_chat: RenderChat, fmt: ToolFormat, enabled: bool = True) -> tuple[bool, str]:
+    """Whether to trust the template with tools, and why (or why not): `enabled` (the setting
+    template_tools), the template must take `tools`, and its rendering of the probe turn must hold
+    the instructions, the tool's description, the call as the family writes it (what the parser
+    and the grammar expect), its arguments and the result."""
+    if not enabled:
+        return False, "template_tools is off"
     if "tools" not in template:
         return False, "the chat template takes no tools"
     try:

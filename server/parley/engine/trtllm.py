@@ -176,8 +176,8 @@ class TensorRTLLMEngine:
             self.message_rendering, why_not = None, "harmony prompts are rendered whole"
             why_native = "harmony is rendered by Parley"
         else:
-            self.native_tools, why_native = (template_tools.check(template, self._render_chat, self._format)
-                                             if use_template_tools else (False, "template_tools is off"))
+            self.native_tools, why_native = template_tools.check(template, self._render_chat, self._format,
+                                                                 use_template_tools)
         if self.native_tools:
             # Structured tool messages, rendered whole: a template groups consecutive results and
             # writes the tools into the system message, so messages do not render one by one.

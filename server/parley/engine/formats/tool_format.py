@@ -93,10 +93,11 @@ class ToolFormat:
                 flat.append(ChatMessage(self.results_role, self.render_results(results)))
                 results = []
             if message.tools:
-                flat.append(ChatMessage(message.role, self.system_text(message.content, json.loads(message.tools))))
+                text = self.system_text(message.content, json.loads(message.tools))
+                flat.append(message._replace(content=text, tools=""))
             elif message.calls:
                 calls = [(name, arguments) for _, name, arguments in message.calls]
-                flat.append(ChatMessage(message.role, message.content + self.render_calls(calls)))
+                flat.append(message._replace(content=message.content + self.render_calls(calls), calls=()))
             elif message.call is not None:
                 results.append((message.call[1], message.content))
             else:
