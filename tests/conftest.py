@@ -35,3 +35,11 @@ def tools_checkpoint_dir(tmp_path_factory, smollm2_checkpoint_dir):
     from tests.fakes.checkpoint import TOOLS_TEMPLATE, templated_checkpoint
 
     return templated_checkpoint(tmp_path_factory.mktemp("tools-hf"), smollm2_checkpoint_dir, TOOLS_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def thinking_checkpoint_dir(tmp_path_factory, smollm2_checkpoint_dir):
+    """... and one whose template can turn thinking off (Qwen3's `enable_thinking`)."""
+    from tests.fakes.checkpoint import THINKING_TEMPLATE, templated_checkpoint
+
+    return templated_checkpoint(tmp_path_factory.mktemp("thinking-hf"), smollm2_checkpoint_dir, THINKING_TEMPLATE)

@@ -89,6 +89,16 @@ TOOLS_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 
 
+# The same with Qwen3's switch: `enable_thinking=False` writes an empty think block into the
+# generation prompt (and `<think>` in the template makes it a reasoning family).
+THINKING_TEMPLATE = TOOLS_TEMPLATE.replace(
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{%- endif -%}")
+assert THINKING_TEMPLATE != TOOLS_TEMPLATE
+
+
 def templated_checkpoint(directory: Path, base: Path, template: str, special_tokens: tuple[str, ...] = ()) -> Path:
     """The SmolLM2 checkpoint at `base` with another chat template, and `special_tokens` added."""
     from transformers import AutoTokenizer

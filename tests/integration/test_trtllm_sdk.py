@@ -235,6 +235,23 @@ async def test_a_template_that_renders_tools_writes_the_agent_turn_the_sdk_sent(
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
+async def test_effort_none_turns_a_thinking_template_s_thinking_off(tmp_path, thinking_checkpoint_dir):
+    engine = trtllm_engine(thinking_checkpoint_dir)
+    engine._llm.replies = ["Hello.", "<think>Greet back.</think>Hello again."]
+    async with running_stack(tmp_path / "parley.sqlite3", engine=engine, model_name=TRTLLM_MODEL) as stack:
+        async with sdk(stack) as client:
+            off = await client.responses.create(model=TRTLLM_MODEL, input="Hi", reasoning={"effort": "none"})
+            prompt = engine._llm.tokenizer.decode(engine._llm.submitted[-1].prompt_token_ids, skip_special_tokens=False)
+            assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+            assert (off.reasoning.effort, off.output_text, [item.type for item in off.output]) == (
+                "none", "Hello.", ["message"])
+            natural = await client.responses.create(model=TRTLLM_MODEL, input="Hi")
+            assert [item.type for item in natural.output] == ["reasoning", "message"]
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model=TRTLLM_MODEL, input="Hi", reasoning={"effort": "low"})
+    assert refused.value.body["param"] == "reasoning.effort" and "'none', 'medium'" in refused.value.body["message"]
+
+
 class City(BaseModel):
     name: str
     population: int

@@ -132,6 +132,9 @@ class Engine(Protocol):
     # and `tool_calls`): messages then arrive structured (ChatMessage's tool fields). Optional;
     # default False.
     native_tools: bool
+    # Reasoning efforts the engine's template sets besides its natural one and its format's own
+    # (engine/template_tools.py: `none` where a <think> template can turn thinking off). Optional.
+    reasoning_efforts: tuple[str, ...]
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize.

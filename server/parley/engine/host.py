@@ -114,7 +114,8 @@ class EngineHost:
         engine = self.engine
         return {"model_id": engine.model_id, "context_window": engine.context_window,
                 "tool_format": engine.tool_format, "reasoning_format": engine.reasoning_format,
-                "native_tools": getattr(engine, "native_tools", False)}
+                "native_tools": getattr(engine, "native_tools", False),
+                "reasoning_efforts": list(getattr(engine, "reasoning_efforts", ()))}
 
     def status_frame(self) -> list:
         health = self.engine.health()

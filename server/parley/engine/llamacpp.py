@@ -196,6 +196,8 @@ class LlamaCppEngine:
                                                                         self._is_boundary)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         log.info("engine.tool_rendering", by_template=self.native_tools, reason=why_native)
+        self.reasoning_efforts = template_tools.efforts_of(template, self.reasoning_format,
+                                                           self.message_rendering is None)
         self._sampling = Sampling(llama_cpp, self._llm, self._format, reasoning=self.reasoning_format == "think")
 
         params = llama_cpp.llama_context_default_params()
@@ -238,14 +240,12 @@ class LlamaCppEngine:
         return self._tokenize(self._render_text(messages, True))
 
     def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
-        if self.native_tools:
-            return template_tools.render(messages, generation, self._render_chat, self._format)
-        return self._render_chat(template_tools.plain_chat(messages), None, generation)
+        return template_tools.render(messages, generation, self._render_chat, self._format, self.native_tools)
 
-    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool) -> str:
+    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool, variables: dict) -> str:
         # `tools` always given, None when there are none, as Hugging Face's apply_chat_template does.
         return self._template.render(messages=chat, tools=tools, add_generation_prompt=generation, bos_token="",
-                                     eos_token="")
+                                     eos_token="", **variables)
 
     def _tokenize(self, text: str) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -76,6 +76,7 @@ class RemoteEngine:
         self.tool_format = "hermes"
         self.reasoning_format = "none"
         self.native_tools = False
+        self.reasoning_efforts: tuple[str, ...] = ()
         self._protocol: wire.FrameProtocol | None = None
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
@@ -125,6 +126,7 @@ class RemoteEngine:
         self.tool_format = description["tool_format"]
         self.reasoning_format = description["reasoning_format"]
         self.native_tools = description.get("native_tools", False)
+        self.reasoning_efforts = tuple(description.get("reasoning_efforts", ()))
         log.info("engine.connected", socket=self.socket_path, model=self.model_id)
 
     async def _keep_connected(self) -> None:

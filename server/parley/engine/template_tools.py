@@ -21,8 +21,13 @@ from parley.log import get_logger
 
 log = get_logger(__name__)
 
-# (Hugging Face chat messages, the tools' signatures or None, whether to add the generation prompt) -> text
-RenderChat = Callable[[list[dict], list[dict] | None, bool], str]
+# (Hugging Face chat messages, the tools' signatures or None, whether to add the generation prompt,
+# further template variables) -> text
+RenderChat = Callable[[list[dict], list[dict] | None, bool, dict], str]
+# The reasoning effort a `<think>` template can set besides its natural one: `none`, thinking off
+# (Qwen3's `enable_thinking`, which writes an empty think block into the generation prompt).
+THINKING_SWITCH = "enable_thinking"
+THINKING_EFFORTS = ("none",)
 
 # A turn that offers a tool, calls it and returns its result: what a template trusted with tools
 # must show of it (check).
@@ -43,9 +48,14 @@ def _role(message: ChatMessage) -> str:
     return "system" if message.role == "developer" else message.role  # OpenAI's name for the system role
 
 
+def _says_nothing(message: ChatMessage) -> bool:
+    """A developer message that only carries the reasoning effort (a template variable here)."""
+    return bool(message.effort) and not message.content and not message.tools
+
+
 def plain_chat(messages: list[ChatMessage]) -> list[dict]:
     """Messages whose tools (if any) are already text, as Hugging Face chat messages."""
-    return [{"role": _role(message), "content": message.content} for message in messages]
+    return [{"role": _role(message), "content": message.content} for message in messages if not _says_nothing(message)]
 
 
 def structured_chat(messages: list[ChatMessage]) -> tuple[list[dict], list[dict] | None]:
@@ -55,8 +65,8 @@ def structured_chat(messages: list[ChatMessage]) -> tuple[list[dict], list[dict]
     for message in messages:
         if message.tools:
             tools = function_signatures(json.loads(message.tools))
-            if not message.content:
-                continue
+        if not message.content and (message.tools or _says_nothing(message)):
+            continue
         entry: dict[str, Any] = {"role": _role(message), "content": message.content}
         if message.calls:
             entry["tool_calls"] = [{"type": "function", "id": call_id_for_template(call_id),
@@ -92,14 +102,26 @@ def arguments_for_template(arguments: str):
     return parsed if isinstance(parsed, dict) else arguments
 
 
-def render(messages: list[ChatMessage], generation: bool, render_chat: RenderChat, fmt: ToolFormat) -> str:
-    """Structured messages through the template; a turn it refuses (its raise_exception) in the
-    family format, which serves any template."""
-    try:
-        return render_chat(*structured_chat(messages), generation)
-    except Exception as exc:
-        log.warning("engine.template_tools_refused", error=type(exc).__name__, detail=str(exc)[:200])
-        return render_chat(plain_chat(fmt.flattened(messages)), None, generation)
+def efforts_of(template: str, reasoning_format: str, rendered_whole: bool) -> tuple[str, ...]:
+    """The reasoning efforts a template can set besides its natural one. Thinking off changes the
+    generation prompt, which message-by-message rendering keeps: only a template rendered whole."""
+    return THINKING_EFFORTS if reasoning_format == "think" and THINKING_SWITCH in template and rendered_whole else ()
+
+
+def render(messages: list[ChatMessage], generation: bool, render_chat: RenderChat, fmt: ToolFormat,
+           structured: bool) -> str:
+    """The messages through the template: `structured` (native_tools) with their tool fields,
+    and a turn the template then refuses (its raise_exception) in the family format, which
+    serves any template. The effort the first message asks for becomes a template variable."""
+    effort = messages[0].effort if messages else ""
+    variables = {THINKING_SWITCH: False} if effort == "none" else {}
+    if structured:
+        try:
+            return render_chat(*structured_chat(messages), generation, variables)
+        except Exception as exc:
+            log.warning("engine.template_tools_refused", error=type(exc).__name__, detail=str(exc)[:200])
+            messages = fmt.flattened(messages)
+    return render_chat(plain_chat(messages), None, generation, variables)
 
 
 def check(template: str, render_chat: RenderChat, fmt: ToolFormat, enabled: bool = True) -> tuple[bool, str]:
@@ -112,7 +134,7 @@ def check(template: str, render_chat: RenderChat, fmt: ToolFormat, enabled: bool
     if "tools" not in template:
         return False, "the chat template takes no tools"
     try:
-        text = render_chat(*structured_chat(list(PROBE_TURN)), True)
+        text = render_chat(*structured_chat(list(PROBE_TURN)), True, {})
     except Exception as exc:
         return False, f"the chat template failed on a probe turn with tools ({type(exc).__name__})"
     expected = {"the instructions": PROBE_INSTRUCTIONS, "the tool's description": PROBE_DESCRIPTION,

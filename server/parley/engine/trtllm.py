@@ -189,6 +189,8 @@ class TensorRTLLMEngine:
                                                                         boundaries.__contains__)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         log.info("engine.tool_rendering", by_template=self.native_tools, reason=why_native)
+        self.reasoning_efforts = () if self._format.channels else template_tools.efforts_of(
+            template, self.reasoning_format, self.message_rendering is None)
         self._dead: str | None = None
         self._closed = False
         self._guides: dict[str, tuple[str, str]] = {}
@@ -196,7 +198,8 @@ class TensorRTLLMEngine:
         # blocks. Passed only where this build's generate_async names it.
         self._salts = "cache_salt" in _parameters(llm.generate_async)
         log.info("engine.ready", engine="tensorrt_llm", model=model_id, tool_format=self.tool_format,
-                 reasoning_format=self.reasoning_format, guided_decoding=guided)
+                 reasoning_format=self.reasoning_format, reasoning_efforts=self._format.efforts + self.reasoning_efforts,
+                 guided_decoding=guided)
 
     @classmethod
     def from_settings(cls, settings: Settings, api: TrtllmApi | None = None) -> "TensorRTLLMEngine":
@@ -226,13 +229,12 @@ class TensorRTLLMEngine:
     def _render_text(self, messages: list[ChatMessage], generation: bool) -> str:
         if self._format.channels:
             return harmony.render(messages, generation)
-        if self.native_tools:
-            return template_tools.render(messages, generation, self._render_chat, self._format)
-        return self._render_chat(template_tools.plain_chat(messages), None, generation)
+        return template_tools.render(messages, generation, self._render_chat, self._format, self.native_tools)
 
-    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool) -> str:
+    def _render_chat(self, chat: list[dict], tools: list[dict] | None, generation: bool, variables: dict) -> str:
         """The checkpoint's own template, as TensorRT-LLM's tokenizer applies it."""
-        return self._hf.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=generation)
+        return self._hf.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=generation,
+                                            **variables)
 
     def _tokenize(self, text: str) -> list[int]:
         # The template wrote the special tokens (BOS included, where the family has one).

@@ -106,7 +106,8 @@ class Preparer:
         self.default_max_output_tokens = default_max_output_tokens
         self.log_prompts = log_prompts
         self.sealer = sealer
-        self.prompts = Prompts(engine, tool_format(engine.tool_format, native=getattr(engine, "native_tools", False)))
+        self.prompts = Prompts(engine, tool_format(engine.tool_format, native=getattr(engine, "native_tools", False),
+                                                   efforts=getattr(engine, "reasoning_efforts", ())))
 
     async def prepare(self, project: str, body, compacted: tuple[dict, dict] | None = None, *,
                       known: list[dict] | None = None, keep_chain: bool = False,

@@ -290,7 +290,8 @@ def _validate_reasoning(reasoning: Any, reasoning_model: bool, efforts: tuple[st
         raise invalid(f"Invalid value: {effort!r}. Supported values are: 'none', 'minimal', 'low', 'medium', "
                       "'high', and 'xhigh'.", "reasoning.effort", "invalid_value")
     if effort is not None and effort != NATURAL_EFFORT[reasoning_model] and effort not in efforts:
-        what = (f"its prompt sets {', '.join(repr(one) for one in efforts)}" if efforts else
+        taken = [one for one in REASONING_EFFORTS if one == NATURAL_EFFORT[reasoning_model] or one in efforts]
+        what = (f"it takes {', '.join(repr(one) for one in taken)}" if efforts else
                 "the served model reasons as its chat template makes it, which is effort 'medium'"
                 if reasoning_model else "the served model does not reason")
         raise invalid(f"Unsupported value: 'reasoning.effort' {effort!r} is not supported with this model: {what}.",

@@ -357,8 +357,9 @@ async def test_a_cached_prefix_is_reused_within_its_scope_only(engine):
 # -- a GGUF whose template renders tools -----------------------------------------------------------
 
 
-def gguf_with_template(monkeypatch, template: str) -> None:
-    """The SmolLM2 GGUF read as if its metadata carried `template` (no other GGUF is here)."""
+def gguf_with_template(monkeypatch, template: str) -> LlamaCppEngine:
+    """The llama.cpp engine on the SmolLM2 GGUF read as if its metadata carried `template` (no
+    other GGUF is here)."""
     import llama_cpp
 
     class Retemplated(llama_cpp.Llama):
@@ -367,37 +368,54 @@ def gguf_with_template(monkeypatch, template: str) -> None:
             self.metadata = {**self.metadata, "tokenizer.chat_template": template}
 
     monkeypatch.setattr(llama_cpp, "Llama", Retemplated)
+    return LlamaCppEngine(default_model_path(), "SmolLM2", context_window=1024, threads=1, sequences=1)
+
+
+def trtllm_on(checkpoint):
+    """The TensorRT-LLM adapter (on its fake) over a checkpoint with the same template."""
+    from parley import config
+    from parley.engine.trtllm import TensorRTLLMEngine
+
+    from tests.fakes import tensorrt_llm as fake
+
+    return TensorRTLLMEngine.from_settings(config.load(environ={}, engine="tensorrt_llm", model_path=str(checkpoint),
+                                                       context_window=1024), api=fake.install_api())
 
 
 async def test_a_gguf_template_that_renders_tools_renders_them_as_the_tokenizer_does(
         monkeypatch, tools_checkpoint_dir):
     """The same template through llama.cpp's Jinja sandbox and through the Hugging Face tokenizer
     (the TensorRT-LLM adapter): token for token the same prompt, tools, calls and results."""
-    from parley import config
     from parley.engine.formats import tool_format
-    from parley.engine.trtllm import TensorRTLLMEngine
     from parley.service.conversation import to_messages
 
-    from tests.fakes import tensorrt_llm as fake
     from tests.fakes.checkpoint import TOOLS_TEMPLATE
     from tests.support.tool_turn import TOOL_TURN, WEATHER_TOOL
 
-    gguf_with_template(monkeypatch, TOOLS_TEMPLATE)
-    engine = LlamaCppEngine(default_model_path(), "SmolLM2", context_window=1024, threads=1, sequences=1)
-    trtllm = TensorRTLLMEngine.from_settings(config.load(
-        environ={}, engine="tensorrt_llm", model_path=str(tools_checkpoint_dir), context_window=1024),
-        api=fake.install_api())
+    engine = gguf_with_template(monkeypatch, TOOLS_TEMPLATE)
     try:
         assert engine.native_tools and engine.message_rendering is None
         messages = to_messages("Be brief.", TOOL_TURN, [WEATHER_TOOL], tool_format("hermes", native=True))
-        assert engine.render_prompt(messages) == trtllm.render_prompt(messages)
+        assert engine.render_prompt(messages) == trtllm_on(tools_checkpoint_dir).render_prompt(messages)
     finally:
         await engine.close()
-    refused = TOOLS_TEMPLATE.replace("{%- for call in message.tool_calls -%}",
-                                     "{{- raise_exception('no calls') -}}{%- for call in message.tool_calls -%}")
-    gguf_with_template(monkeypatch, refused)
-    refusing = LlamaCppEngine(default_model_path(), "SmolLM2", context_window=1024, threads=1, sequences=1)
+    refusing = gguf_with_template(monkeypatch, TOOLS_TEMPLATE.replace(
+        "{%- for call in message.tool_calls -%}",
+        "{{- raise_exception('no calls') -}}{%- for call in message.tool_calls -%}"))
     try:
         assert not refusing.native_tools  # the probe's call hits the refusal
     finally:
         await refusing.close()
+
+
+async def test_a_gguf_template_that_turns_thinking_off_takes_effort_none(monkeypatch, thinking_checkpoint_dir):
+    from tests.fakes.checkpoint import THINKING_TEMPLATE
+
+    engine = gguf_with_template(monkeypatch, THINKING_TEMPLATE)
+    trtllm = trtllm_on(thinking_checkpoint_dir)
+    try:
+        assert engine.reasoning_format == "think" and engine.reasoning_efforts == ("none",)
+        off = [ChatMessage("developer", "", effort="none"), ChatMessage("user", "Hi")]
+        assert engine.render_prompt(off) == trtllm.render_prompt(off) != trtllm.render_prompt(off[1:])
+    finally:
+        await engine.close()

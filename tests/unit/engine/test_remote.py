@@ -89,15 +89,18 @@ def test_structured_messages_cross_the_wire_unchanged_and_plain_ones_stay_short(
     assert wire.encode_messages([messages[1]]) == [["user", "Hi"]]
 
 
-async def test_a_template_that_renders_tools_does_so_in_the_engine_process(tools_checkpoint_dir, socket_path):
-    settings = config.load(environ={}, engine="tensorrt_llm", model_path=str(tools_checkpoint_dir), context_window=4096)
+async def test_a_template_that_renders_tools_does_so_in_the_engine_process(thinking_checkpoint_dir, socket_path):
+    settings = config.load(environ={}, engine="tensorrt_llm", model_path=str(thinking_checkpoint_dir),
+                           context_window=4096)
     engine = TensorRTLLMEngine.from_settings(settings, api=fake.install_api())
     async with connected(engine, socket_path) as (host, remote):
-        assert remote.native_tools
+        assert remote.native_tools and remote.reasoning_efforts == engine.reasoning_efforts == ("none",)
         messages = [ChatMessage("developer", "", tools='[{"name": "f", "description": "F.", "parameters": {}}]'),
                     ChatMessage("user", "Hi"), ChatMessage("assistant", "", calls=(("c1", "f", "{}"),)),
                     ChatMessage("tool", "ok", call=("c1", "f"))]
         assert await asyncio.to_thread(remote.render_prompt, messages) == engine.render_prompt(messages)
+        off = [ChatMessage("developer", "", effort="none"), ChatMessage("user", "Hi")]
+        assert await asyncio.to_thread(remote.render_prompt, off) == engine.render_prompt(off)
 
 
 # -- the TensorRT-LLM adapter in an engine process -------------------------------------------------

@@ -244,6 +244,23 @@ def test_a_template_that_mentions_tools_but_drops_part_of_a_turn_is_not_trusted_
     assert not trusted and reason in why
 
 
+def test_a_template_that_turns_thinking_off_takes_effort_none(thinking_checkpoint_dir):
+    engine = TensorRTLLMEngine.from_settings(settings_for(thinking_checkpoint_dir), api=fake.install_api())
+    assert (engine.reasoning_format, engine.native_tools, engine.reasoning_efforts) == ("think", True, ("none",))
+    fmt = tool_format(engine.tool_format, native=True, efforts=engine.reasoning_efforts)
+    user = [{"type": "message", "role": "user", "content": "Hi"}]
+    off = decoded(engine, engine.render_prompt(to_messages(None, user, None, fmt, "think", effort="none")))
+    assert off == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    natural = decoded(engine, engine.render_prompt(to_messages(None, user, None, fmt, "think")))
+    assert natural == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    briefly = decoded(engine, engine.render_prompt(to_messages("Be brief.", user, None, fmt, "think", effort="none")))
+    assert briefly.startswith("<|im_start|>system\nBe brief.<|im_end|>") and briefly.endswith("</think>\n\n")
+    by_message = TensorRTLLMEngine.from_settings(settings_for(thinking_checkpoint_dir, template_tools=False),
+                                                 api=fake.install_api())
+    # Rendered message by message, the generation prompt is kept: thinking cannot be switched off.
+    assert by_message.message_rendering is not None and by_message.reasoning_efforts == ()
+
+
 def test_a_template_without_tools_is_rendered_as_before(engine):
     assert not engine.native_tools
     assert template_tools.check(engine._llm.tokenizer.tokenizer.chat_template, engine._render_chat,

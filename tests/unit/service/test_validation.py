@@ -84,6 +84,13 @@ def test_an_effort_the_served_model_s_prompt_sets_is_taken_and_others_refused_na
                         reasoning_model=True, efforts=efforts)
     assert caught.value.param == "reasoning.effort" and "'low', 'medium', 'high'" in caught.value.message
     assert create(input="x").effort is None
+    off = validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": "none"}}, [MODEL],
+                          reasoning_model=True, efforts=("none",))  # a <think> template that turns thinking off
+    assert off.effort == "none"
+    with pytest.raises(ApiError) as caught:
+        validate_create({"model": MODEL, "input": "x", "reasoning": {"effort": "high"}}, [MODEL],
+                        reasoning_model=True, efforts=("none",))
+    assert "it takes 'none', 'medium'" in caught.value.message
 
 
 def test_stream_options_choose_obfuscation_and_nothing_else():

@@ -63,13 +63,14 @@ MISTRAL = ToolFormat(
 TOOL_FORMATS = {fmt.name: fmt for fmt in (HERMES, LLAMA3_JSON, MISTRAL, HARMONY)}
 
 
-def tool_format(name: str, native: bool = False) -> ToolFormat:
-    """The format named `name`; `native`: for an engine whose template renders tools itself."""
+def tool_format(name: str, native: bool = False, efforts: tuple[str, ...] = ()) -> ToolFormat:
+    """The format named `name`; `native`: for an engine whose template renders tools itself;
+    `efforts`: reasoning efforts the engine's template sets, beside the format's own."""
     try:
         fmt = TOOL_FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown tool format {name!r}; known: {', '.join(TOOL_FORMATS)}") from None
-    return dataclasses.replace(fmt, native=True) if native else fmt
+    return dataclasses.replace(fmt, native=native, efforts=fmt.efforts + tuple(efforts)) if native or efforts else fmt
 
 
 # What a chat template writes for each family's calls; the first one found names the family.
