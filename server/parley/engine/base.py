@@ -27,9 +27,15 @@ class ChatMessage(NamedTuple):
     tools: str = ""
     calls: tuple[tuple[str, str, str], ...] = ()
     call: tuple[str, str | None] | None = None
-    # On the first (developer) message, in a format whose prompt sets the reasoning effort
-    # (ToolFormat.efforts, Harmony): the effort asked for; "" for the format's default.
+    # On the first (developer) message, where the prompt sets the reasoning effort (ToolFormat.efforts:
+    # Harmony's system message, a <think> template's enable_thinking): the effort asked for; "" for
+    # the natural one.
     effort: str = ""
+
+    @property
+    def only_effort(self) -> bool:
+        """A message that carries nothing but the effort: renderers set the effort, and write no message."""
+        return bool(self.effort) and not self.content and not self.tools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +125,7 @@ EngineEvent = TextDelta | list[TextDelta] | Finished
 class Engine(Protocol):
     model_id: str
     context_window: int
-    tool_format: str       # family of the tool-call text format: "hermes" (generic), "llama3_json", "mistral", "harmony"
+    tool_format: str       # the tool-call format's family: "hermes" (generic), "llama3_json", "mistral", "harmony"
     reasoning_format: str  # "none", "think" for <think>...</think> families, "harmony" (analysis channel)
     # Whether render_prompt is slow enough (a Hugging Face tokenizer over a long context) that the
     # service calls it on a worker thread rather than on the event loop. Optional; default False.

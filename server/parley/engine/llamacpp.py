@@ -60,11 +60,12 @@ CLOSING_MARGIN = 4
 IDLE_WAIT_SECONDS = 0.01
 
 
-def _template_environment(sandbox):
+def _template_environment():
     """A Jinja sandbox with what Hugging Face gives chat templates (`raise_exception`, loop
     controls, a `tojson` that writes as json.dumps does: Jinja's own escapes <, >, & and ' for HTML
     and sorts keys), so that a template renders here as it does through a tokenizer."""
     from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise TemplateError(message)
@@ -72,7 +73,8 @@ def _template_environment(sandbox):
     def tojson(value, indent=None, separators=None, sort_keys=False) -> str:
         return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    environment = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     return environment
@@ -153,7 +155,6 @@ class LlamaCppEngine:
     def __init__(self, model_path: Path, model_id: str, context_window: int, threads: int, sequences: int = 4,
                  kv_cache: str = "shared", use_template_tools: bool = True):
         import llama_cpp  # heavy import, only when this engine is chosen
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         threads = threads or os.cpu_count() or 1
         sequences = max(1, min(sequences, llama_cpp.llama_max_parallel_sequences()))
@@ -172,7 +173,7 @@ class LlamaCppEngine:
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise RuntimeError(f"{model_path} has no chat template in its metadata")
-        self._template = _template_environment(ImmutableSandboxedEnvironment).from_string(template)
+        self._template = _template_environment().from_string(template)
         # The family's tool format, as the GGUF's template writes calls (Hermes-style, Parley's
         # generic format, for templates with no tool support, like SmolLM2's); Parley renders tools
         # in it and the grammar enforces it, so prompt, constraint and parser always agree. Templates

@@ -48,14 +48,9 @@ def _role(message: ChatMessage) -> str:
     return "system" if message.role == "developer" else message.role  # OpenAI's name for the system role
 
 
-def _says_nothing(message: ChatMessage) -> bool:
-    """A developer message that only carries the reasoning effort (a template variable here)."""
-    return bool(message.effort) and not message.content and not message.tools
-
-
 def plain_chat(messages: list[ChatMessage]) -> list[dict]:
     """Messages whose tools (if any) are already text, as Hugging Face chat messages."""
-    return [{"role": _role(message), "content": message.content} for message in messages if not _says_nothing(message)]
+    return [{"role": _role(message), "content": message.content} for message in messages if not message.only_effort]
 
 
 def structured_chat(messages: list[ChatMessage]) -> tuple[list[dict], list[dict] | None]:
@@ -65,7 +60,7 @@ def structured_chat(messages: list[ChatMessage]) -> tuple[list[dict], list[dict]
     for message in messages:
         if message.tools:
             tools = function_signatures(json.loads(message.tools))
-        if not message.content and (message.tools or _says_nothing(message)):
+        if not message.content and (message.tools or message.effort):
             continue
         entry: dict[str, Any] = {"role": _role(message), "content": message.content}
         if message.calls:

@@ -189,8 +189,8 @@ class TensorRTLLMEngine:
                                                                         boundaries.__contains__)
         log.info("engine.prompt_rendering", by_message=self.message_rendering is not None, reason=why_not)
         log.info("engine.tool_rendering", by_template=self.native_tools, reason=why_native)
-        self.reasoning_efforts = () if self._format.channels else template_tools.efforts_of(
-            template, self.reasoning_format, self.message_rendering is None)
+        self.reasoning_efforts = template_tools.efforts_of(template, self.reasoning_format,
+                                                           self.message_rendering is None)
         self._dead: str | None = None
         self._closed = False
         self._guides: dict[str, tuple[str, str]] = {}

@@ -78,8 +78,8 @@ def render(messages: list[ChatMessage], generation: bool) -> str:
     effort = first.effort if first is not None and first.effort else DEFAULT_EFFORT
     parts = [message("system", system(effort) + (TOOLS_CHANNEL if offers_tools else ""))]
     for chat in messages:
-        if not chat.content and chat.effort:
-            continue  # a developer message that only sets the effort
+        if chat.only_effort:
+            continue
         if chat.role == "user":
             parts.append(message("user", chat.content))
         elif chat.role == "assistant":
